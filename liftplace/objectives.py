@@ -1,0 +1,385 @@
+"""Distillation objectives: task, KD, LIFT, PLACE and feature KD, in the paper's notation.
+
+Shapes: the student's and the teacher's final predictions ``s`` and ``t`` are [B, C, H, W]
+(or [B, C, T] for tokens; any trailing dims are flattened). The teacher is never part of the
+student's graph: callers pass it under ``torch.no_grad()`` and it is detached here again.
+
+LIFT (linear fitting), inside each group of elements (default: one group per sample and
+channel), fits the teacher on the student by least squares (``fit_lines``)::
+
+    beta1 = cov(s, t) / (var(s) + eps)          beta0 = mean(t) - beta1 * mean(s)
+    coarse = |beta0| + |beta1 - 1|                         ("l1"; "l2" squares both)
+    fine   = mean((t - (beta0' + beta1' s))^2)            (' = detached)
+    w      = 1 - min(1, mean_groups(|beta0| + |beta1 - 1|))   (no gradient)
+    L      = coarse + w * fine
+
+PLACE (piecewise local coefficients) sorts the elements of each (sample, channel) by
+squared error (t - s)^2 (no gradient through the sort), cuts the sorted order into
+consecutive groups of ``group_size`` elements (or into ``num_groups`` groups) and applies
+LIFT inside every group. One group per channel is LIFT.
+
+"moments" (this project's variant): coarse = mean((fit - s)^2) = (mean t - mean s)^2 +
+(beta1 - 1)^2 var(s) and the fine term keeps beta's gradient. The residual of a least-squares
+fit is orthogonal to 1 and s, so coarse + fine is exactly the output MSE when eps = 0: with
+w = 1 it is vanilla KD in value and gradient, whatever the grouping.
+
+cov and var are means over a group (the authors' code uses sums): eps then has the units of
+the signal's variance whatever the group size, so a group-size ablation keeps one eps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+COARSE_FORMS = ("l1", "l2", "moments")
+WEIGHTINGS = ("adaptive", "constant", "linear", "cosine", "step", "learnable")
+GROUP_BY = ("channel", "sample")
+REDUCTIONS = ("mean", "sum")
+
+_OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: make an objective constructible by ``make_objective(name)``."""
+
+    def add(cls):
+        _OBJECTIVES[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def objective_names() -> tuple[str, ...]:
+    return tuple(_OBJECTIVES)
+
+
+def make_objective(name: str, **options) -> Objective:
+    """Build an objective by name; every option is validated here, before any training.
+
+    ``shape`` (optional) is one sample's prediction shape, e.g. (C, H, W): given, the grouping
+    is checked against it at construction instead of at the first call.
+    """
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(_OBJECTIVES)}")
+    return _OBJECTIVES[name](**options)
+
+
+@dataclass
+class LossParts:
+    """What an objective returns: the differentiable total and detached batch means to log.
+
+    Parts an objective does not have are NaN (e.g. ``w`` for kd).
+    """
+
+    loss: Tensor
+    coarse: Tensor
+    fine: Tensor
+    w: Tensor
+    beta0: Tensor
+    beta1: Tensor
+    task: Tensor
+    distill: Tensor
+
+
+def fit_lines(s: Tensor, t: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Least-squares line t ~ beta0 + beta1 * s over the last dimension.
+
+    s, t: [..., n] -> beta0, beta1: [...]. Differentiable in s (and t); with eps = 0 it is
+    the ordinary least-squares solution of [1, s] @ [beta0, beta1] = t.
+    """
+    s_mean = s.mean(-1, keepdim=True)
+    t_mean = t.mean(-1, keepdim=True)
+    ds = s - s_mean
+    var = (ds * ds).mean(-1)
+    cov = (ds * (t - t_mean)).mean(-1)
+    beta1 = cov / (var + eps)
+    beta0 = t_mean.squeeze(-1) - beta1 * s_mean.squeeze(-1)
+    return beta0, beta1
+
+
+def _domain_view(x: Tensor, group_by: str) -> Tensor:
+    """[B, C, *spatial] -> [B, D, N]: D group domains of N elements per sample."""
+    if group_by == "channel":
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], 1, -1)
+
+
+def error_order(s: Tensor, t: Tensor) -> Tensor:
+    """Indices that sort each row of [..., N] by squared error (t - s)^2, ascending.
+
+    Ties break by position, so the order is deterministic. No gradient flows through it.
+    On CPU the rows are sorted as packed int64 keys (error bits above the element index) by
+    numpy, whose vectorised sort is several times faster than torch's CPU sort here (see
+    benchmarks/objectives.py); on other devices torch.sort does the same job.
+    """
+    err = (t.detach() - s.detach()).float().square()
+    n = err.shape[-1]
+    if err.device.type != "cpu":
+        return torch.sort(err, dim=-1, stable=True).indices
+    # A non-negative float's bit pattern orders like its value, so (bits << k) | index sorts
+    # by error, then index. NaN errors sort last, as torch.sort puts them.
+    bits = torch.nan_to_num(err, nan=math.inf).contiguous().view(torch.int32).to(torch.int64)
+    shift = max(1, (n - 1).bit_length())
+    keys = (bits << shift) | torch.arange(n, dtype=torch.int64)
+    keys = torch.from_numpy(np.sort(keys.numpy(), axis=-1))
+    return keys & ((1 << shift) - 1)
+
+
+def group_elements(
+    s: Tensor,
+    t: Tensor,
+    *,
+    group_size: int | None = None,
+    num_groups: int | None = None,
+    group_by: str = "channel",
+) -> tuple[Tensor, Tensor]:
+    """Cut each group domain into equal groups of elements ranked by error.
+
+    s, t: [B, C, *spatial] -> [B, D, G, n], with D = C (group_by "channel") or 1 ("sample"),
+    G groups of n elements each. With one group (G = 1) nothing is sorted: that is LIFT.
+    One sort per domain and a reshape: no loop over samples, channels or groups.
+    """
+    s_d, t_d = _domain_view(s, group_by), _domain_view(t, group_by)
+    n_total = s_d.shape[-1]
+    n = _group_len(n_total, group_size, num_groups)
+    if n < n_total:
+        order = error_order(s_d, t_d)
+        s_d = torch.gather(s_d, -1, order)
+        t_d = torch.gather(t_d, -1, order)
+    shape = (*s_d.shape[:2], n_total // n, n)
+    return s_d.reshape(shape), t_d.reshape(shape)
+
+
+def _group_len(n_total: int, group_size: int | None, num_groups: int | None) -> int:
+    if group_size is not None:
+        if n_total % group_size:
+            raise ValueError(
+                f"group_size {group_size} does not divide the {n_total} elements of a group domain"
+            )
+        return group_size
+    if num_groups is not None:
+        if n_total % num_groups:
+            raise ValueError(
+                f"num_groups {num_groups} does not divide the {n_total} elements of a group domain"
+            )
+        return n_total // num_groups
+    return n_total
+
+
+def _choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _nan(like: Tensor | None = None) -> Tensor:
+    device = like.device if like is not None else None
+    return torch.tensor(float("nan"), device=device)
+
+
+class Objective(nn.Module):
+    """Base: the task term, shape checks and the call signature every objective shares.
+
+    ``objective(student, teacher, *, step, target=None, features=None) -> LossParts``.
+    loss = task_weight * MSE(student, target) + distill_weight * (the objective's own term).
+    An objective is an ``nn.Module`` so that its parameters (a learnable weight, feature
+    adapters) can be handed to the optimiser and checkpointed with the student.
+    """
+
+    name = "objective"
+    needs_teacher = True
+    needs_features = False
+
+    def __init__(self, *, task_weight: float = 1.0, distill_weight: float = 1.0, shape=None):
+        super().__init__()
+        for key, value in (("task_weight", task_weight), ("distill_weight", distill_weight)):
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+        self.task_weight = float(task_weight)
+        self.distill_weight = float(distill_weight)
+        if shape is not None:
+            self.check_shape(tuple(shape))
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse a per-sample prediction shape (C, H, W) this objective cannot group."""
+
+    def distill(self, s: Tensor, t: Tensor, step: int, features) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, student: Tensor, teacher: Tensor | None, *, step: int, target=None, features=None):
+        if self.needs_teacher:
+            if teacher is None:
+                raise ValueError(f"objective {self.name!r} needs the teacher's prediction")
+            if student.shape != teacher.shape:
+                raise ValueError(
+                    f"student and teacher predictions differ in shape: "
+                    f"student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
+                )
+            teacher = teacher.detach()
+        if self.task_weight > 0:
+            if target is None:
+                raise ValueError(f"objective {self.name!r} has task_weight > 0 but no target was given")
+            task = F.mse_loss(student, target)
+        else:
+            task = student.new_zeros(())
+        parts = self.distill(student, teacher, step, features) if self.distill_weight > 0 else {}
+        distill = parts.pop("loss", student.new_zeros(()))
+        loss = self.task_weight * task + self.distill_weight * distill
+        if teacher is not None and "beta0" not in parts:
+            # The fitted line is logged for every objective that sees the teacher: it shows
+            # how far a plain-KD student sits from identity (the paper's Figure 2).
+            with torch.no_grad():
+                b0, b1 = fit_lines(_domain_view(student.float(), "channel"), _domain_view(teacher.float(), "channel"))
+            parts.update(beta0=b0.mean(), beta1=b1.mean())
+        logged = {k: parts.get(k, _nan(student)).detach() for k in ("coarse", "fine", "w", "beta0", "beta1")}
+        return LossParts(loss=loss, task=task.detach(), distill=distill.detach(), **logged)
+
+
+@register_objective("task")
+class Task(Objective):
+    """w/o KD: MSE(student, true target) only; the teacher is not needed."""
+
+    needs_teacher = False
+
+    def __init__(self, *, task_weight: float = 1.0, shape=None):
+        if task_weight <= 0:
+            raise ValueError(f"objective 'task' needs task_weight > 0, got {task_weight!r}")
+        super().__init__(task_weight=task_weight, distill_weight=0.0, shape=shape)
+
+
+@register_objective("kd")
+class KD(Objective):
+    """OutKD: MSE(student, teacher) per element, plus the task term."""
+
+    def distill(self, s, t, step, features):
+        return {"loss": F.mse_loss(s, t)}
+
+
+class _Weighting(nn.Module):
+    """The weight w of the fine term: adaptive, a fixed schedule over steps, or learnable."""
+
+    def __init__(self, kind: str, w0: float, warmup: int):
+        super().__init__()
+        _choice("weighting", kind, WEIGHTINGS)
+        if not (isinstance(w0, (int, float)) and 0.0 <= w0 <= 1.0):
+            raise ValueError(f"w0 must be a number in [0, 1], got {w0!r}")
+        if kind in ("linear", "cosine", "step") and not (isinstance(warmup, int) and warmup >= 1):
+            raise ValueError(f"weighting {kind!r} needs warmup >= 1 steps, got {warmup!r}")
+        self.kind, self.w0, self.warmup = kind, float(w0), warmup
+        if kind == "learnable":
+            # sigmoid(logit) = w0 at the start; clamped so that w0 in {0, 1} stays finite.
+            p = min(max(self.w0, 1e-3), 1 - 1e-3)
+            self.logit = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+
+    def forward(self, step: int, distance: Tensor) -> Tensor:
+        """distance: mean over groups of |beta0| + |beta1 - 1| (detached)."""
+        if self.kind == "adaptive":
+            return 1.0 - distance.clamp(max=1.0)
+        if self.kind == "learnable":
+            return torch.sigmoid(self.logit)
+        if self.kind == "constant":
+            w = self.w0
+        else:
+            x = min(1.0, max(0.0, step / self.warmup))
+            w = {"linear": x, "cosine": 0.5 * (1.0 - math.cos(math.pi * x)), "step": float(step >= self.warmup)}[self.kind]
+        return distance.new_tensor(w)
+
+
+@register_objective("place")
+class Place(Objective):
+    """PLACE: LIFT inside groups of elements ranked by error. Shapes: s, t [B, C, *spatial].
+
+    Options: coarse (l1 | l2 | moments), group_size or num_groups (not both; neither = one
+    group per domain = LIFT), group_by (channel | sample), eps, reduction (mean | sum),
+    weighting (adaptive | constant | linear | cosine | step | learnable) with w0 and warmup.
+    """
+
+    default_group_size: int | None = 16
+
+    def __init__(
+        self,
+        *,
+        coarse: str = "l1",
+        group_size: int | None = None,
+        num_groups: int | None = None,
+        group_by: str = "channel",
+        eps: float = 1e-4,
+        reduction: str = "mean",
+        weighting: str = "adaptive",
+        w0: float = 1.0,
+        warmup: int = 1000,
+        task_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        shape=None,
+    ):
+        _choice("coarse", coarse, COARSE_FORMS)
+        _choice("group_by", group_by, GROUP_BY)
+        _choice("reduction", reduction, REDUCTIONS)
+        if group_size is not None and num_groups is not None:
+            raise ValueError(f"give group_size or num_groups, not both (got {group_size} and {num_groups})")
+        if group_size is None and num_groups is None:
+            group_size = self.default_group_size
+        for key, value in (("group_size", group_size), ("num_groups", num_groups)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        self.coarse, self.group_by, self.eps, self.reduction = coarse, group_by, float(eps), reduction
+        self.group_size, self.num_groups = group_size, num_groups
+        super().__init__(task_weight=task_weight, distill_weight=distill_weight, shape=shape)
+        self.weighting = _Weighting(weighting, w0, warmup)
+
+    def check_shape(self, shape):
+        n = math.prod(shape[1:]) if self.group_by == "channel" else math.prod(shape)
+        try:
+            _group_len(n, self.group_size, self.num_groups)
+        except ValueError as err:
+            raise ValueError(f"{err} (prediction shape {shape}, group_by {self.group_by!r})") from None
+
+    def distill(self, s, t, step, features):
+        s_g, t_g = group_elements(s, t, group_size=self.group_size, num_groups=self.num_groups, group_by=self.group_by)
+        beta0, beta1 = fit_lines(s_g, t_g, self.eps)  # [B, D, G]
+        distance = (beta0.abs() + (beta1 - 1).abs()).detach()
+        w = self.weighting(step, distance.mean())
+        if self.coarse == "moments":
+            fit = beta0.unsqueeze(-1) + beta1.unsqueeze(-1) * s_g
+            coarse = (fit - s_g).square()  # per element, like the fine term
+        else:
+            fit = beta0.detach().unsqueeze(-1) + beta1.detach().unsqueeze(-1) * s_g
+            if self.coarse == "l1":
+                coarse = beta0.abs() + (beta1 - 1).abs()  # per group
+            else:
+                coarse = beta0.square() + (beta1 - 1).square()
+        resid = (t_g - fit).square()
+        # "mean": coarse over groups, fine over elements; "sum" (the authors' pixel fork)
+        # sums both, which scales them alike.
+        reduce = torch.mean if self.reduction == "mean" else torch.sum
+        coarse_r, fine_r = reduce(coarse), reduce(resid)
+        return {
+            "loss": coarse_r + w * fine_r,
+            "coarse": coarse_r,
+            "fine": fine_r,
+            "w": w,
+            "beta0": beta0.mean(),
+            "beta1": beta1.mean(),
+        }
+
+
+@register_objective("lift")
+class Lift(Place):
+    """LIFT: one group per (sample, channel) (or per sample); PLACE without the ranking."""
+
+    default_group_size = None
+
+    def __init__(self, **options):
+        for key in ("group_size", "num_groups"):
+            if options.get(key) is not None:
+                raise ValueError(f"lift fits one group per {options.get('group_by', 'channel')}; "
+                                 f"{key} is a place option (got {key}={options[key]})")
+        super().__init__(**options)

@@ -1,0 +1,7 @@
+"""Test-wide settings: offline, no Ray token auth or usage stats (see PITFALLS.md)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

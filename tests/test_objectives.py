@@ -1,0 +1,317 @@
+"""The mathematics of the objectives: identities from DESIGN.md, hand examples, bad options."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liftplace.objectives import error_order, fit_lines, group_elements, make_objective, objective_names
+
+torch.manual_seed(0)
+
+
+def pair(shape=(3, 2, 8, 8), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g, dtype=dtype)
+    t = 0.7 * s + 0.2 + 0.3 * torch.randn(shape, generator=g, dtype=dtype)
+    return s.requires_grad_(), t
+
+
+# --- fit_lines ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3, 4)])
+def test_fit_lines_equals_lstsq(lead):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(*lead, 37, generator=g, dtype=torch.float64)
+    t = 2.5 * s - 1.0 + torch.randn(*lead, 37, generator=g, dtype=torch.float64)
+    b0, b1 = fit_lines(s, t, eps=0.0)
+    design = torch.stack([torch.ones_like(s), s], dim=-1)  # [..., n, 2]
+    sol = torch.linalg.lstsq(design, t.unsqueeze(-1)).solution.squeeze(-1)
+    torch.testing.assert_close(b0, sol[..., 0])
+    torch.testing.assert_close(b1, sol[..., 1])
+    assert b0.shape == lead
+
+
+def test_fit_lines_hand_example():
+    # s = 0..3, t = 0, 1, 2, 4: mean s 1.5, mean t 1.75, var 1.25, cov 1.625.
+    b0, b1 = fit_lines(torch.tensor([0.0, 1, 2, 3]), torch.tensor([0.0, 1, 2, 4]), eps=0.0)
+    assert b1.item() == pytest.approx(1.3)
+    assert b0.item() == pytest.approx(-0.2)
+
+
+# --- the hand example against the authors' formulation -----------------------------------
+
+
+def one_channel(values):
+    return torch.tensor(values, dtype=torch.float64).reshape(1, 1, 1, -1)
+
+
+def test_lift_hand_example_l1_l2_and_sum():
+    s, t = one_channel([0, 1, 2, 3]).requires_grad_(), one_channel([0, 1, 2, 4])
+    # fit = -0.2 + 1.3 s = [-0.2, 1.1, 2.4, 3.7]; residual^2 = [.04, .01, .16, .09]
+    # coarse (l1) = 0.2 + 0.3 = 0.5; w = 1 - 0.5 = 0.5; fine = mean = 0.075
+    out = make_objective("lift", eps=0.0, task_weight=0.0)(s, t, step=0)
+    assert out.coarse.item() == pytest.approx(0.5)
+    assert out.fine.item() == pytest.approx(0.075)
+    assert out.w.item() == pytest.approx(0.5)
+    assert out.loss.item() == pytest.approx(0.5 + 0.5 * 0.075)
+    l2 = make_objective("lift", eps=0.0, task_weight=0.0, coarse="l2")(s, t, step=0)
+    assert l2.coarse.item() == pytest.approx(0.04 + 0.09)
+    assert l2.w.item() == pytest.approx(0.5)  # w always uses the l1 distance, as the authors do
+    summed = make_objective("lift", eps=0.0, task_weight=0.0, reduction="sum")(s, t, step=0)
+    assert summed.loss.item() == pytest.approx(0.5 + 0.5 * 0.3)
+
+
+def test_exact_line_gives_coarse_only_and_zero_weight():
+    s, t = one_channel([0, 1, 2, 3]).requires_grad_(), one_channel([1, 3, 5, 7])  # t = 1 + 2 s
+    out = make_objective("lift", eps=0.0, task_weight=0.0)(s, t, step=0)
+    assert out.beta0.item() == pytest.approx(1.0) and out.beta1.item() == pytest.approx(2.0)
+    assert out.coarse.item() == pytest.approx(2.0)
+    assert out.fine.item() == pytest.approx(0.0, abs=1e-12)
+    assert out.w.item() == 0.0
+    assert out.loss.item() == pytest.approx(2.0)
+
+
+def authors_place(s, t, group_size, eps):
+    """The authors' formulation, written independently: sums for cov and var, argsort + gather,
+    l1 coarse, detached fit in the fine term, all reduced by mean."""
+    B, C = s.shape[:2]
+    sf, tf = s.reshape(B, C, -1), t.reshape(B, C, -1)
+    idx = torch.argsort((tf - sf).detach() ** 2, dim=-1, stable=True)
+    sg = torch.gather(sf, -1, idx).reshape(B, C, -1, group_size)
+    tg = torch.gather(tf, -1, idx).reshape(B, C, -1, group_size)
+    xm, ym = sg.mean(-1, keepdim=True), tg.mean(-1, keepdim=True)
+    cov = ((sg - xm) * (tg - ym)).sum(-1)
+    var = ((sg - xm) ** 2).sum(-1)
+    slope = cov / (var + eps)
+    icpt = ym.squeeze(-1) - slope * xm.squeeze(-1)
+    rec = (sg * slope.detach().unsqueeze(-1) + icpt.detach().unsqueeze(-1) - tg) ** 2
+    sch = (slope - 1).abs().mean().item() + icpt.abs().mean().item()
+    return ((slope - 1).abs() + icpt.abs()).mean() + (1 - min(1, sch)) * rec.mean()
+
+
+@pytest.mark.parametrize("group_size", [4, 16, 64])
+def test_place_matches_authors_formulation(group_size):
+    s, t = pair((2, 3, 8, 8))
+    authors_eps = 1e-4  # theirs divides sums; ours divides means: eps / n is the same fit
+    ours = make_objective("place", group_size=group_size, eps=authors_eps / group_size, task_weight=0.0)
+    out = ours(s, t, step=0)
+    ref = authors_place(s, t, group_size, authors_eps)
+    torch.testing.assert_close(out.loss, ref)
+    (g_ours,) = torch.autograd.grad(out.loss, s)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+# --- identities --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,opts", [("lift", {}), ("place", {"group_size": 4}), ("place", {"num_groups": 8})])
+def test_student_equal_teacher_gives_zero_loss_and_full_weight(name, opts):
+    t = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    s = t.clone().requires_grad_()
+    out = make_objective(name, eps=0.0, **opts)(s, t, step=0, target=t)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert out.w.item() == 1.0
+    assert out.beta1.item() == pytest.approx(1.0) and out.beta0.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_large_deviation_gives_zero_weight():
+    s, _ = pair()
+    t = 4.0 * s.detach() + 3.0
+    for name in ("lift", "place"):
+        out = make_objective(name, task_weight=0.0)(s, t, step=0)
+        assert out.w.item() == 0.0
+        assert out.loss.item() == pytest.approx(out.coarse.item())
+
+
+GROUPINGS = [
+    ("lift", {}),
+    ("lift", {"group_by": "sample"}),
+    ("place", {"group_size": 4}),
+    ("place", {"group_size": 16}),
+    ("place", {"num_groups": 2}),
+    ("place", {"group_size": 8, "group_by": "sample"}),
+]
+
+
+@pytest.mark.parametrize("name,opts", GROUPINGS)
+def test_moments_with_unit_weight_is_kd_in_value_and_gradient(name, opts):
+    s, t = pair()
+    kd = make_objective("kd", task_weight=0.0)(s, t, step=0)
+    mom = make_objective(name, coarse="moments", weighting="constant", w0=1.0, eps=0.0, task_weight=0.0, **opts)
+    out = mom(s, t, step=0)
+    torch.testing.assert_close(out.loss, kd.loss)
+    (g_kd,) = torch.autograd.grad(kd.loss, s)
+    (g_mom,) = torch.autograd.grad(out.loss, s)
+    torch.testing.assert_close(g_mom, g_kd)
+    # The two parts really split the MSE: neither is zero on this data.
+    assert out.coarse.item() > 1e-3 and out.fine.item() > 1e-3
+
+
+def test_one_group_per_channel_is_lift():
+    s, t = pair()
+    lift = make_objective("lift", task_weight=0.0)(s, t, step=0)
+    for opts in ({"num_groups": 1}, {"group_size": 64}):
+        place = make_objective("place", task_weight=0.0, **opts)(s, t, step=0)
+        torch.testing.assert_close(place.loss, lift.loss)
+        torch.testing.assert_close(place.beta1, lift.beta1)
+
+
+def test_place_fits_piecewise_affine_where_lift_cannot():
+    # Two error regimes in every channel: half the elements have t = s (error 0), half have
+    # t = 3 s + 5 with s in [0, 1] (error >= 25). Sorting by error separates them exactly.
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 3, 64, generator=g).argsort(-1) < 32  # exactly half per channel
+    t = torch.where(mask.reshape(s.shape), s, 3 * s + 5)
+    s.requires_grad_()
+    lift = make_objective("lift", eps=0.0, task_weight=0.0)(s, t, step=0)
+    place = make_objective("place", num_groups=2, eps=0.0, task_weight=0.0)(s, t, step=0)
+    assert place.fine.item() < 1e-20
+    assert lift.fine.item() > 1.0
+
+
+def test_group_elements_matches_a_loop():
+    s, t = pair((2, 3, 4, 4))
+    s_g, t_g = group_elements(s, t, group_size=4)
+    assert s_g.shape == (2, 3, 4, 4)
+    for b in range(2):
+        for c in range(3):
+            err = (t[b, c] - s[b, c]).flatten() ** 2
+            order = sorted(range(16), key=lambda i: (err[i].item(), i))
+            torch.testing.assert_close(s_g[b, c].flatten(), s[b, c].flatten()[order])
+            torch.testing.assert_close(t_g[b, c].flatten(), t[b, c].flatten()[order])
+
+
+def test_error_order_matches_torch_sort_with_ties_and_nan():
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 3, 300, generator=g)
+    t = s + torch.randn(4, 3, 300, generator=g)
+    t[0, 0, :100] = s[0, 0, :100]  # ties at zero error
+    t[1, 1, 7] = float("nan")
+    ref = torch.sort((t - s) ** 2, dim=-1, stable=True).indices
+    assert torch.equal(error_order(s, t), ref)
+
+
+# --- gradients, dtypes, stability --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["kd", "lift", "place"])
+def test_gradients_reach_student_never_teacher(name):
+    s, t = pair(dtype=torch.float32)
+    t = t.clone().requires_grad_()
+    out = make_objective(name)(s, t, step=10, target=torch.zeros_like(t))
+    out.loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("name", ["kd", "lift", "place"])
+def test_float32_and_float64_agree(name):
+    s64, t64 = pair(dtype=torch.float64)
+    s32, t32 = s64.detach().float().requires_grad_(), t64.float()
+    obj = make_objective(name, task_weight=0.0)
+    out64, out32 = obj(s64, t64, step=0), obj(s32, t32, step=0)
+    assert out32.loss.dtype == torch.float32 and out64.loss.dtype == torch.float64
+    assert out32.loss.item() == pytest.approx(out64.loss.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name,opts", [("lift", {}), ("place", {"group_size": 4}), ("place", {"coarse": "moments"})])
+def test_constant_student_stays_finite(name, opts):
+    s = torch.full((2, 3, 8, 8), 0.5, requires_grad=True)
+    t = torch.randn(2, 3, 8, 8)
+    out = make_objective(name, **opts)(s, t, step=0, target=t)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(s.grad).all()
+    assert out.beta1.item() == 0.0  # no spread in s: the fitted slope is zero, not inf
+
+
+def test_kd_and_task_values():
+    s, t = pair()
+    target = torch.randn_like(t)
+    kd = make_objective("kd")(s, t, step=0, target=target)
+    assert kd.loss.item() == pytest.approx((F.mse_loss(s, t) + F.mse_loss(s, target)).item())
+    assert math.isnan(kd.w.item()) and math.isfinite(kd.beta1.item())
+    task = make_objective("task")(s, None, step=0, target=target)
+    assert task.loss.item() == pytest.approx(F.mse_loss(s, target).item())
+    weighted = make_objective("place", task_weight=0.5, distill_weight=2.0)(s, t, step=0, target=target)
+    alone = make_objective("place", task_weight=0.0)(s, t, step=0)
+    assert weighted.loss.item() == pytest.approx(0.5 * F.mse_loss(s, target).item() + 2 * alone.loss.item())
+
+
+# --- weighting schedules -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,step,expected",
+    [("linear", 0, 0.0), ("linear", 50, 0.5), ("linear", 500, 1.0), ("cosine", 50, 0.5), ("cosine", 0, 0.0),
+     ("cosine", 100, 1.0), ("step", 99, 0.0), ("step", 100, 1.0), ("constant", 7, 0.3)],
+)
+def test_schedules(kind, step, expected):
+    s, t = pair()
+    out = make_objective("lift", weighting=kind, warmup=100, w0=0.3)(s, t, step=step, target=t)
+    assert out.w.item() == pytest.approx(expected)
+
+
+def test_learnable_weight_is_a_trained_parameter():
+    s, t = pair()
+    obj = make_objective("lift", weighting="learnable", w0=0.25, task_weight=0.0)
+    params = list(obj.parameters())
+    assert len(params) == 1
+    out = obj(s, t, step=0)
+    assert out.w.item() == pytest.approx(0.25)
+    out.loss.backward()
+    assert params[0].grad is not None and params[0].grad.item() > 0  # d loss / d w = fine > 0
+
+
+# --- bad options -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,opts,words",
+    [
+        ("nope", {}, ["nope", "kd", "place"]),
+        ("place", {"coarse": "l3"}, ["l3", "moments"]),
+        ("place", {"weighting": "sigmoid"}, ["sigmoid", "adaptive"]),
+        ("place", {"group_by": "pixel"}, ["pixel", "channel"]),
+        ("place", {"reduction": "max"}, ["max", "mean"]),
+        ("place", {"group_size": 0}, ["group_size", "0"]),
+        ("place", {"group_size": -4}, ["group_size", "-4"]),
+        ("place", {"num_groups": 0}, ["num_groups", "0"]),
+        ("place", {"group_size": 2.5}, ["group_size", "2.5"]),
+        ("place", {"group_size": 4, "num_groups": 4}, ["not both"]),
+        ("place", {"group_size": 24, "shape": (1, 16, 16)}, ["24", "256"]),
+        ("place", {"num_groups": 3, "shape": (3, 8, 8)}, ["3", "64"]),
+        ("lift", {"group_size": 16}, ["group_size", "place"]),
+        ("place", {"weighting": "constant", "w0": 1.5}, ["w0", "1.5"]),
+        ("place", {"weighting": "linear", "warmup": 0}, ["warmup", "0"]),
+        ("place", {"eps": -1.0}, ["eps"]),
+        ("kd", {"task_weight": -1.0}, ["task_weight"]),
+        ("task", {"task_weight": 0.0}, ["task_weight"]),
+    ],
+)
+def test_bad_options_are_refused_at_construction(name, opts, words):
+    with pytest.raises(ValueError) as err:
+        make_objective(name, **opts)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_group_size_that_does_not_divide_is_refused_at_call():
+    obj = make_objective("place", group_size=24)
+    s, t = pair((2, 1, 16, 16))
+    with pytest.raises(ValueError, match="24.*256"):
+        obj(s, t, step=0, target=t)
+
+
+def test_shape_mismatch_names_both_shapes():
+    s, t = pair((2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\).*\(2, 3, 4, 4\)"):
+        make_objective("kd")(s, t[..., :4, :4], step=0, target=t)
+
+
+def test_registry_lists_the_objectives():
+    assert {"task", "kd", "lift", "place"} <= set(objective_names())
