@@ -1,0 +1,173 @@
+"""The noise process: training pairs and sampling for epsilon-, v- and flow-prediction.
+
+Three parameterizations, each on diffusers schedulers:
+
+- "epsilon" and "v": DDPM with a linear beta schedule (1e-4 .. 0.02 over T = 1000 steps),
+  trained with integer timesteps, sampled with deterministic DDIM (eta = 0).
+- "flow": rectified flow, x_t = (1 - sigma) x0 + sigma noise with target noise - x0 and
+  model timestep sigma * T, sampled with the Euler flow-matching scheduler.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+PREDICTIONS = ("epsilon", "v", "flow")
+
+_BETA_START = 1e-4
+_BETA_END = 0.02
+_DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+
+
+def make_process(prediction: str = "epsilon", num_train_timesteps: int = 1000) -> NoiseProcess:
+    """The noise process for ``prediction`` (one of ``PREDICTIONS``) over ``num_train_timesteps``."""
+    return NoiseProcess(prediction, num_train_timesteps)
+
+
+class NoiseProcess:
+    """Noising, regression targets and sampling for one prediction type.
+
+    Attributes:
+        prediction: "epsilon", "v" or "flow".
+        num_train_timesteps: T; DDPM timesteps are integers in [0, T), flow timesteps are
+            sigma * T with sigma in [0, 1].
+        scheduler: the diffusers training scheduler (``DDPMScheduler`` for epsilon and v,
+            ``FlowMatchEulerDiscreteScheduler`` for flow); its ``betas`` and
+            ``alphas_cumprod`` define the DDPM noise levels.
+    """
+
+    def __init__(self, prediction: str = "epsilon", num_train_timesteps: int = 1000):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        if not _is_int(num_train_timesteps) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        self.prediction = prediction
+        self.num_train_timesteps = int(num_train_timesteps)
+        if prediction == "flow":
+            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
+        else:
+            self.scheduler = DDPMScheduler(**self._ddpm_config())
+
+    def __repr__(self) -> str:
+        return f"NoiseProcess(prediction={self.prediction!r}, num_train_timesteps={self.num_train_timesteps})"
+
+    def training_pair(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise a clean batch at random levels and return what the model must predict.
+
+        Draws the levels first, then the noise, both from ``generator`` (on its device,
+        then moved to x0's), so a generator re-seeded alike reproduces a pair.
+
+        Args:
+            x0: clean data [B, C, H, W] (or [B, C, T]), in [-1, 1].
+            generator: the source of randomness; None uses torch's global one.
+
+        Returns:
+            x_t: noised data, like x0.
+            t: the model's timesteps [B]: int64 in [0, T) for DDPM, float32 sigma * T with
+                sigma uniform in [0, 1) for flow.
+            target: like x0: the noise (epsilon), ``scheduler.get_velocity`` (v) or
+                noise - x0 (flow).
+        """
+        if x0.ndim < 2:
+            raise ValueError(f"x0 must be a batch [B, ...] with at least 2 dims, got shape {tuple(x0.shape)}")
+        batch = x0.shape[0]
+        draw_device = generator.device if generator is not None else x0.device
+        if self.prediction == "flow":
+            level = torch.rand(batch, generator=generator, device=draw_device)
+        else:
+            level = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=draw_device)
+        noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype).to(x0.device)
+        level = level.to(x0.device)
+        if self.prediction == "flow":
+            sigma = level.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+            # Built by hand: scheduler.scale_noise only accepts timesteps on its grid.
+            return (1 - sigma) * x0 + sigma * noise, level * self.num_train_timesteps, noise - x0
+        x_t = self.scheduler.add_noise(x0, noise, level)
+        target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, level)
+        return x_t, level, target
+
+    @torch.no_grad()
+    def sample(
+        self,
+        predict_fn: Callable[..., torch.Tensor],
+        shape: Sequence[int],
+        *,
+        steps: int = 50,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Generate a batch from pure noise.
+
+        DDPM processes use DDIM with eta = 0 and "leading" spacing: timesteps
+        (steps-1)*k, ..., k, 0 with k = T // steps, and a last step to alpha_bar = 1
+        (``set_alpha_to_one``), so the result is the model's clean estimate; the x0
+        estimate is clipped to [-1, 1] at each step. This is the DDIM paper's uniform skip;
+        with very few steps it starts well below T - 1 (t = 500 for 2 steps). Flow uses
+        Euler on sigma = linspace(1, 1/T, steps), then to 0.
+
+        Args:
+            predict_fn: ``predict_fn(x_t [B, ...], t [B])`` (or ``(x_t, t, labels)`` when
+                labels are given) returning the prediction, shaped like x_t; t holds the
+                scheduler's timesteps (int64 for DDPM, float32 for flow).
+            shape: the batch shape [B, C, H, W] (or [B, C, T]).
+            steps: number of model evaluations, in [1, T].
+            seed: seeds the initial noise, drawn on the CPU so that a seed gives the same
+                images on every device.
+            device: where the sampling runs.
+            labels: optional class labels [B], passed through to predict_fn.
+
+        Returns:
+            float32 samples of ``shape`` on ``device``, clamped to [-1, 1].
+        """
+        if not _is_int(steps) or not 1 <= steps <= self.num_train_timesteps:
+            raise ValueError(f"steps must be an int in [1, {self.num_train_timesteps}], got {steps!r}")
+        shape = tuple(shape)
+        if labels is not None and len(labels) != shape[0]:
+            raise ValueError(f"labels has {len(labels)} entries for a batch of {shape[0]}")
+        device = torch.device(device)
+        extra = () if labels is None else (labels.to(device),)
+        # A fresh scheduler per call: schedulers keep step state between calls.
+        scheduler = self._sampling_scheduler()
+        scheduler.set_timesteps(int(steps), device=device)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(shape, generator=generator).to(device)
+        for t in scheduler.timesteps:
+            prediction = predict_fn(x, t.repeat(shape[0]), *extra)
+            if prediction.shape != x.shape:
+                raise ValueError(f"predict_fn returned shape {tuple(prediction.shape)}, expected {shape}")
+            # DDIM indexes its tables with the timestep: a Python int works on any device.
+            step_t = t if self.prediction == "flow" else int(t)
+            x = scheduler.step(prediction, step_t, x).prev_sample
+        return x.float().clamp(-1.0, 1.0)
+
+    def _ddpm_config(self) -> dict:
+        return dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule="linear",
+            beta_start=_BETA_START,
+            beta_end=_BETA_END,
+            prediction_type=_DIFFUSERS_PREDICTION[self.prediction],
+        )
+
+    def _sampling_scheduler(self) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+        if self.prediction == "flow":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
+        return DDIMScheduler(
+            **self._ddpm_config(),
+            clip_sample=True,
+            set_alpha_to_one=True,
+            steps_offset=0,
+            timestep_spacing="leading",
+        )
+
+
+def _is_int(value) -> bool:
+    """True for Python and NumPy integers, False for bools (which are ints to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

