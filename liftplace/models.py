@@ -1,0 +1,512 @@
+"""Teachers and students: builders, pruning, sizing, parameter and MAC counts, feature taps.
+
+Teachers are diffusers ``UNet2DModel`` (the paper's DDPM backbone) or, for the transformer
+ablation, a class-conditional ``DiTTransformer2DModel``. Students are made from a teacher in
+one of two ways:
+
+- ``prune_student``: structured channel pruning with torch-pruning, keeping the teacher's
+  surviving weights (as Diff-Pruning does) -- the paper's students;
+- ``fresh_student``: a freshly initialised, narrower model of the same family, sized to a
+  parameter ratio -- the from-scratch baseline, and the only route for DiT teachers.
+
+Pruned students (``prune_student`` with magnitude importance) of the ``UNET_SIZES`` teachers
+at 16x16, as a fraction of the teacher's parameters, measured with ``count_params``; MACs
+from ``count_macs`` for one 1x16x16 image. The fractions depend on widths only, not weights.
+
+    ====  ==========  ===========  ========  ========  ==========  ========
+    size  parameters  MACs         ratio .5  ratio .7  ratio .875  ratio .9
+    ====  ==========  ===========  ========  ========  ==========  ========
+    tiny      44,969    4,551,168    0.2598    0.0711      0.0199    0.0090
+    xs       280,177   15,532,032    0.2544    0.0814      0.0176    0.0097
+    s        627,433   34,842,624    0.2533    0.0878      0.0171    0.0081
+    m      1,112,801   61,849,600    0.2527    0.0894      0.0168    0.0097
+    l      2,497,873  138,952,704    0.2521    0.0870      0.0165    0.0094
+    ====  ==========  ===========  ========  ========  ==========  ========
+
+A layer keeps int(width * (1 - ratio)) channels (at least one), and each weight shrinks on
+both sides, so the fraction is about (1 - ratio)^2. The paper's students keep ~1.6% of the
+teacher: here that is a ratio of 0.875, not 0.9 (which keeps ~1%).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch_pruning as tp
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# Widths per resolution level, for 1-channel images at 16x16 or 32x32 (16 -> 8 -> 4 at 16x16).
+# Every size has the same layout -- plain ResNet levels, then self-attention at the lowest
+# resolution level and in the mid block, where it is cheap (16 tokens at 16x16) -- so the
+# teacher-scale study varies width alone. "xs" to "l" span ~9x in parameters (0.28M to 2.5M);
+# "tiny" (45k parameters, two levels) is for tests.
+UNET_SIZES: dict[str, dict] = {
+    "tiny": {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4},
+    "xs": {"block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8},
+    "s": {"block_out_channels": (24, 48, 48), "layers_per_block": 1, "norm_num_groups": 8},
+    "m": {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 8},
+    "l": {"block_out_channels": (48, 96, 96), "layers_per_block": 1, "norm_num_groups": 8},
+}
+UNET_ATTENTION_HEAD_DIM = 8
+
+# Patch 2 on 16x16 gives 64 tokens; "s" has a hidden size of 64 (~0.39M parameters).
+DIT_SIZES: dict[str, dict] = {
+    "tiny": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2},
+    "s": {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16, "patch_size": 2},
+}
+
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+    "random": tp.importance.RandomImportance,
+}
+
+
+def _choice(kind: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(choices)}")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or DataParallel) wrapper, else the model."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _first_param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def build_unet(size: str, *, in_channels: int = 1, resolution: int = 16) -> UNet2DModel:
+    """A freshly initialised teacher UNet of a named size (see ``UNET_SIZES``).
+
+    It maps x_t [B, in_channels, resolution, resolution] and t [B] to a prediction of the
+    same shape as x_t. ``resolution`` must be divisible by 2 ** (levels - 1).
+    """
+    _choice("UNet size", size, UNET_SIZES)
+    _positive_int("in_channels", in_channels)
+    spec = UNET_SIZES[size]
+    levels = len(spec["block_out_channels"])
+    factor = 2 ** (levels - 1)
+    if not isinstance(resolution, int) or resolution < factor or resolution % factor:
+        raise ValueError(
+            f"resolution must be a positive multiple of {factor} for UNet size {size!r}, got {resolution!r}"
+        )
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        attention_head_dim=UNET_ATTENTION_HEAD_DIM,
+        **spec,
+    )
+
+
+def build_dit(
+    size: str = "s",
+    *,
+    in_channels: int = 1,
+    resolution: int = 16,
+    num_classes: int = 10,
+    learn_sigma: bool = False,
+) -> DiTTransformer2DModel:
+    """A freshly initialised class-conditional DiT of a named size (see ``DIT_SIZES``).
+
+    It maps x_t [B, in_channels, resolution, resolution], t [B] and class labels [B] (in
+    0..num_classes - 1) to [B, out_channels, resolution, resolution], where out_channels is
+    in_channels, or 2 * in_channels with ``learn_sigma`` (DiT's learned variance channels,
+    which ``predict`` splits off). In train mode diffusers drops 10% of the labels to a null
+    class (index num_classes) for classifier-free guidance.
+    """
+    _choice("DiT size", size, DIT_SIZES)
+    _positive_int("in_channels", in_channels)
+    _positive_int("num_classes", num_classes)
+    spec = DIT_SIZES[size]
+    patch = spec["patch_size"]
+    if not isinstance(resolution, int) or resolution < patch or resolution % patch:
+        raise ValueError(
+            f"resolution must be a positive multiple of the patch size {patch} for DiT size {size!r}, "
+            f"got {resolution!r}"
+        )
+    return DiTTransformer2DModel(
+        in_channels=in_channels,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
+        sample_size=resolution,
+        num_embeds_ada_norm=num_classes,
+        **spec,
+    )
+
+
+def predict(
+    model: nn.Module, x_t: torch.Tensor, t: torch.Tensor | int | float, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The model's prediction for x_t [B, C, H, W] at timesteps t (a number or [B]): [B, C, H, W].
+
+    One interface for both backbones. The call goes through ``model`` itself, so a
+    DistributedDataParallel wrapper still synchronises gradients. A DiT gets ``labels``
+    (class 0 for every sample when None) and its learned-sigma channels are dropped; a UNet
+    uses labels only if it has class embeddings (again class 0 when None).
+    """
+    if x_t.ndim != 4:
+        raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
+    net = _unwrap(model)
+    batch = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    needs_labels = isinstance(net, DiTTransformer2DModel) or getattr(net, "class_embedding", None) is not None
+    if needs_labels and labels is None:
+        labels = torch.zeros(batch, dtype=torch.long, device=x_t.device)
+    if isinstance(net, DiTTransformer2DModel):
+        out = model(x_t, timestep=t, class_labels=labels).sample
+        # DiT's learned variance rides along as extra channels; the prediction is the first half.
+        return out[:, : x_t.shape[1]] if net.out_channels == 2 * x_t.shape[1] else out
+    if isinstance(net, UNet2DModel):
+        return model(x_t, t, class_labels=labels if needs_labels else None).sample
+    raise ValueError(f"model must be a UNet2DModel or DiTTransformer2DModel, got {type(net).__name__}")
+
+
+def count_params(model: nn.Module) -> int:
+    """The number of parameters (trainable or not)."""
+    return sum(p.numel() for p in _unwrap(model).parameters())
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of scaled dot-product attention from q, k, v shapes [B, heads, L, D].
+
+    FlopCounterMode counts the CUDA attention kernels but not the CPU one, which would
+    leave attention out of every MAC count taken on a CPU.
+    """
+    batch, heads, queries, dim = query
+    return 2 * batch * heads * queries * key[-2] * (dim + value[-1])
+
+
+def count_macs(model: nn.Module, example_shape: Sequence[int], labels: torch.Tensor | None = None) -> int:
+    """Multiply-accumulates of one forward of a batch-1 input of shape [1, *example_shape[1:]].
+
+    Counted by torch's FlopCounterMode (matmuls, convolutions, attention; not norms or
+    activations), MACs = FLOPs / 2. ``example_shape`` is [B, C, H, W]; B is ignored.
+    """
+    if len(example_shape) != 4:
+        raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
+    param = _first_param(_unwrap(model))
+    x = torch.zeros((1, *example_shape[1:]), device=param.device, dtype=param.dtype)
+    t = torch.zeros(1, dtype=torch.long, device=param.device)
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        predict(_unwrap(model), x, t, None if labels is None else labels[:1])
+    return counter.get_total_flops() // 2
+
+
+def prune_student(
+    teacher: nn.Module,
+    ratio: float,
+    *,
+    example_shape: Sequence[int] = (2, 1, 16, 16),
+    importance: str = "magnitude",
+) -> UNet2DModel:
+    """A copy of a UNet teacher with ``ratio`` of the channels of every layer pruned away.
+
+    Structured pruning with torch-pruning, layer by layer (no global ranking): the student
+    keeps the teacher's weights at the surviving channels, and its input and output shapes
+    ([B, C, H, W] as in ``example_shape``). ``importance`` ranks channels: "magnitude" (L2),
+    "l1" or "random". Parameters shrink to about (1 - ratio)^2 of the teacher's (table in the
+    module docstring). The teacher is untouched; ratio 0 gives an exact copy.
+
+    The student's ``config`` still describes the teacher (its widths are no longer uniform
+    per level); save it with ``torch.save`` rather than ``save_pretrained``. Remove any
+    FeatureTaps from the teacher first: the copy would carry their hooks along.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"prune ratio must be in [0, 1), got {ratio!r}")
+    _choice("importance", importance, IMPORTANCES)
+    if len(example_shape) != 4:
+        raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
+    net = _unwrap(teacher)
+    if not isinstance(net, UNet2DModel):
+        raise ValueError(
+            f"prune_student supports UNet2DModel teachers, got {type(net).__name__}; use fresh_student instead"
+        )
+    student = copy.deepcopy(net)
+    param = _first_param(student)
+    example = (
+        torch.randn(tuple(example_shape), device=param.device, dtype=param.dtype),
+        torch.ones(example_shape[0], dtype=torch.long, device=param.device),
+    )
+    # torch-pruning removes whole GroupNorm groups only, which at high ratios prunes almost
+    # nothing; with one group per norm every channel can go, and the groups come back after.
+    groups = {norm: norm.num_groups for norm in student.modules() if isinstance(norm, nn.GroupNorm)}
+    for norm in groups:
+        norm.num_groups = 1
+    pruner = tp.pruner.BasePruner(
+        student,
+        example,
+        importance=IMPORTANCES[importance](),
+        pruning_ratio=ratio,
+        pruning_ratio_dict=_narrow_layer_ratios(student, ratio),
+        global_pruning=False,
+        # The output conv's outputs are the image channels. The input conv's inputs and the
+        # time embedding's first linear layer (fed by the parameter-free sinusoidal
+        # projection) have no producer to prune, so they stay whole without being listed.
+        ignored_layers=[student.conv_out],
+        forward_fn=lambda model, inputs: model(*inputs).sample,
+    )
+    pruner.step()
+    for norm, original in groups.items():
+        norm.num_groups = math.gcd(norm.num_channels, original)
+    _sync_resampler_sizes(student)
+    _sync_attention_sizes(student)
+    # Tracing leaves the model in eval mode; give back the teacher's mode.
+    return student.train(net.training)
+
+
+def _narrow_layer_ratios(model: nn.Module, ratio: float) -> dict[nn.Module, float]:
+    """Lower ratios for layers too narrow to keep any channel at ``ratio``.
+
+    torch-pruning keeps int(width * (1 - ratio)) channels and silently skips a layer that
+    would keep none, leaving it whole; these layers keep one channel instead.
+    """
+    ratios = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+            if width * (1.0 - ratio) < 1.0:
+                # width * (1 - r) = 1.5 truncates to one kept channel, safe from rounding.
+                ratios[module] = max(0.0, 1.0 - 1.5 / width)
+    return ratios
+
+
+def _sync_resampler_sizes(model: nn.Module) -> None:
+    """Copy pruned conv sizes into Downsample2D/Upsample2D, whose forward asserts its input width.
+
+    UNet2DModel builds every resampler with a conv, which carries the true widths.
+    """
+    for module in model.modules():
+        if isinstance(module, (Downsample2D, Upsample2D)) and isinstance(module.conv, nn.Conv2d):
+            module.channels = module.conv.in_channels
+            module.out_channels = module.conv.out_channels
+
+
+def _sync_attention_sizes(model: nn.Module) -> None:
+    """Recompute each Attention's sizes and head count from its pruned projections.
+
+    The forward splits the q/k/v width into ``heads`` equal parts, so the head count must
+    divide the pruned width. It keeps the teacher's head width where the pruned width allows
+    (fewer heads, not narrower ones), so the 1/sqrt(head_dim) logit scale stays close.
+    """
+    for attn in model.modules():
+        if not isinstance(attn, Attention):
+            continue
+        head_dim = attn.inner_dim // attn.heads
+        inner = attn.to_q.out_features
+        most_heads = max(1, inner // head_dim)
+        attn.heads = max(h for h in range(1, most_heads + 1) if inner % h == 0)
+        attn.sliceable_head_dim = attn.heads
+        attn.inner_dim = inner
+        attn.inner_kv_dim = attn.to_k.out_features
+        attn.query_dim = attn.to_q.in_features
+        attn.out_dim = attn.to_out[0].out_features
+        attn.scale = (inner // attn.heads) ** -0.5 if attn.scale_qk else 1.0
+
+
+def fresh_student(teacher: nn.Module, param_ratio: float) -> nn.Module:
+    """A freshly initialised, narrower model of the teacher's family with ~param_ratio of its parameters.
+
+    A UNet's widths (and time-embedding width) are scaled by one multiplier; a DiT's hidden
+    size shrinks, keeping its head width up to the teacher's. Depth, resolution and every
+    other setting stay the teacher's. The search picks the size nearest to the target and
+    raises ValueError if that is more than 10% away.
+    """
+    if isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float)) or not 0.0 < param_ratio <= 1.0:
+        raise ValueError(f"param_ratio must be in (0, 1], got {param_ratio!r}")
+    net = _unwrap(teacher)
+    if isinstance(net, UNet2DModel):
+        candidates = _unet_width_candidates(dict(net.config))
+    elif isinstance(net, DiTTransformer2DModel):
+        candidates = _dit_width_candidates(dict(net.config))
+    else:
+        raise ValueError(f"teacher must be a UNet2DModel or DiTTransformer2DModel, got {type(net).__name__}")
+    target = param_ratio * count_params(net)
+    config, found = _nearest_candidate(type(net), candidates, target)
+    if abs(found - target) > 0.1 * target:
+        raise ValueError(
+            f"cannot size a {type(net).__name__} to param_ratio {param_ratio} within 10%: "
+            f"target {target:.0f} parameters, nearest {found}"
+        )
+    return type(net).from_config(config)
+
+
+def _unet_width_candidates(config: dict) -> list[dict]:
+    """UNet configs from narrowest to the teacher's width, the widest level one channel apart."""
+    widths = config["block_out_channels"]
+    widest = max(widths)
+    candidates = []
+    for step in range(1, widest + 1):
+        scale = step / widest
+        scaled = tuple(max(1, round(scale * w)) for w in widths)
+        candidate = {**config, "block_out_channels": scaled}
+        candidate["norm_num_groups"] = math.gcd(config["norm_num_groups"], *scaled)
+        if config.get("attn_norm_num_groups") is not None:
+            candidate["attn_norm_num_groups"] = math.gcd(config["attn_norm_num_groups"], *scaled)
+        if config.get("attention_head_dim") is not None:
+            # Every attention layer needs at least one head.
+            candidate["attention_head_dim"] = min(config["attention_head_dim"], *scaled)
+        if config.get("time_embedding_dim") is not None:
+            candidate["time_embedding_dim"] = max(1, round(scale * config["time_embedding_dim"]))
+        candidates.append(candidate)
+    return candidates
+
+
+def _dit_width_candidates(config: dict) -> list[dict]:
+    """DiT configs for every reachable hidden size, smallest first, with the fewest heads
+    whose width is at most the teacher's head width."""
+    max_heads, max_head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    candidates = []
+    # The 2-D sin-cos position embedding splits the hidden size in four.
+    for hidden in range(4, max_heads * max_head_dim + 1, 4):
+        heads = next((h for h in range(1, max_heads + 1) if hidden % h == 0 and hidden // h <= max_head_dim), None)
+        if heads is not None:
+            candidates.append({**config, "num_attention_heads": heads, "attention_head_dim": hidden // heads})
+    return candidates
+
+
+def _nearest_candidate(cls: type, candidates: list[dict], target: float) -> tuple[dict, int]:
+    """The candidate whose parameter count is nearest to target, and that count.
+
+    Candidates are ordered by size, so a binary search needs ~log2(len) model builds; they
+    are built on the meta device, which allocates no memory.
+    """
+
+    def size(index: int) -> int:
+        with torch.device("meta"):
+            return count_params(cls.from_config(candidates[index]))
+
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        mid = (low + high) // 2
+        if size(mid) < target:
+            low = mid + 1
+        else:
+            high = mid
+    options = [(abs(size(i) - target), i) for i in {max(low - 1, 0), low}]
+    best = min(options)[1]
+    return candidates[best], size(best)
+
+
+def default_tap_names(model: nn.Module) -> list[str]:
+    """Submodule names whose outputs FeatureTaps collects by default.
+
+    UNet: each down block, the mid block and each up block. DiT: each transformer block.
+    """
+    net = _unwrap(model)
+    if isinstance(net, UNet2DModel):
+        names = [f"down_blocks.{i}" for i in range(len(net.down_blocks))]
+        names += ["mid_block"] if net.mid_block is not None else []
+        return names + [f"up_blocks.{i}" for i in range(len(net.up_blocks))]
+    if isinstance(net, DiTTransformer2DModel):
+        return [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
+    raise ValueError(f"no default feature taps for {type(net).__name__}; pass names")
+
+
+class FeatureTaps:
+    """Collects the outputs of named submodules on every forward of the model.
+
+    ``taps.features`` is a list of tensors [B, C, H, W], one per tap in name order, from the
+    latest forward of the (unwrapped) model: each forward starts a fresh list. A submodule
+    that returns a tuple (diffusers down blocks return (hidden, res_samples)) contributes its
+    first element. A DiT's tokens [B, N, D] are laid back on their patch grid as
+    [B, D, sqrt(N), sqrt(N)], so one 1x1-conv adapter serves both backbones. Features keep
+    their autograd graph, so a feature loss can train through them.
+
+    Names resolve on the model inside a DistributedDataParallel wrapper. Use as a context
+    manager, or call ``remove()`` when done::
+
+        with FeatureTaps(student) as taps:
+            predict(student, x_t, t)
+            loss = sum(f.square().mean() for f in taps.features)
+    """
+
+    def __init__(self, model: nn.Module, names: list[str] | None = None):
+        self.model = _unwrap(model)
+        self.names = default_tap_names(self.model) if names is None else list(names)
+        if not self.names:
+            raise ValueError("names must name at least one submodule, got an empty list")
+        modules = [self._resolve(name) for name in self.names]
+        self._tokens_to_grid = isinstance(self.model, DiTTransformer2DModel)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._handles = [self.model.register_forward_pre_hook(lambda module, args: self.clear())]
+        self._handles += [module.register_forward_hook(self._keeper(i)) for i, module in enumerate(modules)]
+
+    def _resolve(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"no submodule named {name!r} in {type(self.model).__name__}; choose from its named_modules()"
+            ) from None
+
+    def _keeper(self, index: int) -> Callable:
+        def keep(module: nn.Module, args, output) -> None:
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if self._tokens_to_grid and output.ndim == 3:
+                batch, tokens, dim = output.shape
+                side = math.isqrt(tokens)
+                output = output.transpose(1, 2).reshape(batch, dim, side, side)
+            self._captured[index] = output
+
+        return keep
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        """The tapped outputs of the latest forward, in name order."""
+        return [self._captured[i] for i in sorted(self._captured)]
+
+    def clear(self) -> None:
+        """Forget the collected features (the next forward also does)."""
+        self._captured = {}
+
+    def channels(self) -> list[int]:
+        """Channels of each tap, found by one no-grad forward of a batch-1 zero input.
+
+        The features collected so far are kept. Pruned models need the forward: their
+        config still lists the teacher's widths.
+        """
+        param = _first_param(self.model)
+        side = self.model.config.sample_size
+        height, width = (side, side) if isinstance(side, int) else side
+        x = torch.zeros(1, self.model.config.in_channels, height, width, device=param.device, dtype=param.dtype)
+        t = torch.zeros(1, dtype=torch.long, device=param.device)
+        kept = self._captured
+        with torch.no_grad():
+            predict(self.model, x, t)
+        found = [feature.shape[1] for feature in self.features]
+        self._captured = kept
+        return found
+
+    def remove(self) -> None:
+        """Remove every hook; ``features`` stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> FeatureTaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,265 @@
+"""Tests for liftplace.models: builders, pruning, sizing, counts, predict and feature taps."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.distributed as dist
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from liftplace.models import (
+    UNET_SIZES,
+    FeatureTaps,
+    build_dit,
+    build_unet,
+    count_macs,
+    count_params,
+    fresh_student,
+    predict,
+    prune_student,
+)
+
+SHAPE = (2, 1, 16, 16)
+REAL_SIZES = ["xs", "s", "m", "l"]
+
+
+@pytest.fixture
+def unet():
+    torch.manual_seed(0)
+    return build_unet("tiny")
+
+
+@pytest.fixture
+def dit():
+    torch.manual_seed(0)
+    return build_dit("tiny")
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(SHAPE, generator=generator), torch.tensor([3, 750])
+
+
+def test_named_unet_sizes_build_and_span_ten_x_in_parameters():
+    counts = {size: count_params(build_unet(size)) for size in UNET_SIZES}
+    real = [counts[size] for size in REAL_SIZES]
+    assert real == sorted(real) and len(set(real)) == len(real)
+    assert real[-1] / real[0] >= 8
+    assert counts["tiny"] < real[0]
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_real_size_runs_at_cpu_resolutions(resolution):
+    model = build_unet("xs", resolution=resolution)
+    x = torch.zeros(1, 1, resolution, resolution)
+    assert predict(model, x, 10).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: build_unet("huge"), "unknown UNet size 'huge'"),
+        (lambda: build_unet("m", resolution=18), "resolution must be a positive multiple of 4"),
+        (lambda: build_unet("m", in_channels=0), "in_channels must be a positive integer"),
+        (lambda: build_dit("xl"), "unknown DiT size 'xl'"),
+        (lambda: build_dit("s", resolution=15), "multiple of the patch size 2"),
+    ],
+)
+def test_builders_refuse_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_pruning_hits_its_ratio_and_leaves_the_teacher_alone(unet, batch, ratio, record_property):
+    before = {name: value.clone() for name, value in unet.state_dict().items()}
+    student = prune_student(unet, ratio)
+
+    fraction = count_params(student) / count_params(unet)
+    record_property(f"tiny_param_fraction_at_{ratio}", fraction)
+    print(f"tiny UNet pruned {ratio}: {fraction:.4f} of the teacher's parameters")
+    assert 0.6 * (1 - ratio) ** 2 < fraction < 1.6 * (1 - ratio) ** 2
+
+    x, t = batch
+    assert predict(student, x, t).shape == predict(unet, x, t).shape == x.shape
+    after = unet.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_pruned_fractions_match_the_documented_table():
+    teacher = build_unet("m")
+    documented = {0.5: 0.2527, 0.7: 0.0894, 0.875: 0.0168, 0.9: 0.0097}
+    measured = {ratio: count_params(prune_student(teacher, ratio)) / count_params(teacher) for ratio in documented}
+    print("m UNet pruned fractions:", {ratio: round(value, 4) for ratio, value in measured.items()})
+    assert measured == pytest.approx(documented, abs=1e-4)
+
+
+def test_ratio_zero_is_an_exact_copy(unet, batch):
+    unet.eval()
+    student = prune_student(unet, 0.0)
+    x, t = batch
+    with torch.no_grad():
+        assert torch.allclose(predict(student, x, t), predict(unet, x, t), atol=1e-6)
+    assert student is not unet and count_params(student) == count_params(unet)
+
+
+def test_student_keeps_the_teachers_surviving_weights(unet):
+    student = prune_student(unet, 0.5)
+    # conv_out keeps its output (the image channel) and loses input channels: each kept
+    # input slice must be one of the teacher's, in the teacher's order.
+    teacher_w, student_w = unet.conv_out.weight, student.conv_out.weight
+    assert student_w.shape[1] == teacher_w.shape[1] // 2
+    kept = [
+        next(i for i in range(teacher_w.shape[1]) if torch.equal(student_w[:, j], teacher_w[:, i]))
+        for j in range(student_w.shape[1])
+    ]
+    assert kept == sorted(set(kept))
+    assert torch.equal(student.conv_out.bias, unet.conv_out.bias)
+    # conv_in keeps its single input channel and loses output channels, weights and biases alike.
+    assert student.conv_in.in_channels == unet.conv_in.in_channels
+    teacher_rows = {tuple(row.flatten().tolist()) for row in unet.conv_in.weight}
+    assert all(tuple(row.flatten().tolist()) in teacher_rows for row in student.conv_in.weight)
+
+
+def test_pruned_student_trains(unet, batch):
+    student = prune_student(unet, 0.9)
+    x, t = batch
+    predict(student, x, t).square().mean().backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_bad_prune_ratios_are_refused(unet, ratio):
+    with pytest.raises(ValueError, match=r"prune ratio must be in \[0, 1\), got"):
+        prune_student(unet, ratio)
+
+
+def test_prune_refuses_dit_and_unknown_importance(unet, dit):
+    with pytest.raises(ValueError, match="supports UNet2DModel teachers, got DiTTransformer2DModel"):
+        prune_student(dit, 0.5)
+    with pytest.raises(ValueError, match="unknown importance 'taylor'"):
+        prune_student(unet, 0.5, importance="taylor")
+
+
+@pytest.mark.parametrize(
+    "teacher, ratio",
+    [("unet-tiny", 0.5), ("unet-tiny", 0.25), ("unet-m", 0.016), ("dit-s", 0.5), ("dit-s", 0.1)],
+)
+def test_fresh_student_hits_its_parameter_ratio(teacher, ratio, batch):
+    family, size = teacher.split("-")
+    model = build_unet(size) if family == "unet" else build_dit(size)
+    student = fresh_student(model, ratio)
+    assert type(student) is type(model)
+    assert abs(count_params(student) - ratio * count_params(model)) <= 0.1 * ratio * count_params(model)
+    x, t = batch
+    assert predict(student, x, t).shape == x.shape
+
+
+def test_fresh_student_refuses_bad_and_unreachable_ratios(unet):
+    for ratio in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"param_ratio must be in \(0, 1\]"):
+            fresh_student(unet, ratio)
+    with pytest.raises(ValueError, match="within 10%"):
+        fresh_student(unet, 0.001)
+
+
+def test_predict_shapes_for_both_backbones(unet, dit, batch):
+    x, t = batch
+    assert predict(unet, x, t).shape == x.shape
+    assert predict(unet, x, 500).shape == x.shape
+    assert predict(unet, x, t.float() + 0.5).shape == x.shape
+    assert predict(dit, x, t).shape == x.shape
+    assert predict(dit, x, t, torch.tensor([4, 9])).shape == x.shape
+    assert predict(dit, x, 500).shape == x.shape
+
+
+def test_predict_splits_dit_learned_sigma(batch):
+    model = build_dit("tiny", learn_sigma=True).eval()
+    x, t = batch
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        full = model(x, timestep=t, class_labels=labels).sample
+        assert full.shape[1] == 2 * x.shape[1]
+        assert torch.equal(predict(model, x, t, labels), full[:, : x.shape[1]])
+
+
+def test_count_macs_shrinks_with_pruning(unet):
+    teacher_macs = count_macs(unet, SHAPE)
+    student_macs = count_macs(prune_student(unet, 0.5), SHAPE)
+    assert 0 < student_macs < teacher_macs
+
+
+def test_count_macs_includes_cpu_attention(dit):
+    x, t = torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        predict(dit, x, t)
+    tokens, hidden = (16 // 2) ** 2, dit.inner_dim
+    # Per layer, q @ k^T and attn @ v each take tokens * tokens * hidden MACs.
+    attention = len(dit.transformer_blocks) * 2 * tokens * tokens * hidden
+    assert count_macs(dit, SHAPE) == counter.get_total_flops() // 2 + attention
+
+
+def _check_taps(model, x, t, names):
+    with FeatureTaps(model) as taps:
+        assert taps.names == names
+        channels = taps.channels()
+        assert taps.features == []
+        predict(model, x, t)
+        first = taps.features
+        assert len(first) == len(names)
+        assert [f.shape[1] for f in first] == channels
+        assert all(f.ndim == 4 and f.shape[0] == x.shape[0] for f in first)
+        predict(model, x, t)
+        assert len(taps.features) == len(names) and taps.features[0] is not first[0]
+        taps.clear()
+        assert taps.features == []
+    predict(model, x, t)
+    assert taps.features == []
+    return channels
+
+
+UNET_TAPS = ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+
+
+def test_feature_taps_on_unet_dit_and_pruned_student(unet, dit, batch):
+    x, t = batch
+    assert _check_taps(unet, x, t, UNET_TAPS) == [8, 16, 16, 16, 8]
+    assert _check_taps(dit, x, t, ["transformer_blocks.0", "transformer_blocks.1"]) == [16, 16]
+    assert _check_taps(prune_student(unet, 0.5), x, t, UNET_TAPS) == [4, 8, 8, 8, 4]
+
+
+def test_feature_taps_keep_the_graph_and_refuse_unknown_names(unet, batch):
+    x, t = batch
+    with FeatureTaps(unet, ["mid_block"]) as taps:
+        predict(unet, x, t)
+        taps.features[0].square().mean().backward()
+    assert unet.mid_block.resnets[0].conv1.weight.grad is not None
+    with pytest.raises(ValueError, match="no submodule named 'nope'"):
+        FeatureTaps(unet, ["nope"])
+
+
+def test_feature_taps_through_distributed_data_parallel(unet, batch, tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(unet)
+        x, t = batch
+        assert _check_taps(wrapped, x, t, UNET_TAPS) == [8, 16, 16, 16, 8]
+        predict(wrapped, x, t).square().mean().backward()
+        assert unet.conv_in.weight.grad is not None
+        assert count_params(wrapped) == count_params(unet)
+        assert count_params(prune_student(wrapped, 0.5)) < count_params(unet)
+        assert isinstance(fresh_student(wrapped, 0.5), UNet2DModel)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dit_builder_is_class_conditional():
+    model = build_dit("s", num_classes=7)
+    assert isinstance(model, DiTTransformer2DModel)
+    assert model.config.num_embeds_ada_norm == 7
+    assert model.out_channels == model.config.in_channels == 1
