@@ -19,11 +19,59 @@ def cmd_objectives(args) -> None:
     print("  group_size | num_groups (place; default group_size 16), eps, task_weight, distill_weight")
 
 
+def cmd_teacher_train(args) -> None:
+    from liftplace.metrics import Protocol
+    from liftplace.teachers import train_teacher
+
+    protocol = Protocol(num_images=args.eval_images, sampler_steps=args.eval_steps)
+    card = train_teacher(
+        args.out, arch=args.arch, size=args.size, data=args.data, resolution=args.resolution,
+        prediction=args.prediction, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        protocol=protocol, command="liftplace " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
+    )
+    print(f"saved {args.out}: {card['params']:,} params, FID {card['fid']:.2f} ({card['eval_extractor']}, "
+          f"{card['eval_num_images']} images, {card['eval_sampler_steps']} steps), {card['train_wall_time_s']:.0f} s")
+
+
+def cmd_extractor_train(args) -> None:
+    from liftplace.metrics import train_extractor
+
+    result = train_extractor(args.data, args.resolution, epochs=args.epochs, seed=args.seed, out=args.out)
+    print(f"saved {result['path']}: validation accuracy {result['accuracy']:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liftplace", description="LIFT and PLACE distillation for tiny diffusion models.")
     parser.add_argument("--version", action="version", version=f"liftplace {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("objectives", help="list the objectives and their options").set_defaults(func=cmd_objectives)
+
+    teacher = sub.add_parser("teacher", help="train teachers").add_subparsers(dest="action", required=True)
+    train = teacher.add_parser("train", help="train a teacher and save it as a diffusers directory with a card")
+    train.add_argument("--preset", choices=["cpu"], default="cpu", help="the built-in MNIST recipe")
+    train.add_argument("--arch", choices=["unet", "dit"], default="unet")
+    train.add_argument("--size", default="m", help="a named size (models.UNET_SIZES / DIT_SIZES)")
+    train.add_argument("--out", required=True, help="a new directory")
+    train.add_argument("--data", default="mnist")
+    train.add_argument("--resolution", type=int, default=16)
+    train.add_argument("--prediction", default="epsilon", choices=["epsilon", "v", "flow"])
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-images", type=int, default=1000)
+    train.add_argument("--eval-steps", type=int, default=50)
+    train.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    train.set_defaults(func=cmd_teacher_train)
+
+    extractor = sub.add_parser("extractor", help="the FID feature extractor").add_subparsers(dest="action", required=True)
+    etrain = extractor.add_parser("train", help="train the digits-cnn feature extractor on a labelled dataset")
+    etrain.add_argument("--data", default="mnist")
+    etrain.add_argument("--resolution", type=int, default=16)
+    etrain.add_argument("--epochs", type=int, default=20)
+    etrain.add_argument("--seed", type=int, default=0)
+    etrain.add_argument("--out", required=True, help="a .safetensors path")
+    etrain.set_defaults(func=cmd_extractor_train)
     return parser
 
 
@@ -31,7 +79,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"liftplace: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,83 @@
+"""FID/KID/precision/recall through torch-fidelity, the shipped extractor, the protocol."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from liftplace.data import load_dataset
+from liftplace.metrics import (
+    DEFAULT_EXTRACTOR_WEIGHTS,
+    DigitsCNNExtractor,
+    Protocol,
+    classifier_accuracy,
+    compute_metrics,
+    load_extractor,
+    stack_dataset,
+    to_uint8_rgb,
+)
+
+
+@pytest.fixture(scope="module")
+def val():
+    images, labels = stack_dataset(load_dataset("mnist", 16, "val"))
+    return images, labels
+
+
+PROTOCOL = Protocol(num_images=500)
+
+
+def test_extractor_classifies_held_out_digits(val):
+    images, labels = val
+    assert classifier_accuracy(load_extractor(DEFAULT_EXTRACTOR_WEIGHTS), images, labels) >= 0.96
+
+
+def test_fid_small_between_real_halves_and_large_against_noise(val):
+    images, _ = val
+    halves = compute_metrics(images[:500], images[500:], PROTOCOL)
+    noise = compute_metrics(torch.rand(500, 1, 16, 16) * 2 - 1, images[500:], PROTOCOL)
+    blurred = compute_metrics(torch.nn.functional.avg_pool2d(images[:500], 3, 1, 1), images[500:], PROTOCOL)
+    assert halves["fid"] < 0.1 * blurred["fid"] < 0.1 * noise["fid"]
+    assert halves["kid"] < noise["kid"]
+    assert halves["precision"] > 0.6 and halves["recall"] > 0.6
+    assert noise["precision"] < 0.05
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_equals_an_independent_frechet_distance(val):
+    images, _ = val
+    fake = torch.nn.functional.avg_pool2d(images[:500], 3, 1, 1)
+    real = images[500:]
+    extractor = DigitsCNNExtractor("digits-cnn", ["features"]).eval()
+    with torch.no_grad():
+        f_fake = extractor(to_uint8_rgb(fake))[0].double().numpy()
+        f_real = extractor(to_uint8_rgb(real))[0].double().numpy()
+    ours = compute_metrics(fake, real, Protocol(num_images=500, prc=False))
+    assert ours["fid"] == pytest.approx(frechet(f_fake, f_real), rel=1e-3)
+    assert set(ours) == {"fid", "kid", "kid_std"}
+
+
+def test_reference_features_are_cached_by_key(val, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFTPLACE_CACHE", str(tmp_path))
+    images, _ = val
+    first = compute_metrics(images[:200], images[500:700], Protocol(num_images=200, prc=False), real_cache_key="mnist-val-test")
+    assert any(tmp_path.rglob("*mnist-val-test*"))
+    again = compute_metrics(images[:200], images[500:700], Protocol(num_images=200, prc=False), real_cache_key="mnist-val-test")
+    assert again["fid"] == pytest.approx(first["fid"])
+
+
+def test_protocol_refuses_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="local weights file"):
+        Protocol(extractor="inception-v3-compat")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        Protocol(extractor="inception-v3-compat", extractor_weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="clip"):
+        Protocol(extractor="clip")
+    with pytest.raises(ValueError, match="num_images"):
+        Protocol(num_images=1)
