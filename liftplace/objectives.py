@@ -86,6 +86,7 @@ class LossParts:
     beta1: Tensor
     task: Tensor
     distill: Tensor
+    feat: Tensor
 
 
 def fit_lines(s: Tensor, t: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
@@ -237,7 +238,7 @@ class Objective(nn.Module):
             with torch.no_grad():
                 b0, b1 = fit_lines(_domain_view(student.float(), "channel"), _domain_view(teacher.float(), "channel"))
             parts.update(beta0=b0.mean(), beta1=b1.mean())
-        logged = {k: parts.get(k, _nan(student)).detach() for k in ("coarse", "fine", "w", "beta0", "beta1")}
+        logged = {k: parts.get(k, _nan(student)).detach() for k in ("coarse", "fine", "w", "beta0", "beta1", "feat")}
         return LossParts(loss=loss, task=task.detach(), distill=distill.detach(), **logged)
 
 
@@ -383,3 +384,59 @@ class Lift(Place):
                 raise ValueError(f"lift fits one group per {options.get('group_by', 'channel')}; "
                                  f"{key} is a place option (got {key}={options[key]})")
         super().__init__(**options)
+
+
+@register_objective("feat")
+class FeatKD(Objective):
+    """FeatKD: MSE between matched block outputs, through 1x1 adapters where widths differ.
+
+    student_channels / teacher_channels: the widths of the tapped blocks (``FeatureTaps.channels``).
+    Called with ``features=(student_features, teacher_features)``, two lists of [B, C_i, H_i, W_i].
+    distill = feat_weight * mean_i MSE(adapter_i(s_i), t_i) (+ the output MSE for "kd+feat").
+    The adapters are this module's parameters: the trainer optimises them with the student.
+    """
+
+    needs_features = True
+    with_output_kd = False
+
+    def __init__(self, *, student_channels=(), teacher_channels=(), feat_weight: float = 1.0,
+                 task_weight: float = 1.0, distill_weight: float = 1.0, shape=None):
+        student_channels, teacher_channels = list(student_channels), list(teacher_channels)
+        if not student_channels or len(student_channels) != len(teacher_channels):
+            raise ValueError(
+                f"objective {self.name!r} needs student_channels and teacher_channels of one length "
+                f"(FeatureTaps.channels()), got {student_channels} and {teacher_channels}"
+            )
+        if not (isinstance(feat_weight, (int, float)) and feat_weight >= 0 and math.isfinite(feat_weight)):
+            raise ValueError(f"feat_weight must be a finite number >= 0, got {feat_weight!r}")
+        super().__init__(task_weight=task_weight, distill_weight=distill_weight, shape=shape)
+        self.feat_weight = float(feat_weight)
+        self.adapters = nn.ModuleList(
+            nn.Identity() if a == b else nn.Conv2d(a, b, kernel_size=1) for a, b in zip(student_channels, teacher_channels)
+        )
+
+    def feature_loss(self, features) -> Tensor:
+        if features is None:
+            raise ValueError(f"objective {self.name!r} needs features=(student_features, teacher_features)")
+        s_feats, t_feats = features
+        if len(s_feats) != len(self.adapters) or len(t_feats) != len(self.adapters):
+            raise ValueError(
+                f"objective {self.name!r} was built for {len(self.adapters)} feature taps, "
+                f"got {len(s_feats)} student and {len(t_feats)} teacher features"
+            )
+        losses = [F.mse_loss(adapt(s), t.detach()) for adapt, s, t in zip(self.adapters, s_feats, t_feats)]
+        return torch.stack(losses).mean()
+
+    def distill(self, s, t, step, features):
+        feat = self.feature_loss(features)
+        loss = self.feat_weight * feat
+        if self.with_output_kd:
+            loss = loss + F.mse_loss(s, t)
+        return {"loss": loss, "feat": feat}
+
+
+@register_objective("kd+feat")
+class KDFeat(FeatKD):
+    """OutKD + FeatKD: MSE to the teacher's output plus feat_weight times the feature term."""
+
+    with_output_kd = True

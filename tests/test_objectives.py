@@ -314,4 +314,66 @@ def test_shape_mismatch_names_both_shapes():
 
 
 def test_registry_lists_the_objectives():
-    assert {"task", "kd", "lift", "place"} <= set(objective_names())
+    assert {"task", "kd", "lift", "place", "feat", "kd+feat"} <= set(objective_names())
+
+
+# --- feature KD --------------------------------------------------------------------------
+
+
+def feats(channels, seed, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, c, 4, 4, generator=g, requires_grad=grad) for c in channels]
+
+
+def test_feat_with_equal_widths_is_mean_feature_mse():
+    s_f, t_f = feats([4, 8], 0, grad=True), feats([4, 8], 1)
+    s, t = pair()
+    obj = make_objective("feat", student_channels=[4, 8], teacher_channels=[4, 8], task_weight=0.0)
+    assert not list(obj.parameters())  # identity adapters where widths match
+    out = obj(s, t, step=0, features=(s_f, t_f))
+    expected = (F.mse_loss(s_f[0], t_f[0]) + F.mse_loss(s_f[1], t_f[1])) / 2
+    assert out.loss.item() == pytest.approx(expected.item())
+    both = make_objective("kd+feat", student_channels=[4, 8], teacher_channels=[4, 8], feat_weight=0.5, task_weight=0.0)
+    out2 = both(s, t, step=0, features=(s_f, t_f))
+    assert out2.loss.item() == pytest.approx(F.mse_loss(s, t).item() + 0.5 * expected.item())
+
+
+def test_feat_adapters_train_and_teacher_features_get_no_gradient():
+    s_f, t_f = feats([2, 3], 0, grad=True), feats([4, 8], 1, grad=True)
+    s, t = pair()
+    obj = make_objective("feat", student_channels=[2, 3], teacher_channels=[4, 8], task_weight=0.0)
+    assert [p.shape for p in obj.parameters()] == [(4, 2, 1, 1), (4,), (8, 3, 1, 1), (8,)]
+    obj(s, t, step=0, features=(s_f, t_f)).loss.backward()
+    assert all(p.grad is not None for p in obj.parameters())
+    assert s_f[0].grad is not None and t_f[0].grad is None
+
+
+def test_feat_on_real_models_through_feature_taps():
+    from liftplace import models
+
+    teacher = models.build_unet("tiny")
+    student = models.prune_student(teacher, 0.5)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    with models.FeatureTaps(teacher) as t_taps, models.FeatureTaps(student) as s_taps:
+        obj = make_objective("kd+feat", student_channels=s_taps.channels(), teacher_channels=t_taps.channels())
+        with torch.no_grad():
+            t_out = models.predict(teacher, x, t)
+        t_feats = list(t_taps.features)
+        s_out = models.predict(student, x, t)
+        out = obj(s_out, t_out, step=0, target=torch.randn_like(x), features=(list(s_taps.features), t_feats))
+    out.loss.backward()
+    assert torch.isfinite(out.feat) and out.feat.item() > 0
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_feat_refuses_bad_input():
+    with pytest.raises(ValueError, match="student_channels and teacher_channels"):
+        make_objective("feat")
+    with pytest.raises(ValueError, match="student_channels and teacher_channels"):
+        make_objective("feat", student_channels=[1, 2], teacher_channels=[1])
+    obj = make_objective("feat", student_channels=[4], teacher_channels=[4], task_weight=0.0)
+    s, t = pair()
+    with pytest.raises(ValueError, match="needs features"):
+        obj(s, t, step=0)
+    with pytest.raises(ValueError, match="1 feature taps"):
+        obj(s, t, step=0, features=(feats([4, 4], 0), feats([4, 4], 1)))
