@@ -198,7 +198,8 @@ def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cach
         cache=real_cache_key is not None,
     )
     if real_cache_key is not None:
-        kwargs["input2_cache_name"] = f"{real_cache_key}-{protocol.extractor}-{Path(protocol.weights_path()).stem}"
+        # The image count is part of the key: the same split is used at several sizes.
+        kwargs["input2_cache_name"] = f"{real_cache_key}-n{len(real)}-{protocol.extractor}-{Path(protocol.weights_path()).stem}"
     out = torch_fidelity.calculate_metrics(**kwargs)
     result = {
         "fid": float(out["frechet_inception_distance"]),

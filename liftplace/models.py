@@ -243,6 +243,10 @@ def prune_student(
             f"prune_student supports UNet2DModel teachers, got {type(net).__name__}; use fresh_student instead"
         )
     student = copy.deepcopy(net)
+    # torch-pruning traces its dependency graph through autograd: a frozen teacher (as
+    # loaded for distillation) would silently prune nothing.
+    frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
+    student.requires_grad_(True)
     param = _first_param(student)
     example = (
         torch.randn(tuple(example_shape), device=param.device, dtype=param.dtype),
@@ -271,6 +275,8 @@ def prune_student(
         norm.num_groups = math.gcd(norm.num_channels, original)
     _sync_resampler_sizes(student)
     _sync_attention_sizes(student)
+    for name, p in student.named_parameters():
+        p.requires_grad_(name not in frozen)
     # Tracing leaves the model in eval mode; give back the teacher's mode.
     return student.train(net.training)
 

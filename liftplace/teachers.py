@@ -68,7 +68,7 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
                          f"supported: {', '.join(MODEL_CLASSES)}")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"teacher {path} has no .safetensors weights (pickled weights are not loaded)")
-    model = cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    model = cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     card_file = path / "card.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     return model.to(device).eval().requires_grad_(False), card

@@ -263,3 +263,11 @@ def test_dit_builder_is_class_conditional():
     assert isinstance(model, DiTTransformer2DModel)
     assert model.config.num_embeds_ada_norm == 7
     assert model.out_channels == model.config.in_channels == 1
+
+
+def test_pruning_a_frozen_teacher_still_prunes():
+    # Teachers are loaded with requires_grad False for distillation; pruning must not care.
+    teacher = build_unet("tiny").requires_grad_(False)
+    student = prune_student(teacher, 0.5)
+    assert count_params(student) < 0.4 * count_params(teacher)
+    assert not any(p.requires_grad for p in student.parameters())

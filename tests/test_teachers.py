@@ -7,7 +7,6 @@ import torch
 
 from liftplace import models
 from liftplace.diffusion import make_process
-from liftplace.metrics import Protocol
 from liftplace.teachers import generate, load_teacher, shipped_teachers, train_teacher
 
 CARD_KEYS = {
@@ -18,11 +17,8 @@ CARD_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teachers") / "unet-tiny"
-    card = train_teacher(out, size="tiny", data="mnist", resolution=16, steps=3, batch=8,
-                         protocol=Protocol(num_images=20, sampler_steps=2), progress=False, command="test")
-    return out, card
+def tiny_teacher(tiny_teacher_dir):
+    return tiny_teacher_dir, json.loads((tiny_teacher_dir / "card.json").read_text())
 
 
 def test_training_writes_a_complete_directory(tiny_teacher):

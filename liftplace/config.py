@@ -1,0 +1,324 @@
+"""One config per distillation run: typed, commented dataclasses, presets and validation.
+
+``resolve(preset, overrides)`` is the one way to get a config: it starts from a preset,
+applies dotted ``key=value`` overrides (parsed to each field's type) and validates the result.
+Every bad value is refused here, with a message naming the key, before Ray starts.
+
+Presets:
+- ``smoke``: seconds; tests and CI. The smallest shipped teacher, 20 steps, 64 eval images.
+- ``cpu`` (the default): the built-in MNIST at 16x16, shipped teachers, a 90%-pruned student;
+  minutes on a 2-core laptop.
+- ``paper``: the authors' CelebA-64 recipe (Adam 2e-4, batch 96, EMA 0.9999, grad clip 1.0,
+  100 DDIM steps for evaluation, 100k iterations as in their evaluation scripts) on the
+  user's own teacher directory and data folder, on GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liftplace.data import check_dataset_spec
+from liftplace.diffusion import PREDICTIONS
+from liftplace.metrics import Protocol
+from liftplace.models import IMPORTANCES
+from liftplace.objectives import make_objective, objective_names
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "unet-s"  # a shipped teacher (liftplace.teachers.shipped_teachers()) or a diffusers directory
+    prediction: str = "epsilon"  # what the teacher predicts: epsilon | v | flow
+
+
+@dataclass
+class DataConfig:
+    spec: str = "mnist"  # mnist | digits | folder:PATH | cifar10:PATH
+    resolution: int = 16  # must equal the teacher's sample size
+
+
+@dataclass
+class StudentConfig:
+    prune_ratio: float | None = 0.9  # structured channel pruning of the teacher, in [0, 1)
+    param_ratio: float | None = None  # or: a fresh, narrower model with this share of the teacher's params
+    importance: str = "magnitude"  # pruning importance: magnitude | l1 | random
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "place"  # task | kd | feat | kd+feat | lift | place
+    # lift / place options (ignored by the other objectives, so a grid can hold kd beside them)
+    coarse: str = "l1"  # l1 | l2 | moments
+    group_size: int | None = None  # place: elements per group (None: 16, the authors' K); lift: must stay None
+    num_groups: int | None = None  # place: groups per domain instead of group_size
+    group_by: str = "channel"  # channel | sample
+    eps: float = 1e-4
+    reduction: str = "mean"  # mean | sum (the authors' pixel fork)
+    weighting: str = "adaptive"  # adaptive | constant | linear | cosine | step | learnable
+    w0: float = 1.0  # constant weight / learnable start
+    warmup: int = 1000  # steps of the linear / cosine / step schedules
+    task_weight: float = 1.0  # weight of MSE(student, true target)
+    distill_weight: float = 1.0  # weight of the distillation term (the authors' lambda_kd)
+    feat_weight: float = 1.0  # weight of the feature term in feat / kd+feat
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch: int = 64  # per worker
+    lr: float = 1e-3  # Adam
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 25  # report a metrics row every this many steps
+    eval_every: int = 0  # evaluate FID every this many steps (0: only at the end)
+    checkpoint_every: int = 200  # and at the end
+    loss_bound: float = 1e4  # a loss above this (or non-finite) marks the run diverged
+    bf16: bool = True  # bf16 autocast for the forward passes, on GPU only
+
+
+@dataclass
+class EvalConfig:
+    num_images: int = 1000
+    sampler_steps: int = 50
+    seed: int = 0
+    extractor: str = "digits-cnn"  # or inception-v3-compat with extractor_weights
+    extractor_weights: str | None = None
+    prc: bool = True
+
+    def protocol(self) -> Protocol:
+        return Protocol(**dataclasses.asdict(self))
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1  # Ray Train workers (DistributedDataParallel when > 1)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # used when use_gpu
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    preset: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def objective_options(self) -> dict:
+        """The keyword arguments of make_objective for this config (shape not included)."""
+        obj = self.objective
+        opts = {"task_weight": obj.task_weight, "distill_weight": obj.distill_weight}
+        if obj.name in ("lift", "place"):
+            opts.update(coarse=obj.coarse, group_by=obj.group_by, eps=obj.eps, reduction=obj.reduction,
+                        weighting=obj.weighting, w0=obj.w0, warmup=obj.warmup)
+            if obj.name == "place" or obj.group_size is not None or obj.num_groups is not None:
+                opts.update(group_size=obj.group_size, num_groups=obj.num_groups)
+        if obj.name in ("feat", "kd+feat"):
+            opts["feat_weight"] = obj.feat_weight
+        if obj.name == "task":
+            opts.pop("distill_weight")
+        return opts
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "smoke": {
+        "teacher.name": "unet-xs", "train.steps": 20, "train.batch": 16, "train.log_every": 5,
+        "train.checkpoint_every": 10, "eval.num_images": 64, "eval.sampler_steps": 5,
+    },
+    "cpu": {},
+    "paper": {
+        "teacher.name": "", "data.spec": "", "data.resolution": 64, "train.steps": 100_000, "train.batch": 96,
+        "train.lr": 2e-4, "train.ema_decay": 0.9999, "train.log_every": 100, "train.eval_every": 10_000,
+        "train.checkpoint_every": 5_000, "eval.num_images": 50_000, "eval.sampler_steps": 100,
+        "eval.extractor": "inception-v3-compat", "scaling.use_gpu": True,
+    },
+}
+
+
+def resolve(preset: str = "cpu", overrides: list[str] | dict | None = None, *, check_paths: bool = True) -> RunConfig:
+    """A validated RunConfig: the preset, then the overrides ("key=value" strings or a dict)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = RunConfig(preset=preset)
+    for key, value in PRESETS[preset].items():
+        set_value(config, key, value)
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(text) for text in overrides or []]
+    for key, value in items:
+        set_value(config, key, value)
+    validate(config, check_paths=check_paths)
+    return config
+
+
+def from_dict(data: dict, *, check_paths: bool = True) -> RunConfig:
+    """Rebuild a config saved with RunConfig.to_dict (e.g. from a run directory's config.json)."""
+    flat = dict(flatten(data))
+    preset = flat.pop("preset", "cpu")
+    return resolve(preset, flat, check_paths=check_paths)
+
+
+def flatten(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. objective.name=place)")
+    return key.strip(), value.strip()
+
+
+def keys() -> list[str]:
+    """Every settable dotted key."""
+    return [k for k, _ in flatten(RunConfig().to_dict()) if k != "preset"]
+
+
+def set_value(config: RunConfig, key: str, value) -> None:
+    """Set a dotted key, parsing strings to the field's type; unknown keys and bad types raise."""
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields or (part == "preset" and depth == 0):
+            where = ".".join(parts[:depth]) or "the config"
+            choices = ", ".join(f for f in fields if f != "preset")
+            raise ValueError(f"unknown config key {key!r}: {where} has {choices}")
+        if depth == len(parts) - 1:
+            hint = typing.get_type_hints(type(node))[part]
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise ValueError(f"config key {key!r} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(getattr(node, part))[0].name}")
+            setattr(node, part, _coerce(key, value, hint))
+        else:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise ValueError(f"unknown config key {key!r}: {'.'.join(parts[:depth + 1])} is not a section")
+
+
+def _coerce(key: str, value, hint):
+    """Parse value (a string from the command line, or a Python value) as type hint."""
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"config field {key} has an unsupported type {hint}")
+    name = getattr(base, "__name__", str(base)) + (" or none" if optional else "")
+    raise ValueError(f"config key {key!r} expects {name}, got {value!r}")
+
+
+def _refuse(key: str, message: str, exc=ValueError):
+    raise exc(f"{key}: {message}")
+
+
+def teacher_config(config: RunConfig) -> dict:
+    """The teacher directory's diffusers config.json (no weights are read)."""
+    from liftplace.teachers import teacher_path
+
+    try:
+        path = teacher_path(config.teacher.name)
+    except FileNotFoundError as err:
+        _refuse("teacher.name", str(err), FileNotFoundError)
+    return json.loads((path / "config.json").read_text())
+
+
+def validate(config: RunConfig, *, check_paths: bool = True) -> None:
+    """Refuse every value a run cannot use, naming its key. check_paths=False skips the file
+    system (teacher, data, weights), for configs validated on one machine and run on another."""
+    t, d, s, o, tr, e, sc = (config.teacher, config.data, config.student, config.objective, config.train,
+                             config.eval, config.scaling)
+    if t.prediction not in PREDICTIONS:
+        _refuse("teacher.prediction", f"unknown prediction {t.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    if (s.prune_ratio is None) == (s.param_ratio is None):
+        _refuse("student", "set exactly one of student.prune_ratio and student.param_ratio")
+    if s.prune_ratio is not None and not 0.0 <= s.prune_ratio < 1.0:
+        _refuse("student.prune_ratio", f"must be in [0, 1), got {s.prune_ratio}")
+    if s.param_ratio is not None and not 0.0 < s.param_ratio <= 1.0:
+        _refuse("student.param_ratio", f"must be in (0, 1], got {s.param_ratio}")
+    if s.importance not in IMPORTANCES:
+        _refuse("student.importance", f"unknown importance {s.importance!r}; choose one of {', '.join(IMPORTANCES)}")
+    if o.name not in objective_names():
+        _refuse("objective.name", f"unknown objective {o.name!r}; choose one of {', '.join(objective_names())}")
+    for key, value, low in (("train.steps", tr.steps, 1), ("train.batch", tr.batch, 1), ("train.log_every", tr.log_every, 1),
+                            ("train.eval_every", tr.eval_every, 0), ("train.checkpoint_every", tr.checkpoint_every, 1),
+                            ("data.resolution", d.resolution, 4), ("eval.sampler_steps", e.sampler_steps, 1),
+                            ("scaling.num_workers", sc.num_workers, 1), ("scaling.cpus_per_worker", sc.cpus_per_worker, 1)):
+        if value < low:
+            _refuse(key, f"must be >= {low}, got {value}")
+    for key, value in (("train.lr", tr.lr), ("train.grad_clip", tr.grad_clip), ("train.loss_bound", tr.loss_bound)):
+        if not (value > 0 and math.isfinite(value)):
+            _refuse(key, f"must be a finite number > 0, got {value}")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        _refuse("train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
+    if sc.use_gpu and not sc.gpus_per_worker > 0:
+        _refuse("scaling.gpus_per_worker", f"must be > 0 when scaling.use_gpu, got {sc.gpus_per_worker}")
+    if config.preset == "paper" and check_paths:
+        if not t.name:
+            _refuse("teacher.name", "the paper preset needs your teacher: --set teacher.name=DIR (a diffusers UNet2DModel directory)")
+        if not d.spec:
+            _refuse("data.spec", "the paper preset needs your data: --set data.spec=folder:PATH (e.g. CelebA images)")
+    channels = 1
+    if check_paths:
+        try:
+            check_dataset_spec(d.spec)
+        except (ValueError, FileNotFoundError) as err:
+            _refuse("data.spec", str(err), type(err))
+        net = teacher_config(config)
+        channels = net.get("in_channels", 1)
+        if net.get("sample_size") not in (None, d.resolution):
+            _refuse("data.resolution", f"{d.resolution} does not match the teacher's sample size {net['sample_size']}")
+        if s.prune_ratio is not None and net.get("_class_name") != "UNet2DModel":
+            _refuse("student.prune_ratio", f"pruning needs a UNet2DModel teacher, {t.name} is a {net.get('_class_name')}; "
+                                           "use student.param_ratio")
+    try:
+        Protocol(**dataclasses.asdict(e)) if check_paths else None
+    except (ValueError, FileNotFoundError) as err:
+        _refuse("eval", str(err), type(err))
+    if o.name not in ("feat", "kd+feat"):
+        try:
+            make_objective(o.name, **config.objective_options(), shape=(channels, d.resolution, d.resolution))
+        except ValueError as err:
+            _refuse("objective", str(err))

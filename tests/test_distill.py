@@ -1,0 +1,104 @@
+"""One distillation run, in-process (no Ray): schema, checkpoints, exact resume, divergence."""
+
+import math
+import shutil
+
+import pytest
+
+from liftplace import distill
+from liftplace.config import resolve
+
+SCHEMA = {
+    "step", "loss", "loss_coarse", "loss_fine", "w", "beta0", "beta1", "grad_norm", "diverged", "fid", "kid",
+    "precision", "recall", "student_params", "teacher_params", "compression", "images_per_s", "eval_extractor",
+    "eval_num_images", "eval_sampler_steps",
+}
+
+
+def smoke(teacher, **overrides):
+    base = {"teacher.name": str(teacher), "student.prune_ratio": 0.5, "eval.num_images": 32, "eval.sampler_steps": 2}
+    return resolve("smoke", {**base, **overrides})
+
+
+class Recorder:
+    def __init__(self, keep_checkpoints_in=None, stop_after=None):
+        self.rows, self.checkpoints = [], []
+        self.keep, self.stop_after = keep_checkpoints_in, stop_after
+
+    def __call__(self, row, checkpoint):
+        self.rows.append(row)
+        if checkpoint is not None:
+            self.checkpoints.append(sorted(p.name for p in checkpoint.iterdir()))
+            if self.keep is not None:
+                dest = self.keep / f"step{row['step']}"
+                shutil.copytree(checkpoint, dest)
+        if self.stop_after is not None and row["step"] >= self.stop_after:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.parametrize("name", ["place", "kd"])
+def test_smoke_run_reports_the_schema(tiny_teacher_dir, name):
+    rec = Recorder()
+    last = distill.run(smoke(tiny_teacher_dir, **{"objective.name": name}), rec, log=lambda *_: None)
+    assert [r["step"] for r in rec.rows] == [5, 10, 15, 20]
+    assert all(SCHEMA <= set(r) for r in rec.rows)
+    assert not any(r["diverged"] for r in rec.rows)
+    assert math.isnan(rec.rows[0]["fid"]) and math.isfinite(last["fid"]) and last["fid"] > 0
+    assert 0.2 < last["compression"] < 0.35  # a 50% channel prune keeps about a quarter of the weights
+    # checkpoints at 10 and 20 (the end), the last with the sample grid
+    assert len(rec.checkpoints) == 2 and "samples.png" in rec.checkpoints[-1]
+    assert {"student.safetensors", "ema.safetensors", "optimizer.pt", "state.json", "rng_rank0.pt"} <= set(rec.checkpoints[0])
+    if name == "place":
+        assert 0 <= last["w"] <= 1 and math.isfinite(last["loss_coarse"])
+    else:
+        assert math.isnan(last["w"]) and math.isfinite(last["beta1"])
+
+
+def test_resume_gives_the_same_losses(tiny_teacher_dir, tmp_path):
+    config = smoke(tiny_teacher_dir, **{"train.log_every": 1, "train.checkpoint_every": 8, "train.steps": 14,
+                                        "objective.weighting": "learnable"})
+    full = Recorder()
+    distill.run(config, full, log=lambda *_: None)
+    crashed = Recorder(keep_checkpoints_in=tmp_path, stop_after=11)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(config, crashed, log=lambda *_: None)
+    resumed = Recorder()
+    distill.run(config, resumed, checkpoint=tmp_path / "step8", log=lambda *_: None)
+    assert [r["step"] for r in resumed.rows] == list(range(9, 15))
+    for a, b in zip(full.rows[8:], resumed.rows):
+        assert a["step"] == b["step"]
+        assert a["loss"] == b["loss"] and a["w"] == b["w"] and a["grad_norm"] == b["grad_norm"]
+    assert full.rows[-1]["fid"] == resumed.rows[-1]["fid"]
+
+
+def test_a_diverging_run_is_recorded_not_raised(tiny_teacher_dir):
+    rec = Recorder()
+    last = distill.run(smoke(tiny_teacher_dir, **{"train.lr": 1e6, "train.grad_clip": 1e9, "train.loss_bound": 50.0,
+                                                  "train.log_every": 1, "objective.name": "kd"}), rec, log=lambda *_: None)
+    assert last["diverged"] is True
+    assert last["step"] < 20 and [r["diverged"] for r in rec.rows].count(True) == 1
+    assert math.isnan(last["fid"])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"objective.name": "kd+feat"},
+    {"objective.name": "task"},
+    {"objective.name": "place", "objective.num_groups": 4, "objective.coarse": "moments"},
+    {"student.prune_ratio": None, "student.param_ratio": 0.3, "objective.name": "lift"},
+])
+def test_other_objectives_and_students_train(tiny_teacher_dir, overrides):
+    rec = Recorder()
+    last = distill.run(smoke(tiny_teacher_dir, **{"train.steps": 6, "train.log_every": 3, **overrides}), rec,
+                       log=lambda *_: None)
+    assert last["step"] == 6 and not last["diverged"] and math.isfinite(last["loss"])
+
+
+def test_a_corrupt_checkpoint_is_refused(tiny_teacher_dir, tmp_path):
+    rec = Recorder(keep_checkpoints_in=tmp_path)
+    config = smoke(tiny_teacher_dir, **{"train.steps": 10})
+    distill.run(config, rec, log=lambda *_: None)
+    (tmp_path / "step10" / "student.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        distill.run(config, Recorder(), checkpoint=tmp_path / "step10", log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="not a liftplace checkpoint"):
+        distill.run(config, Recorder(), checkpoint=tmp_path, log=lambda *_: None)
