@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from liftplace import __version__
 from liftplace.objectives import COARSE_FORMS, GROUP_BY, REDUCTIONS, WEIGHTINGS, objective_names
@@ -40,11 +42,42 @@ def cmd_extractor_train(args) -> None:
     print(f"saved {result['path']}: validation accuracy {result['accuracy']:.4f}")
 
 
+def cmd_config(args) -> None:
+    from liftplace.config import resolve
+
+    print(json.dumps(resolve(args.preset, args.set).to_dict(), indent=2))
+
+
+def cmd_distill(args) -> None:
+    from liftplace.config import resolve
+    from liftplace.sweep import prepare_out_dir, run_single
+
+    config = resolve(args.preset, args.set)
+    prepare_out_dir(Path(args.out), args.resume)  # before Ray starts
+    last = run_single(config, args.out, address=args.address, resume=args.resume)
+    verdict = "DIVERGED at step %d" % last["step"] if last.get("diverged") else f"FID {last['fid']:.2f}"
+    print(f"done: {verdict} ({last['eval_extractor']}, {last['eval_num_images']} images, "
+          f"{last['eval_sampler_steps']} sampler steps); student {last['student_params']:,} params "
+          f"({last['compression']:.2%} of the teacher); run directory {Path(args.out).resolve()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liftplace", description="LIFT and PLACE distillation for tiny diffusion models.")
     parser.add_argument("--version", action="version", version=f"liftplace {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("objectives", help="list the objectives and their options").set_defaults(func=cmd_objectives)
+
+    for name, func, text in (("config", cmd_config, "print the resolved config and exit"),
+                             ("distill", cmd_distill, "run one distillation on Ray Train")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default cpu)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. objective.name=place (repeatable)")
+        if name == "distill":
+            p.add_argument("--out", required=True, help="the run directory (new, or an earlier run with --resume)")
+            p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+            p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
+        p.set_defaults(func=func)
 
     teacher = sub.add_parser("teacher", help="train teachers").add_subparsers(dest="action", required=True)
     train = teacher.add_parser("train", help="train a teacher and save it as a diffusers directory with a card")

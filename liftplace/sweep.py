@@ -1,0 +1,358 @@
+"""Ray glue: the one module that builds Ray Train trainers and Ray Tune tuners.
+
+Two ways to run one distillation (``distill.run``) inside Ray:
+
+- ``train``: a Ray Train ``TorchTrainer`` (Train V2): one or many workers, CPU or GPU,
+  DistributedDataParallel, worker restarts from the last checkpoint. Inside a Tune study the
+  trial is a small driver function that builds the trainer and forwards rank 0's reports to
+  Tune (``TuneReportCallback``) -- the pattern Ray 2.60 documents (``Tuner(trainer)`` is gone).
+- ``direct``: the Tune trial calls ``distill.run`` itself. Launching a TorchTrainer costs
+  ~20 s per trial on a 2-core machine; a direct trial costs ~1 s. ``auto`` picks direct for
+  single-worker trials and train otherwise. Every row records which was used (``runner``).
+
+A study is a list of variants (labelled override sets) times seeds, expanded into full,
+validated configs before Ray starts, and run as one Tune grid under ``<storage>/<study>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liftplace import distill
+from liftplace.config import RunConfig, from_dict, parse_override, resolve
+from liftplace.results import STUDY_FILE
+
+# Ray Train's controller polls workers every 2 s by default, which caps reporting at one row
+# per 2 s; 0.2 s keeps small CPU runs from waiting on it (set before Ray starts).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+RUNNERS = ("auto", "train", "direct")
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
+    """Join a cluster (address, e.g. "auto") or start an embedded local Ray, once."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "LIFTPLACE_CACHE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # The dashboard stays on localhost (Ray's default); reach it over an SSH tunnel.
+        ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, **kwargs)
+    return ray
+
+
+def check_resources(configs: list[RunConfig]) -> None:
+    """Refuse runs the cluster cannot place, instead of leaving them pending forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    for config in configs:
+        sc = config.scaling
+        need_cpu = sc.num_workers * sc.cpus_per_worker
+        need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0
+        if need_gpu > have.get("GPU", 0):
+            raise ValueError(f"scaling.use_gpu: a run asks for {need_gpu:g} GPUs ({sc.num_workers} workers x "
+                             f"{sc.gpus_per_worker:g}); the Ray cluster has {have.get('GPU', 0):g}")
+        if need_cpu > have.get("CPU", 0):
+            raise ValueError(f"scaling.num_workers: a run asks for {need_cpu} CPUs ({sc.num_workers} workers x "
+                             f"{sc.cpus_per_worker}); the Ray cluster has {have.get('CPU', 0):g}")
+
+
+def pick_runner(config: RunConfig, runner: str) -> str:
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
+    if runner == "auto":
+        return "direct" if config.scaling.num_workers == 1 else "train"
+    if runner == "direct" and config.scaling.num_workers != 1:
+        raise ValueError("runner direct runs one worker; use runner train for scaling.num_workers > 1")
+    return runner
+
+
+# --- Ray Train ---------------------------------------------------------------------------
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker loop: one distill.run per worker, resuming from Train's checkpoint."""
+    import ray.train
+
+    # Ray Train logs every report at INFO, a screenful per row; our progress line suffices.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    config = from_dict(loop_config["config"], check_paths=False)
+    extra = {"runner": "train", **loop_config.get("extra", {})}
+
+    def report(row, checkpoint_dir):
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report({**row, **extra}, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
+        distill.run(config, report, checkpoint=directory)
+
+
+def _row_log_callback(path: Path):
+    import ray.train
+
+    class RowLog(ray.train.UserCallback):
+        """In the Train controller: append rank 0's row of every report to a JSONL file
+        (Ray keeps only the rows that came with a checkpoint)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            row = dict(metrics[0])
+            row["checkpoint_path"] = checkpoint.path if checkpoint else None
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return RowLog()
+
+
+def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    sc = config.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "extra": extra or {}},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+    )
+
+
+def prepare_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty: choose a new --out, or pass --resume to continue that run")
+    if resume and not (out / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {out} holds no run (no config.json)")
+
+
+def run_single(config: RunConfig, out: str | Path, *, address: str | None = None, resume: bool = False,
+               max_failures: int = 1) -> dict:
+    """`liftplace distill`: one run on Ray Train, written to ``out``.
+
+    out/config.json (the resolved config), out/metrics.jsonl (every reported row),
+    out/run/checkpoint_* (Ray Train's checkpoints), out/samples.png (the final student's
+    samples, left four columns, beside the teacher's from the same noise, right four).
+    """
+    out = Path(out).resolve()
+    prepare_out_dir(out, resume)
+    if resume:
+        saved = json.loads((out / "config.json").read_text())
+        if saved != config.to_dict():
+            raise ValueError(f"--resume: the config differs from the one saved in {out / 'config.json'}; "
+                             "resume with the same preset and --set values")
+    ensure_ray(address)
+    check_resources([config])
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.json")
+    trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],
+                           max_failures=max_failures)
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"the run failed: {result.error}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    if last.get("checkpoint_path") and (Path(last["checkpoint_path"]) / "samples.png").is_file():
+        shutil.copy(Path(last["checkpoint_path"]) / "samples.png", out / "samples.png")
+    return last
+
+
+# --- Ray Tune studies --------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """What a study script declares: variants (label -> overrides) x seeds on a base config."""
+
+    name: str
+    variants: dict[str, dict] = field(default_factory=dict)
+    base: dict = field(default_factory=dict)  # overrides applied to every trial
+    seeds: int = 2
+    metric: str = "fid"
+    mode: str = "min"
+    description: str = ""
+
+
+def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[dict]:
+    """Every trial as {"variant", "seed", "config"}: resolved and validated, before Ray starts."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    user = dict(parse_override(o) for o in overrides)
+    trials = []
+    for label, variant in study.variants.items():
+        for seed in range(seeds):
+            settings = {**study.base, **variant, **user, "train.seed": seed}
+            try:
+                config = resolve(preset, settings)
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"study {study.name}, variant {label!r}: {err}") from None
+            trials.append({"variant": label, "seed": seed, "config": config.to_dict()})
+    return trials
+
+
+def _trial_config(params: dict) -> tuple[RunConfig, dict]:
+    run = params["run"]
+    return from_dict(run["config"], check_paths=False), {"variant": run["variant"]}
+
+
+def tune_direct(params: dict) -> None:
+    """A Tune trial that runs distill.run in-process (one worker)."""
+    import ray.tune
+    import torch
+
+    config, extra = _trial_config(params)
+    torch.set_num_threads(max(1, config.scaling.cpus_per_worker))
+    extra["runner"] = "direct"
+
+    def report(row, checkpoint_dir):
+        checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.tune.report({**row, **extra}, checkpoint=checkpoint)
+
+    checkpoint = ray.tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
+        distill.run(config, report, checkpoint=directory)
+
+
+def tune_train(params: dict) -> None:
+    """A Tune trial that drives a Ray Train run and forwards its rows to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config, extra = _trial_config(params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    # Named after the trial: a restarted trial re-opens the same Train run and resumes it.
+    trainer = make_trainer(config, storage=params["run"]["train_storage"], name=f"train-{trial_id}",
+                           callbacks=[TuneReportCallback()], max_failures=params["run"]["worker_failures"],
+                           extra=extra)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+def _trainable(runner: str, config: RunConfig):
+    from ray import tune
+
+    if runner == "direct":
+        sc = config.scaling
+        return tune.with_resources(tune_direct, {"cpu": sc.cpus_per_worker, "gpu": sc.gpus_per_worker if sc.use_gpu else 0})
+    # The driver itself needs no CPU: its workers hold the run's resources. (A zero request is
+    # refused by Ray, hence the token memory.)
+    return tune.with_resources(tune_train, {"cpu": 0, "memory": 64 * 2**20})
+
+
+def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
+              storage: str | Path = "results", address: str | None = None, resume: bool = False,
+              runner: str = "auto", max_concurrent: int | None = None, max_failures: int = 1,
+              log=print) -> Path:
+    """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``."""
+    from ray import tune
+
+    seeds = study.seeds if seeds is None else seeds
+    trials = expand(study, preset, list(overrides), seeds)
+    configs = [from_dict(t["config"], check_paths=False) for t in trials]
+    runners = {pick_runner(c, runner) for c in configs}
+    if len(runners) != 1:
+        raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")
+    chosen = runners.pop()
+    storage = Path(storage).expanduser().resolve() if "://" not in str(storage) else storage
+    folder = Path(storage) / study.name
+    info = {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
+            "seeds": seeds, "variants": study.variants, "base": study.base, "metric": study.metric,
+            "mode": study.mode, "runner": chosen, "trials": len(trials)}
+    _claim_folder(folder, info, resume)
+    ray = ensure_ray(address)
+    check_resources(configs)
+    for t in trials:
+        t["train_storage"] = str(folder / "_train")
+        t["worker_failures"] = max_failures
+    trainable = _trainable(chosen, configs[0])
+    if max_concurrent is None:
+        per_trial = configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker
+        max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    log(f"study {study.name}: {len(trials)} trials ({len(study.variants)} variants x {seeds} seeds), "
+        f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")
+    start = time.time()
+    if resume and tune.Tuner.can_restore(str(folder)):
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"run": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=chosen == "direct",
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=max_failures)),
+        )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    log(f"study {study.name}: {len(grid) - len(errors)}/{len(grid)} trials finished in {time.time() - start:.0f} s"
+        + (f"; {len(errors)} errored (rerun with --resume): {errors[0]}" if errors else "") + f"\nresults: {folder}")
+    return folder
+
+
+def _trial_dirname(trial) -> str:
+    run = trial.config["run"]
+    label = "".join(ch if ch.isalnum() else "-" for ch in run["variant"]).strip("-")
+    return f"{label}-seed{run['seed']}-{trial.trial_id}"
+
+
+def _claim_folder(folder: Path, info: dict, resume: bool) -> None:
+    """Write study.json, refusing a folder that holds another study (or this one, without --resume)."""
+    info_file = folder / STUDY_FILE
+    if info_file.is_file():
+        existing = json.loads(info_file.read_text())
+        if existing != info:
+            raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
+                                  "choose another --storage")
+        if not resume:
+            raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
+                                  "or choose another --storage")
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty and holds no study: choose another --storage")
+    if resume:
+        raise FileNotFoundError(f"--resume: no study to resume at {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STUDY_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(info_file)
+
+
+def study_main(study: Study, argv=None, *, after=None) -> Path | None:
+    """The command line every study script shares."""
+    parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
+    parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default cpu)")
+    parser.add_argument("--seeds", type=int, default=study.seeds, help=f"seeds per variant (default {study.seeds})")
+    parser.add_argument("--storage", default="results", help="results folder; the study goes to STORAGE/<name>")
+    parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    parser.add_argument("--runner", default="auto", choices=RUNNERS)
+    parser.add_argument("--max-concurrent", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    try:
+        folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
+                           address=args.address, resume=args.resume, runner=args.runner,
+                           max_concurrent=args.max_concurrent)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if after is not None:
+        after(folder)
+    return folder
+
