@@ -65,6 +65,16 @@ def _read_rows(result_file: Path) -> list[dict]:
     return rows
 
 
+def _last_checkpoint(trial: Path, rows: list[dict]) -> str | None:
+    """The trial's last checkpoint folder: Tune's own (direct runner) or Ray Train's."""
+    for row in reversed(rows):
+        if row.get("checkpoint_path"):
+            return str(row["checkpoint_path"])
+        if row.get("checkpoint_dir_name"):
+            return str(trial / row["checkpoint_dir_name"])
+    return None
+
+
 def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFrame:
     """One row per (trial, step): metrics, ``trial_id``, ``study`` and ``config/...`` columns.
 
@@ -94,6 +104,7 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
         frame["variant"] = run.get("variant", trial.name)
         frame["trial_id"] = rows[-1].get("trial_id", trial.name)
         frame["trial_dir"] = trial.name
+        frame["final_checkpoint"] = _last_checkpoint(trial, rows)
         frames.append(frame.drop_duplicates("step", keep="last"))
     if not frames:
         raise NotAStudy(f"half-written study: no trial under {path} has reported yet")
@@ -125,7 +136,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         )
         for col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1", "student_params", "teacher_params",
                     "compression", "student_macs", "teacher_macs", "images_per_s", "teacher_fid", "elapsed_s",
-                    "eval_extractor", "eval_num_images", "eval_sampler_steps", "runner", "checkpoint_path"):
+                    "eval_extractor", "eval_num_images", "eval_sampler_steps", "runner", "final_checkpoint"):
             if col in group:
                 row[f"final_{col}" if col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1") else col] = last[col]
         out.append(row)

@@ -183,6 +183,7 @@ class Study:
     variants: dict[str, dict] = field(default_factory=dict)
     base: dict = field(default_factory=dict)  # overrides applied to every trial
     seeds: int = 2
+    evals: int = 0  # FID evaluations during training, evenly spaced (besides the final one)
     metric: str = "fid"
     mode: str = "min"
     description: str = ""
@@ -199,6 +200,9 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[
             settings = {**study.base, **variant, **user, "train.seed": seed}
             try:
                 config = resolve(preset, settings)
+                if study.evals:
+                    settings["train.eval_every"] = max(1, config.train.steps // (study.evals + 1))
+                    config = resolve(preset, settings)
             except (ValueError, FileNotFoundError) as err:
                 raise type(err)(f"study {study.name}, variant {label!r}: {err}") from None
             trials.append({"variant": label, "seed": seed, "config": config.to_dict()})
@@ -272,7 +276,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     storage = Path(storage).expanduser().resolve() if "://" not in str(storage) else storage
     folder = Path(storage) / study.name
     info = {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
-            "seeds": seeds, "variants": study.variants, "base": study.base, "metric": study.metric,
+            "seeds": seeds, "evals": study.evals, "variants": study.variants, "base": study.base, "metric": study.metric,
             "mode": study.mode, "runner": chosen, "trials": len(trials)}
     _claim_folder(folder, info, resume)
     ray = ensure_ray(address)

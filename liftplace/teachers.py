@@ -167,6 +167,9 @@ def train_teacher(
     train_time = time.time() - start
     ema.copy_to(model.parameters())
     model.eval()
+    # Weights first: an evaluation that fails must not cost the training.
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
     metrics = evaluate(model, process, data, resolution, protocol, num_classes=train.num_classes)
     example = (1, images.shape[1], resolution, resolution)
     card = {
@@ -193,8 +196,6 @@ def train_teacher(
         "command": command or shlex.join(sys.argv),
         "torch": torch.__version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     grid = generate(model, process, 64, steps=protocol.sampler_steps, seed=protocol.seed, num_classes=train.num_classes)
     save_image((grid + 1) / 2, str(out / "samples.png"), nrow=8, padding=1)

@@ -22,3 +22,15 @@ def tiny_teacher_dir(tmp_path_factory):
     train_teacher(out, size="tiny", data="mnist", resolution=16, steps=3, batch=8,
                   protocol=Protocol(num_images=20, sampler_steps=2), progress=False, command="test")
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (two Ray clusters on one machine collide)."""
+    import ray
+
+    from liftplace.sweep import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,99 @@
+"""What every analysis script shares: loading a study, saving figures and tables, the protocol."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from liftplace.results import load_study, method_label, read_study_info, summarize  # noqa: E402,F401
+
+
+def load(folder):
+    """(rows, per-trial summary, study info) of a finished study."""
+    df = load_study(folder)
+    return df, summarize(df), read_study_info(folder)
+
+
+def protocol_line(summary: pd.DataFrame) -> str:
+    """The FID protocol, stated once: extractor, image count, sampler steps."""
+    first = summary.iloc[0]
+    return (f"FID/KID/precision/recall: {first.get('eval_extractor')} features, {int(first.get('eval_num_images'))} "
+            f"generated vs {int(first.get('eval_num_images'))} validation images, "
+            f"{int(first.get('eval_sampler_steps'))} sampler steps (EMA student)")
+
+
+def out_dir(folder) -> Path:
+    out = Path(folder) / "analysis"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def save_figure(fig, folder, name: str) -> list[Path]:
+    paths = [out_dir(folder) / f"{name}.png", out_dir(folder) / f"{name}.pdf"]
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def save_table(table: pd.DataFrame, folder, name: str, caption: str, bold: dict | None = None) -> list[Path]:
+    """Markdown and LaTeX versions of a table; bold = {column: "min" | "max"} per group."""
+    shown = table.copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}")
+    if bold:
+        for col, how in bold.items():
+            values = pd.to_numeric(table[col], errors="coerce")
+            if values.notna().any():
+                best = values.idxmin() if how == "min" else values.idxmax()
+                shown.loc[best, col] = f"**{shown.loc[best, col]}**"
+    md = out_dir(folder) / f"{name}.md"
+    md.write_text(f"{caption}\n\n{shown.to_markdown(index=False)}\n")
+    tex = out_dir(folder) / f"{name}.tex"
+    latex = shown.copy()
+    for col in latex.columns:
+        latex[col] = latex[col].astype(str).str.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True)
+    tex.write_text(latex.to_latex(index=False, escape=False, caption=caption.replace("%", r"\%")))
+    return [md, tex]
+
+
+def seeds_note(summary: pd.DataFrame) -> str:
+    counts = summary.groupby("variant").size()
+    return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+
+
+def fid_by_variant(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count of final FID per variant, plus precision/recall and divergences."""
+    ok = summary[~summary["diverged"]]
+    agg = ok.groupby("variant").agg(fid_mean=("final_fid", "mean"), fid_std=("final_fid", "std"),
+                                    precision=("final_precision", "mean"), recall=("final_recall", "mean"),
+                                    seeds=("final_fid", "size"))
+    agg["diverged"] = summary.groupby("variant")["diverged"].sum().reindex(agg.index).fillna(0).astype(int)
+    missing = set(summary["variant"]) - set(agg.index)
+    for variant in missing:  # every seed diverged
+        agg.loc[variant] = [float("nan")] * 4 + [0, int(summary[summary["variant"] == variant]["diverged"].sum())]
+    return agg
+
+
+def cli(make, description: str):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("results_dir", help="a finished study's folder (<storage>/<study>)")
+    args = parser.parse_args()
+    try:
+        paths = make(args.results_dir)
+    except ValueError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path in paths:
+        print(path)

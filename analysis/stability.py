@@ -1,0 +1,75 @@
+"""Stability across seeds (the paper's Figure 6): FID along training, final-FID spread, statistics.
+
+    python analysis/stability.py RESULTS_DIR      (a finished stability study, or any study)
+
+Per method: FID over training steps (mean line, band = min..max over seeds), the final-FID
+distribution, the number of diverged runs, mean, std, a bootstrap 95% interval of the mean,
+and a two-sided Mann-Whitney U test of each method's final FIDs against kd's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import mannwhitneyu
+
+from common import cli, load, plt, protocol_line, save_figure, save_table
+
+
+def bootstrap_ci(values, *, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(n, len(values)), replace=True).mean(axis=1)
+    return tuple(np.percentile(means, [2.5, 97.5]))
+
+
+def statistics(summary: pd.DataFrame, reference: str = "kd") -> pd.DataFrame:
+    """One row per method: n, diverged, mean, std, 95% CI, Mann-Whitney p against the reference."""
+    rows = []
+    ref = summary[(summary["variant"] == reference) & ~summary["diverged"]]["final_fid"].dropna()
+    for variant, group in summary.groupby("variant", sort=False):
+        fids = group[~group["diverged"]]["final_fid"].dropna()
+        low, high = bootstrap_ci(fids)
+        p = float("nan")
+        if variant != reference and len(fids) and len(ref):
+            p = mannwhitneyu(fids, ref, alternative="two-sided").pvalue
+        rows.append({"method": variant, "runs": len(group), "diverged": int(group["diverged"].sum()),
+                     "fid_mean": fids.mean(), "fid_std": fids.std(), "ci95_low": low, "ci95_high": high,
+                     f"p_vs_{reference}": p})
+    return pd.DataFrame(rows)
+
+
+def make(folder):
+    df, summary, info = load(folder)
+    evals = df[df["fid"].notna()]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    variants = list(summary["variant"].drop_duplicates())
+    for i, variant in enumerate(variants):
+        curves = evals[evals["variant"] == variant].pivot_table(index="step", columns="trial_dir", values="fid")
+        if curves.empty:
+            continue
+        ax.plot(curves.index, curves.mean(axis=1), "-o", ms=3, color=f"C{i}", label=f"{variant} ({curves.shape[1]} seeds)")
+        ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=f"C{i}", alpha=0.15)
+        finals = summary[(summary["variant"] == variant) & ~summary["diverged"]]["final_fid"]
+        ax2.scatter(np.full(len(finals), i) + np.linspace(-0.1, 0.1, len(finals)), finals, color=f"C{i}", s=18)
+        ax2.boxplot([finals.dropna()], positions=[i], widths=0.4, showfliers=False)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID of the EMA student (lower is better)")
+    ax.set_title(f"{info['name']}: FID along training (mean, band = min..max)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax2.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
+    ax2.set_ylabel("final FID")
+    ax2.set_title("final FID per seed", fontsize=10)
+    fig.text(0.01, 0.005, protocol_line(summary), fontsize=6, color="gray")
+    paths = save_figure(fig, folder, "stability")
+    stats = statistics(summary)
+    return paths + save_table(stats, folder, "stability", f"{info['name']}: final FID over seeds; 95% bootstrap "
+                              "interval of the mean; two-sided Mann-Whitney U p-value against kd "
+                              f"({protocol_line(summary)}).")
+
+
+if __name__ == "__main__":
+    cli(make, __doc__.split("\n")[0])

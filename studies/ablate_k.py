@@ -1,0 +1,36 @@
+"""Ablation of PLACE's group size K, from LIFT (one group per channel) to groups of 4, against kd.
+
+Question: does cutting each channel into groups of elements ranked by error (PLACE) beat one
+line per channel (LIFT), and at which group size? The paper's K = 16 is a group size of 16.
+Held fixed: the preset's teacher, the 90%-pruned student, steps, batch, lr, seeds 0..N-1;
+num_groups variants give the same cut by group count (at 16x16, G = 8 is K = 32).
+Cost: `cpu` preset, 6 variants x 2 seeds, about 15 minutes on a 2-core laptop (README has
+the measured time); `paper` preset, about 12 x (100k steps of the user's DDPM) GPU runs.
+
+    python studies/ablate_k.py [--preset smoke|cpu|paper] [--seeds N] [--storage DIR]
+                               [--address auto] [--resume] [--set key=value ...]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for analysis/
+
+from liftplace.sweep import Study, study_main  # noqa: E402
+
+STUDY = Study(
+    name="ablate_k",
+    description=__doc__,
+    variants={
+        "kd": {"objective.name": "kd"},
+        "lift": {"objective.name": "lift"},
+        **{f"place K={k}": {"objective.name": "place", "objective.group_size": k} for k in (64, 16, 4)},
+        "place G=8": {"objective.name": "place", "objective.num_groups": 8},
+    },
+    seeds=2,
+)
+
+if __name__ == "__main__":
+    from analysis.fid_vs_k import make as figure
+
+    study_main(STUDY, after=figure)

@@ -1,0 +1,41 @@
+"""Ablation of LIFT/PLACE's weighting of the fine term, and of the coarse term's form.
+
+Question: does the adaptive weight w = 1 - min(1, |beta0| + |beta1 - 1|) matter, or would any
+schedule (constant, linear, cosine, step over the first half of training) do? And does the
+coarse term's form (l1, l2, or "moments", which with w = 1 is exactly KD) matter?
+Held fixed: PLACE with K = 16, the preset's teacher and 90%-pruned student, steps, seeds.
+Cost: `cpu` preset, 9 variants x 2 seeds, about 20 minutes on a 2-core laptop; `paper`,
+18 GPU runs of 100k steps.
+
+    python studies/ablate_weighting.py [--preset smoke|cpu|paper] [--seeds N] [--set key=value ...]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from liftplace.sweep import Study, study_main  # noqa: E402
+
+PLACE = {"objective.name": "place", "objective.group_size": 16}
+STUDY = Study(
+    name="ablate_weighting",
+    description=__doc__,
+    variants={
+        "kd": {"objective.name": "kd"},
+        "adaptive": PLACE,
+        "constant w=1": {**PLACE, "objective.weighting": "constant", "objective.w0": 1.0},
+        "linear": {**PLACE, "objective.weighting": "linear"},
+        "cosine": {**PLACE, "objective.weighting": "cosine"},
+        "step": {**PLACE, "objective.weighting": "step"},
+        "learnable": {**PLACE, "objective.weighting": "learnable", "objective.w0": 0.5},
+        "coarse l2": {**PLACE, "objective.coarse": "l2"},
+        "coarse moments": {**PLACE, "objective.coarse": "moments"},
+    },
+    seeds=2,
+)
+
+if __name__ == "__main__":
+    from analysis.weighting_table import make as table
+
+    study_main(STUDY, after=table)

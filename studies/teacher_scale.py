@@ -1,0 +1,33 @@
+"""Teacher scale: does plain KD get worse as the teacher grows, while PLACE does not?
+
+Question (the paper's Figure 1): distilling into one tiny student, conventional KD degrades as
+the teacher gets larger; PLACE is meant to hold up. The student is the 90%-pruned version of
+each teacher, so students grow a little with their teachers: the table reports both sizes.
+Held fixed: objective options, steps, batch, lr, seeds. Varied: the shipped teachers unet-xs,
+unet-s, unet-m, unet-l (0.28M to 2.5M parameters) x {kd, place K=16}.
+Cost: `cpu` preset, 8 variants x 2 seeds, about 25 minutes on a 2-core laptop; at `paper`,
+pass your own teachers with --set (one run per teacher directory).
+
+    python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--set key=value ...]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from liftplace.sweep import Study, study_main  # noqa: E402
+
+METHODS = {"kd": {"objective.name": "kd"}, "place": {"objective.name": "place", "objective.group_size": 16}}
+STUDY = Study(
+    name="teacher_scale",
+    description=__doc__,
+    variants={f"{m} unet-{size}": {**opts, "teacher.name": f"unet-{size}"}
+              for size in ("xs", "s", "m", "l") for m, opts in METHODS.items()},
+    seeds=2,
+)
+
+if __name__ == "__main__":
+    from analysis.teacher_scale import make as figure
+
+    study_main(STUDY, after=figure)

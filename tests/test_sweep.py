@@ -1,0 +1,88 @@
+"""Ray Train runs and Ray Tune studies, end to end on the local machine (smoke sizes)."""
+
+import json
+import math
+
+import pytest
+
+from liftplace.config import resolve
+from liftplace.results import load_study, summarize
+from liftplace.sweep import Study, check_resources, run_single, run_study
+
+
+def smoke(teacher, **overrides):
+    base = {"teacher.name": str(teacher), "student.prune_ratio": 0.5, "eval.num_images": 32,
+            "eval.sampler_steps": 2, "train.steps": 10, "train.checkpoint_every": 5}
+    return resolve("smoke", {**base, **overrides})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_run_on_ray_train(ray_session, tiny_teacher_dir, tmp_path, workers):
+    out = tmp_path / "run"
+    last = run_single(smoke(tiny_teacher_dir, **{"scaling.num_workers": workers}), out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(r["world_size"] == workers and r["runner"] == "train" for r in rows)
+    assert math.isfinite(last["fid"]) and (out / "samples.png").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["scaling"]["num_workers"] == workers
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_single(smoke(tiny_teacher_dir), out)
+
+
+def test_gpus_the_cluster_lacks_are_refused_up_front(ray_session, tiny_teacher_dir):
+    with pytest.raises(ValueError, match="asks for 2 GPUs.*has 0"):
+        check_resources([smoke(tiny_teacher_dir, **{"scaling.use_gpu": True, "scaling.num_workers": 2})])
+
+
+def tiny_study(teacher, name="tiny"):
+    return Study(
+        name=name,
+        base={"teacher.name": str(teacher), "student.prune_ratio": 0.5, "eval.num_images": 32,
+              "eval.sampler_steps": 2, "train.steps": 10},
+        variants={"kd": {"objective.name": "kd"}, "place K=16": {"objective.name": "place", "objective.group_size": 16},
+                  "diverges": {"objective.name": "kd", "train.lr": 1e6, "train.grad_clip": 1e9, "train.loss_bound": 20.0,
+                               "train.log_every": 1}},
+        seeds=2,
+    )
+
+
+def test_a_study_runs_every_variant_and_seed_once(ray_session, tiny_teacher_dir, tmp_path):
+    folder = run_study(tiny_study(tiny_teacher_dir), preset="smoke", storage=tmp_path, log=lambda *_: None)
+    df = load_study(folder)
+    summary = summarize(df)
+    assert len(summary) == 6
+    assert sorted(summary["variant"]) == sorted(["kd", "kd", "place K=16", "place K=16", "diverges", "diverges"])
+    assert sorted(summary["seed"]) == [0, 0, 0, 1, 1, 1]
+    ok = summary[summary["variant"] != "diverges"]
+    assert not ok["diverged"].any() and (ok["final_fid"] > 0).all() and (ok["steps"] == 10).all()
+    bad = summary[summary["variant"] == "diverges"]
+    assert bad["diverged"].all() and (bad["steps"] < 10).all()
+    assert set(df["runner"]) == {"direct"}
+    assert (df.groupby("trial_dir")["step"].apply(lambda s: s.is_unique)).all()
+    assert df["config/objective/group_size"].dropna().eq(16).all()
+    # The same storage refuses to run the study again, and refuses a different one.
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_study(tiny_study(tiny_teacher_dir), preset="smoke", storage=tmp_path, log=lambda *_: None)
+    other = tiny_study(tiny_teacher_dir)
+    other.seeds = 3
+    with pytest.raises(FileExistsError, match="different study"):
+        run_study(other, preset="smoke", storage=tmp_path, log=lambda *_: None)
+
+
+def test_a_study_through_ray_train(ray_session, tiny_teacher_dir, tmp_path):
+    study = Study(name="via-train", base={"teacher.name": str(tiny_teacher_dir), "student.prune_ratio": 0.5,
+                                          "eval.num_images": 32, "eval.sampler_steps": 2, "train.steps": 10},
+                  variants={"lift": {"objective.name": "lift"}}, seeds=1)
+    folder = run_study(study, preset="smoke", storage=tmp_path, runner="train", log=lambda *_: None)
+    df = load_study(folder)
+    assert list(df["step"]) == [5, 10] and set(df["runner"]) == {"train"}
+    assert math.isfinite(df["fid"].iloc[-1])
+
+
+def test_bad_study_input_is_refused_before_ray(tiny_teacher_dir, tmp_path):
+    study = tiny_study(tiny_teacher_dir)
+    with pytest.raises(ValueError, match="variant 'place K=16'.*group_size 24"):
+        run_study(study, preset="smoke", overrides=["objective.group_size=24"], storage=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no study to resume"):
+        run_study(study, preset="smoke", storage=tmp_path / "new", resume=True)
+    assert not (tmp_path / "tiny").exists()
