@@ -357,6 +357,8 @@ def study_main(study: Study, argv=None, *, after=None) -> Path | None:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if after is not None:
-        after(folder)
+        paths = after(folder)
+        report = next((p for p in paths or [] if Path(p).name == "REPORT.md"), None)
+        print(f"analysis: {Path(folder) / 'analysis'}" + (f" (open {report})" if report else ""))
     return folder
 

@@ -14,7 +14,7 @@ Cost: `cpu` preset, 18 variants x 2 seeds, about 45 minutes on a 2-core laptop; 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 
 from liftplace.sweep import Study, study_main  # noqa: E402
 
@@ -35,6 +35,6 @@ STUDY = Study(
 )
 
 if __name__ == "__main__":
-    from analysis.compression_table import make as table
+    from make_all import make as report  # the study's figure and table, and REPORT.md
 
-    study_main(STUDY, after=table)
+    study_main(STUDY, after=report)

@@ -14,7 +14,7 @@ laptop; `paper`, 15 GPU runs of 100k steps.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 
 from liftplace.sweep import Study, study_main  # noqa: E402
 
@@ -28,6 +28,6 @@ STUDY = Study(
 )
 
 if __name__ == "__main__":
-    from analysis.stability import make as figure
+    from make_all import make as report  # the study's figure and table, and REPORT.md
 
-    study_main(STUDY, after=figure)
+    study_main(STUDY, after=report)
