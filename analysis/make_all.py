@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import compression_table
 import fid_vs_k
 import samples
@@ -36,9 +34,8 @@ def make(folder):
     table = fid_by_variant(summary).reset_index()
     lines += ["## Final FID by variant", "", table.to_markdown(index=False, floatfmt=".3g"), ""]
     for path in paths:
-        rel = path.relative_to(Path(folder))
-        if path.suffix == ".png":
-            lines += [f"![{path.stem}]({rel.as_posix()})", ""]
+        if path.suffix == ".png":  # REPORT.md sits beside the figures
+            lines += [f"![{path.stem}]({path.name})", ""]
         elif path.suffix == ".md":
             lines += [path.read_text(), ""]
     report = out_dir(folder) / "REPORT.md"

@@ -32,7 +32,7 @@ from liftplace.objectives import make_objective, objective_names
 
 @dataclass
 class TeacherConfig:
-    name: str = "unet-s"  # a shipped teacher (liftplace.teachers.shipped_teachers()) or a diffusers directory
+    name: str = "unet-xs"  # a shipped teacher (liftplace.teachers.shipped_teachers()) or a diffusers directory
     prediction: str = "epsilon"  # what the teacher predicts: epsilon | v | flow
 
 

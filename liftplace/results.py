@@ -99,9 +99,12 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
         # A study trial's params are {"run": {"variant", "seed", "config": the full run config}}.
         run = json.loads((trial / "params.json").read_text()).get("run", {})
         frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
+        params = json.loads((trial / "params.json").read_text())
         for key, value in _flatten(run.get("config", {})).items():
             frame[key] = [value] * len(frame)
-        frame["variant"] = run.get("variant", trial.name)
+        for key, value in params.get("search", {}).items():  # a search trial's sampled values
+            frame["config/" + key.replace(".", "/")] = value
+        frame["variant"] = rows[-1].get("variant", run.get("variant", trial.name))
         frame["trial_id"] = rows[-1].get("trial_id", trial.name)
         frame["trial_dir"] = trial.name
         frame["final_checkpoint"] = _last_checkpoint(trial, rows)

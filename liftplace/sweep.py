@@ -17,8 +17,10 @@ validated configs before Ray starts, and run as one Tune grid under ``<storage>/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -27,8 +29,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray.tune.search.optuna import OptunaSearch
+
 from liftplace import distill
-from liftplace.config import RunConfig, from_dict, parse_override, resolve
+from liftplace.config import RunConfig, from_dict, parse_override, resolve, set_value, validate
 from liftplace.results import STUDY_FILE
 
 # Ray Train's controller polls workers every 2 s by default, which caps reporting at one row
@@ -45,6 +49,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
         return ray
     env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "LIFTPLACE_CACHE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # Train V2 routes print() through its logger and the console both: every line twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
@@ -187,6 +193,11 @@ class Study:
     metric: str = "fid"
     mode: str = "min"
     description: str = ""
+    # A search instead of a grid: {dotted key: a ray.tune domain}, sampled by Optuna
+    # (OptunaSearch) num_samples times, with ASHA stopping trials whose FID lags at an
+    # evaluation. The variants then hold one entry: the base of the search.
+    space: dict = field(default_factory=dict)
+    num_samples: int = 0
 
 
 def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[dict]:
@@ -211,7 +222,21 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[
 
 def _trial_config(params: dict) -> tuple[RunConfig, dict]:
     run = params["run"]
-    return from_dict(run["config"], check_paths=False), {"variant": run["variant"]}
+    config = from_dict(run["config"], check_paths=False)
+    chosen = params.get("search", {})
+    if chosen:  # a search trial: Optuna's choices on top of the base config
+        for key, value in chosen.items():
+            set_value(config, key, value)
+        validate(config, check_paths=False)
+    variant = run["variant"] + "".join(f" {k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f" {k.split('.')[-1]}={v}"
+                                       for k, v in sorted(chosen.items()))
+    return config, {"variant": variant}
+
+
+def _tune_row(row: dict) -> dict:
+    """Evaluation metrics are left out of rows that have none, so that a scheduler that
+    compares FID (ASHA) acts at evaluations only; analysis reads the missing value as NaN."""
+    return {k: v for k, v in row.items() if not (k in distill.SCHEMA_NAN and isinstance(v, float) and math.isnan(v))}
 
 
 def tune_direct(params: dict) -> None:
@@ -225,7 +250,7 @@ def tune_direct(params: dict) -> None:
 
     def report(row, checkpoint_dir):
         checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.tune.report({**row, **extra}, checkpoint=checkpoint)
+        ray.tune.report(_tune_row({**row, **extra}), checkpoint=checkpoint)
 
     checkpoint = ray.tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
@@ -248,6 +273,18 @@ def tune_train(params: dict) -> None:
         raise result.error
 
 
+def _check_space(study: Study, base: dict) -> None:
+    """Refuse a search dimension whose values a run cannot use, before Ray starts."""
+    from ray.tune.search.sample import Categorical
+
+    for key, domain in study.space.items():
+        values = domain.categories if isinstance(domain, Categorical) else [domain.lower, domain.upper]
+        for value in values:
+            config = from_dict(base, check_paths=False)
+            set_value(config, key, value)
+            validate(config, check_paths=False)
+
+
 def _trainable(runner: str, config: RunConfig):
     from ray import tune
 
@@ -267,7 +304,11 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     from ray import tune
 
     seeds = study.seeds if seeds is None else seeds
+    if study.space:
+        seeds = 1
     trials = expand(study, preset, list(overrides), seeds)
+    if study.space:
+        _check_space(study, trials[0]["config"])
     configs = [from_dict(t["config"], check_paths=False) for t in trials]
     runners = {pick_runner(c, runner) for c in configs}
     if len(runners) != 1:
@@ -276,7 +317,8 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     storage = Path(storage).expanduser().resolve() if "://" not in str(storage) else storage
     folder = Path(storage) / study.name
     info = {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
-            "seeds": seeds, "evals": study.evals, "variants": study.variants, "base": study.base, "metric": study.metric,
+            "seeds": seeds, "evals": study.evals, "space": {k: str(v) for k, v in study.space.items()},
+            "num_samples": study.num_samples, "variants": study.variants, "base": study.base, "metric": study.metric,
             "mode": study.mode, "runner": chosen, "trials": len(trials)}
     _claim_folder(folder, info, resume)
     ray = ensure_ray(address)
@@ -288,11 +330,14 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     if max_concurrent is None:
         per_trial = configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker
         max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-    log(f"study {study.name}: {len(trials)} trials ({len(study.variants)} variants x {seeds} seeds), "
+    count = f"{study.num_samples} sampled trials" if study.space else f"{len(trials)} trials ({len(study.variants)} variants x {seeds} seeds)"
+    log(f"study {study.name}: {count}, "
         f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")
     start = time.time()
     if resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+    elif study.space:
+        tuner = _search_tuner(study, trials, configs[0], trainable, storage, max_concurrent, max_failures)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -309,10 +354,42 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     return folder
 
 
+class EvalOnlyOptuna(OptunaSearch):
+    """Optuna sees the rows that carry the metric (the evaluations), not the rows between."""
+
+    def on_trial_result(self, trial_id, result):
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, storage, max_concurrent, max_failures):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if len(trials) != 1:
+        raise ValueError(f"a search has one base variant and one seed, got {len(trials)} trials")
+    # Rows without FID are expected (FID comes at evaluations only).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    evals = max(1, base.train.steps // base.train.eval_every) if base.train.eval_every else 1
+    return tune.Tuner(
+        trainable,
+        param_space={"run": trials[0], "search": study.space},
+        tune_config=tune.TuneConfig(
+            metric=study.metric, mode=study.mode, num_samples=study.num_samples, max_concurrent_trials=max_concurrent,
+            search_alg=EvalOnlyOptuna(seed=0),
+            scheduler=ASHAScheduler(time_attr="step", max_t=base.train.steps,
+                                    grace_period=base.train.eval_every or base.train.steps,
+                                    reduction_factor=2 if evals > 1 else 4),
+            trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)),
+    )
+
+
 def _trial_dirname(trial) -> str:
     run = trial.config["run"]
     label = "".join(ch if ch.isalnum() else "-" for ch in run["variant"]).strip("-")
-    return f"{label}-seed{run['seed']}-{trial.trial_id}"
+    return f"{label}-seed{run['seed']}-{trial.trial_id}"[:120]
 
 
 def _claim_folder(folder: Path, info: dict, resume: bool) -> None:
@@ -347,8 +424,12 @@ def study_main(study: Study, argv=None, *, after=None) -> Path | None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
     parser.add_argument("--runner", default="auto", choices=RUNNERS)
     parser.add_argument("--max-concurrent", type=int, default=None)
+    if study.space:
+        parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
+    if study.space:
+        study = dataclasses.replace(study, num_samples=args.samples)
     try:
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
