@@ -74,3 +74,17 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
     assert (summary["steps"] == 40).all()
     for name, text in before.items():  # finished trials were not rerun
         assert (folder / name / "result.json").read_text() == text
+
+
+def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
+    module = load_script("tune_hparams")
+    folder = module.study_main(module.STUDY, ["--preset", "smoke", "--samples", "3", "--storage", str(tmp_path),
+                                              *FAST, "--set", "train.steps=12"])
+    df = load_study(folder)
+    summary = summarize(df)
+    assert len(summary) == 3 and summary["final_fid"].notna().all()
+    # every trial ran the config Optuna chose, within the declared space
+    assert set(summary["config/objective/group_size"]) <= {4, 16, 64}
+    assert ((summary["config/train/lr"] >= 1e-4) & (summary["config/train/lr"] <= 3e-3)).all()
+    # ASHA stops trials only at evaluations: each trial's last row carries a FID
+    assert (df.groupby("trial_dir").tail(1)["fid"].notna()).all()
