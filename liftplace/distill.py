@@ -22,7 +22,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -200,33 +200,34 @@ def progress_line(row: dict, steps: int, run_start: float, start: int) -> str:
             f"{row['images_per_s']:.0f} img/s{fid}  ETA {eta:.0f}s")
 
 
-def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device) -> dict:
-    """FID/KID/precision/recall of the EMA student (the live weights are restored after)."""
-    protocol = config.eval.protocol()
-    val = load_dataset(config.data.spec, config.data.resolution, "val")
+@contextmanager
+def ema_weights(student, ema: EMAModel):
+    """The student with its EMA weights, in eval mode; the live weights come back after."""
     ema.store(student.parameters())
     ema.copy_to(student.parameters())
     student.eval()
     try:
-        fake = generate(student, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
-                        num_classes=num_classes, device=device)
+        yield student
     finally:
         student.train()
         ema.restore(student.parameters())
+
+
+def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device) -> dict:
+    """FID/KID/precision/recall of the EMA student."""
+    protocol = config.eval.protocol()
+    val = load_dataset(config.data.spec, config.data.resolution, "val")
+    with ema_weights(student, ema):
+        fake = generate(student, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
+                        num_classes=num_classes, device=device)
     return compute_metrics(fake, real_images(val, protocol.num_images), protocol, real_cache_key=val.name)
 
 
 def save_samples(directory: Path, student, ema, teacher, process, config, num_classes, device) -> None:
     """samples.png: 32 EMA-student samples (left) beside the teacher's from the same noise."""
     steps, seed = config.eval.sampler_steps, config.eval.seed
-    ema.store(student.parameters())
-    ema.copy_to(student.parameters())
-    student.eval()
-    try:
+    with ema_weights(student, ema):
         s = generate(student, process, 32, steps=steps, seed=seed, num_classes=num_classes, device=device)
-    finally:
-        student.train()
-        ema.restore(student.parameters())
     t = generate(teacher, process, 32, steps=steps, seed=seed, num_classes=num_classes, device=device)
     rows = [torch.cat([s[i:i + 4], t[i:i + 4]]) for i in range(0, 32, 4)]
     save_image((torch.cat(rows) + 1) / 2, str(directory / "samples.png"), nrow=8, padding=1, pad_value=1.0)
