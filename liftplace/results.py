@@ -15,6 +15,7 @@ its last report, so every trial has one row per step. Analysis reads nothing els
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,16 @@ def read_study_info(path: str | Path) -> dict:
     return json.loads(info_file.read_text())
 
 
-def trial_dirs(path: Path) -> list[Path]:
-    return sorted(p.parent for p in path.glob("*/params.json"))
+def trial_dirs(path: Path) -> list[list[Path]]:
+    """Trial folders, grouped: a restored trial whose folder already existed gets a second
+    folder named ``<first>_<4 hex digits>`` from Ray; both hold rows of the same trial."""
+    dirs = sorted(p.parent for p in path.glob("*/params.json"))
+    groups: dict[str, list[Path]] = {}
+    for d in dirs:
+        twin = re.fullmatch(r"(.+)_[0-9a-f]{4}", d.name)
+        base = twin.group(1) if twin and (path / twin.group(1) / "params.json").is_file() else d.name
+        groups.setdefault(base, []).append(d)
+    return [sorted(g, key=lambda d: (d.name != base, d.stat().st_mtime)) for base, g in sorted(groups.items())]
 
 
 def _read_rows(result_file: Path) -> list[dict]:
@@ -87,19 +96,20 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
     if not trials:
         raise NotAStudy(f"half-written study: {path} has {STUDY_FILE} but no trial folders (*/params.json)")
     frames = []
-    for trial in trials:
-        result_file = trial / "result.json"
-        rows = _read_rows(result_file) if result_file.is_file() else []
+    for group in trials:
+        trial = group[0]
+        rows = [r for d in group if (d / "result.json").is_file() for r in _read_rows(d / "result.json")]
         rows = [r for r in rows if "step" in r]
+        result_file = trial / "result.json"
         if not rows:
             if allow_unfinished:
                 continue
             raise NotAStudy(f"half-written study: trial {trial.name} has no reported rows ({result_file}); "
                             "resume the study with --resume")
         # A study trial's params are {"run": {"variant", "seed", "config": the full run config}}.
-        run = json.loads((trial / "params.json").read_text()).get("run", {})
-        frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
         params = json.loads((trial / "params.json").read_text())
+        run = params.get("run", {})
+        frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
         for key, value in _flatten(run.get("config", {})).items():
             frame[key] = [value] * len(frame)
         for key, value in params.get("search", {}).items():  # a search trial's sampled values
@@ -107,7 +117,7 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
         frame["variant"] = rows[-1].get("variant", run.get("variant", trial.name))
         frame["trial_id"] = rows[-1].get("trial_id", trial.name)
         frame["trial_dir"] = trial.name
-        frame["final_checkpoint"] = _last_checkpoint(trial, rows)
+        frame["final_checkpoint"] = _last_checkpoint(group[-1], rows)
         frames.append(frame.drop_duplicates("step", keep="last"))
     if not frames:
         raise NotAStudy(f"half-written study: no trial under {path} has reported yet")

@@ -101,3 +101,17 @@ def test_analysis_cli_prints_one_line_on_a_bad_folder(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no study.json" in proc.stderr
+
+
+def test_a_restored_trials_second_folder_joins_the_first(tmp_path):
+    # Ray gives a restored trial a new folder "<old>_<4 hex>" when the old one exists.
+    (tmp_path / "study.json").write_text(json.dumps({"name": "twins"}))
+    config = {"objective": {"name": "kd"}, "train": {"seed": 0}}
+    write_trial(tmp_path, "kd-seed0-abc_00001", [{"step": 5, "diverged": False}], config)
+    write_trial(tmp_path, "kd-seed0-abc_00001_7ca7", [{"step": 10, "fid": 3.0, "diverged": False}], config)
+    write_trial(tmp_path, "place-seed0-abc_00002", [], config)  # started, then the driver died ...
+    write_trial(tmp_path, "place-seed0-abc_00002_1f2e", [{"step": 5, "diverged": False}, {"step": 10, "fid": 2.0,
+                                                          "diverged": False}], config)  # ... and it ran here
+    summary = summarize(load_study(tmp_path))
+    assert len(summary) == 2 and list(summary["steps"]) == [10, 10]
+    assert sorted(summary["final_fid"]) == [2.0, 3.0]
