@@ -230,7 +230,10 @@ def save_samples(directory: Path, student, ema, teacher, process, config, num_cl
         s = generate(student, process, 32, steps=steps, seed=seed, num_classes=num_classes, device=device)
     t = generate(teacher, process, 32, steps=steps, seed=seed, num_classes=num_classes, device=device)
     rows = [torch.cat([s[i:i + 4], t[i:i + 4]]) for i in range(0, 32, 4)]
-    save_image((torch.cat(rows) + 1) / 2, str(directory / "samples.png"), nrow=8, padding=1, pad_value=1.0)
+    grid = torch.cat(rows)
+    # Small images are blown up (nearest neighbour) so that the grid can be read on a screen.
+    grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 64 // grid.shape[-1]), mode="nearest")
+    save_image((grid + 1) / 2, str(directory / "samples.png"), nrow=8, padding=2, pad_value=1.0)
 
 
 # --- checkpoints -------------------------------------------------------------------------
