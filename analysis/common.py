@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from liftplace.results import load_study, method_label, read_study_info, summarize  # noqa: E402,F401
+from liftplace.results import load_study, read_study_info, summarize  # noqa: E402
 
 
 def load(folder):
@@ -35,8 +35,11 @@ def out_dir(folder) -> Path:
     return out
 
 
-def save_figure(fig, folder, name: str) -> list[Path]:
+def save_figure(fig, folder, name: str, footer: str | None = None) -> list[Path]:
+    """PNG and PDF of a figure; footer (the FID protocol) goes under the plot in small grey."""
     paths = [out_dir(folder) / f"{name}.png", out_dir(folder) / f"{name}.pdf"]
+    if footer:
+        fig.text(0.01, 0.005, footer, fontsize=6, color="gray", wrap=True)
     fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=150)

@@ -23,7 +23,6 @@ def make(folder):
     table["pruning"] = (table["pruning"] * 100).round().astype(int).astype(str) + "%"
     table["macs"] = (table["macs"] / 1e6).round(2).astype(str) + "M"
     table["params"] = (table["params"] / 1e3).round(1).astype(str) + "K"
-    paths = []
     caption = (f"{info['name']}: students pruned from the teacher, mean over {seeds_note(summary)} seeds "
                f"({protocol_line(summary)}); bold: best per pruning ratio")
     shown = table.copy()
@@ -35,8 +34,7 @@ def make(folder):
             if values.notna().any():
                 best = values.idxmin() if how == "min" else values.idxmax()
                 shown.loc[best, col] = f"**{shown.loc[best, col]}**"
-    paths += save_table(shown, folder, "compression", caption)
-    return paths
+    return save_table(shown, folder, "compression", caption)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from common import cli, fid_by_variant, load, plt, protocol_line, save_figure, s
 
 def group_size(row) -> float:
     name = row["config/objective/name"]
-    n = row["config/data/resolution"] ** 2 * (1 if row.get("config/objective/group_by", "channel") == "channel" else 1)
+    n = row["config/data/resolution"] ** 2  # elements per channel, the default group domain
     if name == "lift":
         return n
     if name == "place":
@@ -46,8 +46,7 @@ def make(folder):
     ax.set_ylabel("final FID (lower is better)")
     ax.set_title(f"{info['name']}: FID against group size ({seeds_note(summary)} seeds)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.005, protocol_line(summary), fontsize=6, color="gray")
-    paths = save_figure(fig, folder, "fid_vs_k")
+    paths = save_figure(fig, folder, "fid_vs_k", footer=protocol_line(summary))
     table = fid_by_variant(summary).reset_index()
     paths += save_table(table, folder, "fid_vs_k", f"Final FID by variant ({protocol_line(summary)}).",
                         bold={"fid_mean": "min"})

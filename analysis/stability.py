@@ -45,26 +45,30 @@ def statistics(summary: pd.DataFrame, reference: str = "kd") -> pd.DataFrame:
 def make(folder):
     df, summary, info = load(folder)
     evals = df[df["fid"].notna()]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    # FID along training only where runs evaluated more than once (the stability study does).
+    curves_shown = len(evals) and evals.groupby("trial_dir").size().max() > 1
+    if curves_shown:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax2 = plt.subplots(figsize=(5, 4))
     variants = list(summary["variant"].drop_duplicates())
     for i, variant in enumerate(variants):
         curves = evals[evals["variant"] == variant].pivot_table(index="step", columns="trial_dir", values="fid")
-        if curves.empty:
-            continue
-        ax.plot(curves.index, curves.mean(axis=1), "-o", ms=3, color=f"C{i}", label=f"{variant} ({curves.shape[1]} seeds)")
-        ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=f"C{i}", alpha=0.15)
+        if curves_shown and not curves.empty:
+            ax.plot(curves.index, curves.mean(axis=1), "-o", ms=3, color=f"C{i}", label=f"{variant} ({curves.shape[1]} seeds)")
+            ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=f"C{i}", alpha=0.15)
         finals = summary[(summary["variant"] == variant) & ~summary["diverged"]]["final_fid"]
         ax2.scatter(np.full(len(finals), i) + np.linspace(-0.1, 0.1, len(finals)), finals, color=f"C{i}", s=18)
         ax2.boxplot([finals.dropna()], positions=[i], widths=0.4, showfliers=False)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("FID of the EMA student (lower is better)")
-    ax.set_title(f"{info['name']}: FID along training (mean, band = min..max)", fontsize=10)
-    ax.legend(fontsize=8)
+    if curves_shown:
+        ax.set_xlabel("training step")
+        ax.set_ylabel("FID of the EMA student (lower is better)")
+        ax.set_title(f"{info['name']}: FID along training (mean, band = min..max)", fontsize=10)
+        ax.legend(fontsize=8)
     ax2.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
     ax2.set_ylabel("final FID")
-    ax2.set_title("final FID per seed", fontsize=10)
-    fig.text(0.01, 0.005, protocol_line(summary), fontsize=6, color="gray")
-    paths = save_figure(fig, folder, "stability")
+    ax2.set_title(f"{info['name']}: final FID per seed", fontsize=10)
+    paths = save_figure(fig, folder, "stability", footer=protocol_line(summary))
     stats = statistics(summary)
     return paths + save_table(stats, folder, "stability", f"{info['name']}: final FID over seeds; 95% bootstrap "
                               "interval of the mean; two-sided Mann-Whitney U p-value against kd "

@@ -24,8 +24,7 @@ def make(folder):
     ax.set_ylabel("student FID (lower is better)")
     ax.set_title(f"{info['name']}: one pruned student per teacher ({seeds_note(summary)} seeds)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.005, protocol_line(summary), fontsize=6, color="gray")
-    paths = save_figure(fig, folder, "teacher_scale")
+    paths = save_figure(fig, folder, "teacher_scale", footer=protocol_line(summary))
     table = ok.groupby(["config/teacher/name", "method"]).agg(
         teacher_params=("teacher_params", "first"), student_params=("student_params", "first"),
         teacher_fid=("teacher_fid", "first"), fid_mean=("final_fid", "mean"), fid_std=("final_fid", "std"),

@@ -314,7 +314,8 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             _refuse("student.prune_ratio", f"pruning needs a UNet2DModel teacher, {t.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
     try:
-        Protocol(**dataclasses.asdict(e)) if check_paths else None
+        if check_paths:  # the protocol checks that a weights file exists
+            e.protocol()
     except (ValueError, FileNotFoundError) as err:
         _refuse("eval", str(err), type(err))
     if o.name not in ("feat", "kd+feat"):

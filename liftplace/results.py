@@ -155,13 +155,3 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         out.append(row)
     return pd.DataFrame(out)
 
-
-def method_label(row) -> str:
-    """A short name for a trial's method, e.g. "kd", "lift", "place K=16", "place G=4"."""
-    name = row.get("config/objective/name")
-    if name == "place":
-        gs, ng = row.get("config/objective/group_size"), row.get("config/objective/num_groups")
-        if ng is not None and not pd.isna(ng):
-            return f"place G={int(ng)}"
-        return f"place K={int(gs) if gs is not None and not pd.isna(gs) else 16}"
-    return str(name)
