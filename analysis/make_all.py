@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import compression_table
+import error_maps
 import fid_vs_k
+import linear_correction
 import samples
 import stability
 import teacher_scale
@@ -24,7 +26,7 @@ BY_STUDY = {
 
 def make(folder):
     df, summary, info = load(folder)
-    scripts = BY_STUDY.get(info["name"], []) + [stability, samples]
+    scripts = BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
     paths = []
     for script in dict.fromkeys(scripts):
         paths += script.make(folder)

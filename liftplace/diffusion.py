@@ -92,6 +92,18 @@ class NoiseProcess:
         target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, level)
         return x_t, level, target
 
+    def noise_at(self, x0: torch.Tensor, t: torch.Tensor | int | float, noise: torch.Tensor) -> torch.Tensor:
+        """x_t for given model timesteps t (a number or [B]; as ``training_pair`` returns them)."""
+        t = torch.as_tensor(t, device=x0.device)
+        if t.ndim == 0:
+            t = t.expand(x0.shape[0])
+        if self.prediction == "flow":
+            sigma = (t.to(x0.dtype) / self.num_train_timesteps).view(-1, *([1] * (x0.ndim - 1)))
+            return (1 - sigma) * x0 + sigma * noise
+        if t.is_floating_point() or t.min() < 0 or t.max() >= self.num_train_timesteps:
+            raise ValueError(f"DDPM timesteps must be integers in [0, {self.num_train_timesteps}), got {t.tolist()}")
+        return self.scheduler.add_noise(x0, noise, t)
+
     @torch.no_grad()
     def sample(
         self,

@@ -266,6 +266,34 @@ def save_checkpoint(directory: Path, step, student, ema, opt, objective, gen, ra
     atomic(f"rng_rank{rank}.pt", lambda p: torch.save(_rng_state(gen), p))
 
 
+def load_student(directory: str | Path, config: RunConfig, *, ema: bool = True, device="cpu"):
+    """A finished run's student, in eval mode, from one of its checkpoints.
+
+    Returns (student, teacher, process): the student rebuilt as the run built it (pruning is
+    deterministic) with the checkpoint's EMA weights (ema=True, what evaluations sample from)
+    or its live weights; the frozen teacher; the run's noise process. Weights load through
+    safetensors only.
+    """
+    directory = Path(directory)
+    if not (directory / "student.safetensors").is_file():
+        raise FileNotFoundError(f"not a liftplace checkpoint (no student.safetensors): {directory}")
+    teacher, _ = load_teacher(config.teacher.name, "cpu")
+    shape = (2, teacher.config.in_channels, config.data.resolution, config.data.resolution)
+    student = build_student(teacher, config, shape)
+    try:
+        student.load_state_dict(load_file(str(directory / "student.safetensors")))
+        if ema:
+            shadow = load_file(str(directory / "ema.safetensors"))
+            with torch.no_grad():
+                for i, p in enumerate(student.parameters()):
+                    p.copy_(shadow[f"p{i}"])
+    except Exception as err:
+        raise ValueError(f"corrupt checkpoint {directory}: {type(err).__name__}: {err}") from err
+    for net in (student, teacher):
+        net.requires_grad_(False).eval().to(device)
+    return student, teacher, make_process(config.teacher.prediction)
+
+
 def load_checkpoint(directory: Path, student, ema, opt, objective, gen, rank) -> int:
     """Restore a run's state; returns the step the checkpoint was taken at."""
     state_file = directory / "state.json"

@@ -155,3 +155,14 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         out.append(row)
     return pd.DataFrame(out)
 
+
+
+def trial_config(path: str | Path, trial_dir: str) -> dict:
+    """A trial's full run config (the nested dict ``liftplace.config.from_dict`` takes)."""
+    params_file = Path(path) / trial_dir / "params.json"
+    if not params_file.is_file():
+        raise NotAStudy(f"half-written study: {params_file} is missing")
+    run = json.loads(params_file.read_text()).get("run", {})
+    if "config" not in run:
+        raise NotAStudy(f"{params_file} holds no run config (not a liftplace study trial)")
+    return run["config"]

@@ -83,21 +83,23 @@ def build_teacher(arch: str, size: str, *, channels: int, resolution: int, num_c
 
 
 def generate(model, process, n: int, *, steps: int, seed: int, num_classes: int = 0, batch: int = 250,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+             device: str | torch.device = "cpu", predict_fn=None) -> torch.Tensor:
     """n samples [n, C, H, W] in [-1, 1]; chunk i uses seed + i, so a seed fixes the set.
 
-    A class-conditional model gets labels cycling through its classes.
+    A class-conditional model gets labels cycling through its classes. predict_fn(x_t, t,
+    *labels), when given, replaces the model's own prediction (e.g. a corrected student);
+    model then only fixes the sample shape.
     """
     net = models._unwrap(model)
     shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
+    fn = predict_fn or (lambda x, t, *y: models.predict(model, x, t, *y))
     out = []
     for i, start in enumerate(range(0, n, batch)):
         b = min(batch, n - start)
         labels = None
         if isinstance(net, DiTTransformer2DModel):
             labels = torch.arange(start, start + b, device=device) % max(1, num_classes)
-        out.append(process.sample(lambda x, t, *y: models.predict(model, x, t, *y), (b, *shape),
-                                  steps=steps, seed=seed + i, device=device, labels=labels).cpu())
+        out.append(process.sample(fn, (b, *shape), steps=steps, seed=seed + i, device=device, labels=labels).cpu())
     return torch.cat(out)
 
 

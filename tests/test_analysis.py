@@ -115,3 +115,76 @@ def test_a_restored_trials_second_folder_joins_the_first(tmp_path):
     summary = summarize(load_study(tmp_path))
     assert len(summary) == 2 and list(summary["steps"]) == [10, 10]
     assert sorted(summary["final_fid"]) == [2.0, 3.0]
+
+
+# --- linear correction and error maps: the mathematics, on real models --------------------------
+
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+
+import error_maps  # noqa: E402
+import linear_correction  # noqa: E402
+
+
+def affine_student(teacher, scale=2.0, shift=0.3):
+    """A 'student' whose output is exactly scale * teacher + shift: its last conv, rescaled."""
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.conv_out.weight.mul_(scale)
+        student.conv_out.bias.mul_(scale).add_(shift)
+    return student
+
+
+def test_the_fitted_line_removes_an_affine_students_whole_error(tiny_teacher_dir):
+    from liftplace.diffusion import make_process
+    from liftplace.teachers import generate, load_teacher
+
+    teacher, _ = load_teacher(tiny_teacher_dir)
+    teacher.eval()
+    student = affine_student(teacher)
+    process = make_process("epsilon")
+    x0 = torch.rand(6, 1, 16, 16) * 2 - 1
+    shares = linear_correction.error_shares(student, teacher, process, x0, seed=1)
+    assert list(shares["timestep"]) == [0, 100, 200, 300, 400, 500, 599, 699, 799, 899, 999]
+    assert (shares["mse"] > 0.01).all()
+    assert (shares["share_removed"] > 1 - 1e-6).all()
+    assert shares["beta1"].to_numpy() == pytest.approx(0.5, rel=1e-4)
+    assert shares["beta0"].to_numpy() == pytest.approx(-0.15, abs=1e-4)
+    # sampling with the corrected student is sampling with the teacher
+    corrected = generate(student, process, 4, steps=3, seed=0,
+                         predict_fn=linear_correction.corrected_predict(student, teacher))
+    assert torch.allclose(corrected, generate(teacher, process, 4, steps=3, seed=0), atol=1e-4)
+    assert not torch.allclose(generate(student, process, 4, steps=3, seed=0), corrected, atol=1e-2)
+
+
+def test_line_fit_is_least_squares_per_sample_and_channel():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    fit = linear_correction.line_fit(s, t)
+    for b in range(3):
+        for c in range(2):
+            design = torch.stack([torch.ones(16), s[b, c].flatten()], 1).double()
+            coef = torch.linalg.lstsq(design, t[b, c].flatten().double().unsqueeze(1)).solution
+            assert torch.allclose(fit[b, c].flatten().double(), (design @ coef).squeeze(1), atol=1e-5)
+
+
+def test_place_groups_rank_elements_by_error():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
+    groups = error_maps.group_map(s, t, 16)
+    err = (t - s).square()
+    assert sorted(torch.bincount(groups.flatten()).tolist()) == [16, 16, 16, 16]
+    for g in range(3):  # every element of a group has no more error than any element of the next
+        assert err[groups == g].max() <= err[groups == g + 1].min()
+
+
+def test_lines_per_group_never_leave_more_error_than_one_line():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 1, 8, 8, generator=gen)
+    t = torch.sin(3 * s) + 0.1 * torch.randn(2, 1, 8, 8, generator=gen)
+    one = error_maps.residual_after_lines(s, t, 64)
+    fit = linear_correction.line_fit(s, t)
+    assert one == pytest.approx((t - fit).square().mean().item(), rel=1e-5)  # one group = LIFT's line
+    residuals = [error_maps.residual_after_lines(s, t, k) for k in (32, 16, 4)]
+    assert all(r <= one + 1e-7 for r in residuals) and residuals[-1] < 0.5 * one

@@ -139,3 +139,20 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="shape"):
         process.sample(lambda x_t, t: x_t[:1], SHAPE, steps=2)
     assert repr(process) == "NoiseProcess(prediction='v', num_train_timesteps=1000)"
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_noise_at_gives_the_training_pairs_input(prediction):
+    process = make_process(prediction)
+    x0 = torch.rand(5, 1, 8, 8) * 2 - 1
+    x_t, t, _ = process.training_pair(x0, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # replay the pair's draws: the levels, then the noise
+    if prediction == "flow":
+        torch.rand(5, generator=gen)
+    else:
+        torch.randint(0, 1000, (5,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    assert torch.allclose(process.noise_at(x0, t, noise), x_t, atol=1e-6)
+    if prediction != "flow":
+        with pytest.raises(ValueError, match="integers in"):
+            process.noise_at(x0, 1000, noise)
