@@ -14,7 +14,6 @@ channel (LIFT) removes and how much one line per group (PLACE) removes.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 

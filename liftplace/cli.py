@@ -50,9 +50,10 @@ def cmd_config(args) -> None:
 
 def cmd_distill(args) -> None:
     from liftplace.config import resolve
-    from liftplace.sweep import prepare_out_dir, run_single
 
     config = resolve(args.preset, args.set)
+    from liftplace.sweep import prepare_out_dir, run_single  # Ray's import (~1 s) after the config is checked
+
     prepare_out_dir(Path(args.out), args.resume)  # before Ray starts
     last = run_single(config, args.out, address=args.address, resume=args.resume)
     verdict = "DIVERGED at step %d" % last["step"] if last.get("diverged") else f"FID {last['fid']:.2f}"

@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from liftplace import files
 from liftplace.data import check_dataset_spec
 from liftplace.diffusion import PREDICTIONS
 from liftplace.metrics import Protocol
@@ -118,7 +119,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        files.write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def objective_options(self) -> dict:
         """The keyword arguments of make_objective for this config (shape not included)."""

@@ -32,7 +32,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
-from liftplace import models
+from liftplace import files, models
 from liftplace.config import RunConfig
 from liftplace.data import load_dataset
 from liftplace.diffusion import make_process
@@ -248,22 +248,56 @@ def _rng_state(gen: torch.Generator) -> dict:
 
 
 def save_checkpoint(directory: Path, step, student, ema, opt, objective, gen, rank, world) -> None:
-    """Write one checkpoint into directory (each file atomically: written then renamed)."""
+    """Write one checkpoint into directory. Every file is written to a temporary name first and
+    renamed into place only once all of them are written: a write that fails (a full disk, an
+    error) leaves a checkpoint already in directory whole, and no temporary files behind."""
     directory.mkdir(parents=True, exist_ok=True)
-
-    def atomic(name, write):
-        tmp = directory / f".{name}.tmp"
-        write(tmp)
-        tmp.replace(directory / name)
-
+    writers = {}
     if rank == 0:
-        atomic("student.safetensors", lambda p: save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(p)))
-        atomic("ema.safetensors", lambda p: save_file({f"p{i}": v.contiguous() for i, v in enumerate(ema.shadow_params)}, str(p)))
-        atomic("objective.safetensors", lambda p: save_file({k: v.contiguous() for k, v in objective.state_dict().items()} or {"_empty": torch.zeros(1)}, str(p)))
-        atomic("optimizer.pt", lambda p: torch.save(opt.state_dict(), p))
-        atomic("state.json", lambda p: p.write_text(json.dumps({"step": step, "world_size": world, "ema_optimization_step": ema.optimization_step})))
+        writers["student.safetensors"] = lambda p: save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(p))
+        writers["ema.safetensors"] = lambda p: save_file({f"p{i}": v.contiguous() for i, v in enumerate(ema.shadow_params)}, str(p))
+        writers["objective.safetensors"] = lambda p: save_file({k: v.contiguous() for k, v in objective.state_dict().items()} or {"_empty": torch.zeros(1)}, str(p))
+        writers["optimizer.pt"] = lambda p: torch.save(opt.state_dict(), p)
     # Every rank's data/noise stream is its own: each rank saves its RNG state.
-    atomic(f"rng_rank{rank}.pt", lambda p: torch.save(_rng_state(gen), p))
+    writers[f"rng_rank{rank}.pt"] = lambda p: torch.save(_rng_state(gen), p)
+    if rank == 0:  # last: the step it names is only there once the rest is
+        writers["state.json"] = lambda p: p.write_text(json.dumps({"step": step, "world_size": world, "ema_optimization_step": ema.optimization_step}))
+    staged = []
+    try:
+        for name, write in writers.items():
+            staged.append((files.stage(directory / name, write), directory / name))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for i, (tmp, path) in enumerate(staged):
+        try:
+            tmp.replace(path)
+        except BaseException:
+            for left, _ in staged[i:]:
+                left.unlink(missing_ok=True)
+            raise
+
+
+def check_checkpoint(directory: Path) -> int:
+    """Read every file of a checkpoint without a model (safetensors, weights-only torch files);
+    returns its step. Refuses a missing or corrupt checkpoint with one line, before a run starts."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        raise FileNotFoundError(f"not a liftplace checkpoint (no state.json): {directory}")
+    try:
+        step = int(json.loads((directory / "state.json").read_text())["step"])
+        for name in ("student.safetensors", "ema.safetensors", "objective.safetensors"):
+            load_file(str(directory / name))
+        for path in [directory / "optimizer.pt", *sorted(directory.glob("rng_rank*.pt"))]:
+            torch.load(path, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"corrupt checkpoint {directory}: {type(err).__name__}: {_one_line(err)}") from err
+    return step
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def load_student(directory: str | Path, config: RunConfig, *, ema: bool = True, device="cpu"):
@@ -288,7 +322,7 @@ def load_student(directory: str | Path, config: RunConfig, *, ema: bool = True, 
                 for i, p in enumerate(student.parameters()):
                     p.copy_(shadow[f"p{i}"])
     except Exception as err:
-        raise ValueError(f"corrupt checkpoint {directory}: {type(err).__name__}: {err}") from err
+        raise ValueError(f"corrupt checkpoint {directory}: {type(err).__name__}: {_one_line(err)}") from err
     for net in (student, teacher):
         net.requires_grad_(False).eval().to(device)
     return student, teacher, make_process(config.teacher.prediction)
@@ -314,7 +348,7 @@ def load_checkpoint(directory: Path, student, ema, opt, objective, gen, rank) ->
             rng_file = directory / "rng_rank0.pt"
         rng = torch.load(rng_file, weights_only=True)
     except Exception as err:  # a truncated or foreign file: one clear line, not a stack of library errors
-        raise ValueError(f"corrupt checkpoint {directory}: {type(err).__name__}: {err}") from err
+        raise ValueError(f"corrupt checkpoint {directory}: {type(err).__name__}: {_one_line(err)}") from err
     gen.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -16,6 +16,7 @@ computed under, so that no number is reported without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -42,6 +43,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("LIFTPLACE_CACHE", Path.home() / ".cache" / "liftplace")) / "fidelity"
 
 
+def private_cache_root() -> Path:
+    """cache_root(), created private to this user. torch-fidelity unpickles its cache files
+    (not weights-only): a folder that others can write to is refused."""
+    root = cache_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ValueError(f"the metrics cache {root} is owned or writable by another user; torch-fidelity unpickles "
+                         "the files in it: point LIFTPLACE_CACHE at a folder of your own")
+    return root
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How a number was measured. Recorded beside every metric."""
@@ -65,9 +78,30 @@ class Protocol:
             )
         if self.extractor_weights and not Path(self.extractor_weights).is_file():
             raise FileNotFoundError(f"feature extractor weights not found: {self.extractor_weights}")
+        if self.extractor == INCEPTION:
+            check_tensor_file(self.extractor_weights)
 
     def weights_path(self) -> str:
         return str(self.extractor_weights or DEFAULT_EXTRACTOR_WEIGHTS)
+
+
+def check_tensor_file(path: str | Path) -> None:
+    """Refuse a .pth file that holds more than tensors. torch-fidelity loads the Inception
+    weights unpickling them (not weights-only), which runs any code a pickle carries; the file
+    must first load weights-only here."""
+    stat = Path(path).stat()
+    _check_tensor_file(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_tensor_file(path: str, size: int, mtime_ns: int) -> None:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        why = ("not tensors only" if "Weights only load failed" in str(err)
+               else f"{type(err).__name__}: {' '.join(str(err).split())}")
+        raise ValueError(f"feature extractor weights {path} refused: it does not load weights-only ({why}), "
+                         "and torch-fidelity would unpickle the file, which can run code") from None
 
 
 class DigitsCNN(nn.Module):
@@ -194,7 +228,7 @@ def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cach
         rng_seed=protocol.seed,
         save_cpu_ram=True,  # no DataLoader worker processes (they clash with Ray workers)
         verbose=False,
-        cache_root=str(cache_root()),
+        cache_root=str(private_cache_root()),
         cache=real_cache_key is not None,
     )
     if real_cache_key is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ray.tune.search.optuna import OptunaSearch
 
-from liftplace import distill
+from liftplace import distill, files
 from liftplace.config import RunConfig, from_dict, parse_override, resolve, set_value, validate
 from liftplace.results import STUDY_FILE
 
@@ -52,29 +52,81 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
     # Train V2 routes print() through its logger and the console both: every line twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # The dashboard stays on localhost (Ray's default); reach it over an SSH tunnel.
-        ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, **kwargs)
+    # Ray announces the connection on stderr; it is said on stdout instead, so that input refused
+    # right after joining (GPUs the cluster lacks) is still one line on stderr.
+    announcer = logging.getLogger("ray._private.worker")
+    level = announcer.level
+    announcer.setLevel(logging.WARNING)
+    try:
+        if address:
+            context = ray.init(address=address, **kwargs)
+        else:
+            # The dashboard stays on localhost (Ray's default); reach it over an SSH tunnel.
+            context = ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, **kwargs)
+    finally:
+        announcer.setLevel(level)
+    dashboard = f"; dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
+    print(f"ray: {f'joined the cluster at {address}' if address else 'started a local instance'}{dashboard}")
     return ray
 
 
-def check_resources(configs: list[RunConfig]) -> None:
-    """Refuse runs the cluster cannot place, instead of leaving them pending forever."""
+# Written by the cluster launcher (`ray up`) on the head node: the autoscaler's config.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def cluster_capacity() -> dict:
+    """The CPUs and GPUs the joined Ray cluster has now or, autoscaling, can reach at most.
+
+    On the head node of a `ray up` cluster (cluster.yaml scales GPU workers from zero) the
+    autoscaler may add up to ``max_workers`` nodes of each worker type, with the ``resources``
+    the type declares (an upper bound: nodes already up count twice); a type that declares
+    none makes the ceiling unknown (infinite). Elsewhere: what the cluster has now.
+    """
     import ray
 
-    have = ray.cluster_resources()
+    have = {key: ray.cluster_resources().get(key, 0) for key in ("CPU", "GPU")}
+    path = Path(BOOTSTRAP_CONFIG).expanduser()
+    if not path.is_file():
+        return have
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        count = node_type.get("max_workers", 0)
+        if name == config.get("head_node_type") or not count:
+            continue
+        declared = node_type.get("resources") or {}
+        for key in have:
+            have[key] += count * declared.get(key, 0) if declared else math.inf
+    return have
+
+
+def check_resources(configs: list[RunConfig], address: str | None = None) -> None:
+    """Refuse runs the cluster cannot place, instead of leaving them pending forever.
+
+    Called before Ray starts too: without a cluster to join (no address, Ray not running), the
+    embedded Ray will have this machine's GPUs, so a GPU request is refused up front.
+    """
+    import ray
+
+    if ray.is_initialized():
+        have, where = cluster_capacity(), "the Ray cluster"
+    elif address is None:
+        import torch
+
+        have, where = {"GPU": torch.cuda.device_count()}, "this machine"
+    else:
+        return  # a cluster to join: checked once connected
     for config in configs:
         sc = config.scaling
         need_cpu = sc.num_workers * sc.cpus_per_worker
         need_gpu = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0
         if need_gpu > have.get("GPU", 0):
             raise ValueError(f"scaling.use_gpu: a run asks for {need_gpu:g} GPUs ({sc.num_workers} workers x "
-                             f"{sc.gpus_per_worker:g}); the Ray cluster has {have.get('GPU', 0):g}")
-        if need_cpu > have.get("CPU", 0):
+                             f"{sc.gpus_per_worker:g}); {where} has {have.get('GPU', 0):g}")
+        if "CPU" in have and need_cpu > have["CPU"]:
             raise ValueError(f"scaling.num_workers: a run asks for {need_cpu} CPUs ({sc.num_workers} workers x "
-                             f"{sc.cpus_per_worker}); the Ray cluster has {have.get('CPU', 0):g}")
+                             f"{sc.cpus_per_worker}); {where} has {have['CPU']:g}")
 
 
 def pick_runner(config: RunConfig, runner: str) -> str:
@@ -108,18 +160,66 @@ def train_loop(loop_config: dict) -> None:
         distill.run(config, report, checkpoint=directory)
 
 
+class MetricsFile:
+    """A run's metrics.jsonl: one JSON row per reported step, in step order.
+
+    A restarted worker resumes from the last checkpoint Ray kept and reports the steps after it
+    again (so does ``--resume``): those rows replace the ones the lost attempt wrote, so the file
+    keeps one row per step, from the attempt the run went on with. Appends are plain; a rewrite
+    (on the first row a process writes, or a step that goes back) is atomic, and drops a last
+    line a crash cut short.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.last_step: int | None = None
+
+    def rows(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def append(self, row: dict) -> None:
+        step = row["step"]
+        if self.last_step is not None and step > self.last_step:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            kept = [r for r in self.rows() if r["step"] < step]
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in [*kept, row]))
+        self.last_step = step
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] if there is none); a last line cut short is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n != len(lines):
+                raise ValueError(f"{path} line {n} is not JSON: the file is damaged") from None
+    return rows
+
+
 def _row_log_callback(path: Path):
     import ray.train
 
     class RowLog(ray.train.UserCallback):
-        """In the Train controller: append rank 0's row of every report to a JSONL file
+        """In the Train controller: write rank 0's row of every report to metrics.jsonl
         (Ray keeps only the rows that came with a checkpoint)."""
+
+        def __init__(self):
+            self.file = MetricsFile(path)
 
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0])
             row["checkpoint_path"] = checkpoint.path if checkpoint else None
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.file.append(row)
 
     return RowLog()
 
@@ -151,17 +251,24 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
                max_failures: int = 1) -> dict:
     """`liftplace distill`: one run on Ray Train, written to ``out``.
 
-    out/config.json (the resolved config), out/metrics.jsonl (every reported row),
+    out/config.json (the resolved config), out/metrics.jsonl (one row per reported step),
     out/run/checkpoint_* (Ray Train's checkpoints), out/samples.png (the final student's
     samples, left four columns, beside the teacher's from the same noise, right four).
     """
     out = Path(out).resolve()
     prepare_out_dir(out, resume)
     if resume:
-        saved = json.loads((out / "config.json").read_text())
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--resume: {out / 'config.json'} is not valid JSON ({err})") from None
         if saved != config.to_dict():
             raise ValueError(f"--resume: the config differs from the one saved in {out / 'config.json'}; "
                              "resume with the same preset and --set values")
+        last = _last_checkpoint(out)
+        if last is not None:  # what the run would resume from: refused now, not in a worker
+            distill.check_checkpoint(last)
+    check_resources([config], address)  # before Ray starts, where that can be known
     ensure_ray(address)
     check_resources([config])
     out.mkdir(parents=True, exist_ok=True)
@@ -171,11 +278,16 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"the run failed: {result.error}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = rows[-1]
+    last = read_metrics(out / "metrics.jsonl")[-1]
     if last.get("checkpoint_path") and (Path(last["checkpoint_path"]) / "samples.png").is_file():
         shutil.copy(Path(last["checkpoint_path"]) / "samples.png", out / "samples.png")
     return last
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    """The checkpoint Ray Train resumes a run in out from: the last one its rows name."""
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("checkpoint_path")]
+    return Path(rows[-1]["checkpoint_path"]) if rows else None
 
 
 # --- Ray Tune studies --------------------------------------------------------------------
@@ -314,14 +426,19 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     if len(runners) != 1:
         raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")
     chosen = runners.pop()
-    storage = Path(storage).expanduser().resolve() if "://" not in str(storage) else storage
+    if "://" in str(storage):
+        # study.json, --resume and the analysis read the study folder with local file I/O.
+        raise ValueError(f"--storage {storage}: URIs are not supported; give a folder (on a multi-node "
+                         "cluster, a shared file system mounted at the same path on every node, e.g. EFS)")
+    storage = Path(storage).expanduser().resolve()
     folder = Path(storage) / study.name
     info = {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
             "seeds": seeds, "evals": study.evals, "space": {k: str(v) for k, v in study.space.items()},
             "num_samples": study.num_samples, "variants": study.variants, "base": study.base, "metric": study.metric,
             "mode": study.mode, "runner": chosen, "trials": len(trials)}
+    check_resources(configs, address)
     _claim_folder(folder, info, resume)
-    ray = ensure_ray(address)
+    ensure_ray(address)
     check_resources(configs)
     for t in trials:
         t["train_storage"] = str(folder / "_train")
@@ -329,7 +446,8 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     trainable = _trainable(chosen, configs[0])
     if max_concurrent is None:
         per_trial = configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker
-        max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+        # An autoscaling cluster's ceiling, not its size now (GPU workers may start from zero).
+        max_concurrent = max(1, int(min(cluster_capacity()["CPU"], 1024) // per_trial))
     count = f"{study.num_samples} sampled trials" if study.space else f"{len(trials)} trials ({len(study.variants)} variants x {seeds} seeds)"
     log(f"study {study.name}: {count}, "
         f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")
@@ -409,9 +527,7 @@ def _claim_folder(folder: Path, info: dict, resume: bool) -> None:
     if resume:
         raise FileNotFoundError(f"--resume: no study to resume at {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{STUDY_FILE}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(info_file)
+    files.write_text(info_file, json.dumps(info, indent=2) + "\n")
 
 
 def study_main(study: Study, argv=None, *, after=None) -> Path | None:

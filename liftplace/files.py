@@ -1,0 +1,45 @@
+"""Result files written so that a crash never leaves a half-written one in place.
+
+Each file is written beside its destination under a hidden temporary name and renamed over it
+(``os.replace`` is atomic on one file system): readers see the old file or the new one. A write
+that fails removes its temporary file, so no debris is left for a later run to trip over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temp_path(path: Path) -> Path:
+    """Where path is written before it is renamed into place (hidden: ``.<name>.tmp``)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def stage(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write path's new content to its temporary file with write(tmp); returns the temporary
+    path (rename it into place with commit). A failed write leaves no temporary file."""
+    tmp = temp_path(Path(path))
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def commit(tmp: Path, path: str | Path) -> None:
+    try:
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Replace path with what write(tmp) writes to a temporary file, or leave it untouched."""
+    commit(stage(path, write), path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))

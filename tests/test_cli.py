@@ -1,0 +1,176 @@
+"""Bad input at the real entry points (`liftplace distill`, `studies/ablate_k.py`): refused
+before any training, with one line on stderr naming the bad value, a non-zero exit, no
+traceback, and no run or study folder written (an existing one left byte for byte)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env():
+    # The source tree first: the entry points must import this checkout's package.
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def liftplace(*args):
+    return [sys.executable, "-m", "liftplace.cli", *args]
+
+
+def ablate_k(*args):
+    return [sys.executable, str(ROOT / "studies" / "ablate_k.py"), *args]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Case:
+    def __init__(self, cmd, names, out):
+        self.cmd, self.out = cmd, out  # out: a folder that must stay as it was (or stay absent)
+        self.names = (names,) if isinstance(names, str) else names  # what the error line must say
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_teacher_dir, tmp_path_factory):
+    """Every bad input, as a subprocess, a few at a time: each spends ~6 s of CPU importing torch,
+    diffusers and Ray, and well under a second refusing."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    (tmp / "empty").mkdir()
+    (tmp / "pickled.pth").write_bytes(_pickle_that_writes(tmp / "PWNED"))
+    base = ["--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}"]
+
+    def distill(name, *sets, names):
+        out = tmp / name / "out"
+        return Case(liftplace("distill", *base, *[a for s in sets for a in ("--set", s)], "--out", str(out)), names, out)
+
+    def study(name, *args, names):
+        storage = tmp / name / "storage"
+        return Case(ablate_k("--preset", "smoke", "--seeds", "1", "--storage", str(storage),
+                             "--set", f"teacher.name={tiny_teacher_dir}", *args), names, storage)
+
+    found = {
+        "unknown key": distill("unknown-key", "train.stepz=5", names="'train.stepz'"),
+        "wrong type": distill("wrong-type", "train.steps=abc", names="'abc'"),
+        "group size": distill("group-size", "objective.name=place", "objective.group_size=24", names="group_size 24"),
+        "prune ratio": distill("prune", "student.prune_ratio=1.0", names="student.prune_ratio"),
+        "missing teacher": distill("teacher", "teacher.name=/nonexistent/teacher", names="/nonexistent/teacher"),
+        "missing data folder": distill("data", "data.spec=folder:/nonexistent/images", names="/nonexistent/images"),
+        "empty data folder": distill("empty", f"data.spec=folder:{tmp / 'empty'}", names=str(tmp / "empty")),
+        "missing inception weights": distill("inception", "eval.extractor=inception-v3-compat",
+                                             "eval.extractor_weights=/nonexistent/inception.pth",
+                                             names="/nonexistent/inception.pth"),
+        "pickled inception weights": distill("inception-pickle", "eval.extractor=inception-v3-compat",
+                                             f"eval.extractor_weights={tmp / 'pickled.pth'}", names="pickled.pth"),
+        "GPUs this machine lacks": distill("gpu", "scaling.use_gpu=true", names="scaling.use_gpu"),
+        "corrupt checkpoint": _corrupt_run(tmp / "corrupt", tiny_teacher_dir, base),
+        "study: unknown key": study("study-key", "--set", "objective.stepz=1", names="'objective.stepz'"),
+        "study: another study in storage": _other_study(tmp / "other", tiny_teacher_dir),
+    }
+    before = {name: snapshot(case.out) if case.out.exists() else None for name, case in found.items()}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = dict(zip(found, pool.map(
+            lambda case: subprocess.run(case.cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT),
+            found.values())))
+    return {name: (found[name], done[name], before[name]) for name in found} | {"_tmp": tmp}
+
+
+def _pickle_that_writes(marker: Path) -> bytes:
+    """A .pth whose unpickling creates marker: what a malicious weights file could do."""
+    import io
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buffer = io.BytesIO()
+    torch.save({"fc.weight": Payload()}, buffer)
+    return buffer.getvalue()
+
+
+def _corrupt_run(folder: Path, teacher, base) -> Case:
+    """A run folder as `liftplace distill` leaves it, whose last checkpoint is damaged."""
+    from liftplace import distill
+    from liftplace.config import resolve
+
+    out = folder / "out"
+    config = resolve("smoke", {"teacher.name": str(teacher), "train.steps": 5, "eval.num_images": 32,
+                               "eval.sampler_steps": 2})
+    checkpoint = out / "run" / "checkpoint_0"
+    rows = []
+
+    def report(row, directory):
+        if directory is not None:
+            import shutil
+
+            shutil.copytree(directory, checkpoint)
+        rows.append({**row, "checkpoint_path": str(checkpoint) if directory else None})
+
+    out.mkdir(parents=True)
+    distill.run(config, report, log=lambda *_: None)
+    config.save(out / "config.json")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (checkpoint / "student.safetensors").write_bytes(b"\0" * 40)
+    sets = ["train.steps=5", "eval.num_images=32", "eval.sampler_steps=2"]
+    return Case(liftplace("distill", *base, *[a for s in sets for a in ("--set", s)], "--out", str(out), "--resume"),
+                ("corrupt checkpoint", str(checkpoint)), out)
+
+
+def _other_study(folder: Path, teacher) -> Case:
+    """Storage whose ablate_k folder holds a different ablate_k study (other seeds)."""
+    storage = folder / "storage"
+    study = storage / "ablate_k"
+    study.mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"name": "ablate_k", "seeds": 5, "preset": "cpu"}) + "\n")
+    (study / "kd-seed0-00000" / "result.json").parent.mkdir()
+    (study / "kd-seed0-00000" / "result.json").write_text('{"step": 5}\n')
+    return Case(ablate_k("--preset", "smoke", "--seeds", "1", "--storage", str(storage),
+                         "--set", f"teacher.name={teacher}"), "different study", storage)
+
+
+NAMES = [
+    "unknown key", "wrong type", "group size", "prune ratio", "missing teacher", "missing data folder",
+    "empty data folder", "missing inception weights", "pickled inception weights", "GPUs this machine lacks",
+    "corrupt checkpoint", "study: unknown key", "study: another study in storage",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_refused_with_one_line(cases, name):
+    case, proc, before = cases[name]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "error:" in lines[0] and all(name in lines[0] for name in case.names), lines[0]
+    assert not re.search(r"step \d+/\d+", proc.stdout + proc.stderr)  # no training started
+    assert "ray: " not in proc.stdout  # nor Ray (ensure_ray says when it starts or joins one)
+    # Nothing written: no run or study folder, or the existing one byte for byte.
+    after = snapshot(case.out) if case.out.exists() else None
+    assert after == before
+
+
+def test_pickled_weights_were_never_unpickled(cases):
+    assert not (cases["_tmp"] / "PWNED").exists()
+
+
+def test_gpus_a_joined_cluster_lacks_are_refused_with_one_line(ray_session, tiny_teacher_dir, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    proc = subprocess.run(liftplace("distill", "--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}",
+                                    "--set", "scaling.use_gpu=true", "--out", str(out), "--address", address),
+                          capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "the Ray cluster has 0" in lines[0], proc.stderr
+    assert f"ray: joined the cluster at {address}" in proc.stdout  # refused after joining, still one line
+    assert not out.exists()
