@@ -24,7 +24,7 @@ def make(folder):
         raise ValueError(f"no samples.png in any trial's final checkpoint under {folder}")
     cols = min(4, len(grids))
     rows = (len(grids) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (variant, path) in zip(axes.flat, grids):

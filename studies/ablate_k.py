@@ -2,9 +2,10 @@
 
 Question: does cutting each channel into groups of elements ranked by error (PLACE) beat one
 line per channel (LIFT), and at which group size? The paper's K = 16 is a group size of 16.
-Held fixed: the preset's teacher, the 90%-pruned student, steps, batch, lr, seeds 0..N-1;
+Held fixed: the preset's teacher and pruned student (`cpu`: 50%, `paper`: 90%), steps, batch,
+lr, seeds 0..N-1;
 num_groups variants give the same cut by group count (at 16x16, G = 8 is K = 32).
-Cost: `cpu` preset, 6 variants x 2 seeds, about 15 minutes on a 2-core laptop (README has
+Cost: `cpu` preset, 6 variants x 2 seeds, about 30 minutes on a 2-core laptop (README has
 the measured time); `paper` preset, about 12 x (100k steps of the user's DDPM) GPU runs.
 
     python studies/ablate_k.py [--preset smoke|cpu|paper] [--seeds N] [--storage DIR]

@@ -5,7 +5,7 @@ pruned student on the data alone (w/o KD); kd matches the teacher's output; feat
 outputs (through 1x1 adapters); lift and place are this method.
 Held fixed: the preset's teacher, steps, batch, lr, seeds. Reported: FID, precision, recall,
 parameters and MACs of each student.
-Cost: `cpu` preset, 18 variants x 2 seeds, about 45 minutes on a 2-core laptop; `paper`,
+Cost: `cpu` preset, 18 variants x 2 seeds, about 80 minutes on a 2-core laptop (estimated); `paper`,
 36 GPU runs of 100k steps on the user's DDPM (the paper's table uses one seed).
 
     python studies/compression.py [--preset smoke|cpu|paper] [--seeds N] [--set key=value ...]

@@ -1,11 +1,12 @@
-"""Stability: many seeds of kd, lift and place at 90% pruning, with FID along training.
+"""Stability: many seeds of kd, lift and place, with FID along training.
 
 Question (the paper's Figure 6): is PLACE not only better on average but more stable across
 seeds than plain KD? Each run evaluates FID four times during training and once at the end; the analysis reports
 mean, std, a bootstrap 95% interval, the number of diverged runs and a Mann-Whitney test of
 place against kd.
-Held fixed: the preset's teacher and student, steps, batch, lr. Varied: seeds 0..N-1.
-Cost: `cpu` preset, 3 methods x 5 seeds with 5 evaluations each, about 25 minutes on a 2-core
+Held fixed: the preset's teacher and pruned student (`cpu`: 50%, `paper`: 90%), steps, batch,
+lr. Varied: seeds 0..N-1.
+Cost: `cpu` preset, 3 methods x 5 seeds with 5 evaluations each, about 45 minutes (estimated) on a 2-core
 laptop; `paper`, 15 GPU runs of 100k steps.
 
     python studies/stability.py [--preset smoke|cpu|paper] [--seeds N] [--set key=value ...]
