@@ -93,7 +93,7 @@ def cli(make, description: str):
     args = parser.parse_args()
     try:
         paths = make(args.results_dir)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     for path in paths:

@@ -48,10 +48,26 @@ def residual_after_lines(s: torch.Tensor, t: torch.Tensor, group_len: int) -> fl
 
 
 def variant_k(config) -> int:
+    """The place variant's group size; the maps draw groups within channel 0 (H*W elements)."""
     o, n = config.objective, config.data.resolution ** 2
-    if o.name == "place":
-        return o.group_size if o.group_size is not None else n // o.num_groups
-    return DEFAULT_K
+    if o.name != "place":
+        return DEFAULT_K
+    if o.group_size is not None:
+        k = o.group_size
+    elif o.num_groups is not None:
+        # num_groups cuts a (sample, channel) domain, or a whole sample with group_by "sample"
+        k = n * (config_channels(config) if o.group_by == "sample" else 1) // o.num_groups
+    else:
+        k = DEFAULT_K  # place's default group size
+    if n % k:
+        raise ValueError(f"error maps draw groups within one channel of {n} elements; K = {k} does not divide it")
+    return k
+
+
+def config_channels(config) -> int:
+    from liftplace.teachers import load_teacher
+
+    return load_teacher(config.teacher.name)[0].config.in_channels
 
 
 def pick_students(summary: pd.DataFrame) -> list:

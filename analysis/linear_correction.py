@@ -57,7 +57,7 @@ def probe_timesteps(process) -> list:
 def error_shares(student, teacher, process, x0: torch.Tensor, labels=None, *, seed: int = 0) -> pd.DataFrame:
     """Per timestep: the student's MSE to the teacher, after the line, the share removed, betas."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # drawn on the CPU: the same on any device
     rows = []
     for t in probe_timesteps(process):
         x_t = process.noise_at(x0, t, noise)
@@ -87,7 +87,7 @@ def first_seeds(summary: pd.DataFrame) -> pd.DataFrame:
 
 def fid_variants(summary: pd.DataFrame) -> list[str]:
     """kd (the paper's observation is about a KD student) and the best other variant by mean FID."""
-    ok = summary[~summary["diverged"]]
+    ok = summary[~summary["diverged"] & summary["final_checkpoint"].notna()]  # a student to load
     means = ok.groupby("variant")["final_fid"].mean().sort_values()
     kd = [v for v in means.index if ok[ok["variant"] == v]["config/objective/name"].iloc[0] == "kd"]
     others = [v for v in means.index if v not in kd]
@@ -138,10 +138,13 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
                      "gap_closed": (plain["fid"] - fixed["fid"]) / gap if gap > 0 else np.nan,
                      "student_precision": plain["precision"], "corrected_precision": fixed["precision"],
                      "share_removed_mean": share["share_removed"].mean()})
+    if not fids:
+        raise ValueError(f"none of the variants {sorted(sampled)} has a non-diverged trial with a final checkpoint")
     return pd.concat(shares, ignore_index=True), pd.DataFrame(fids)
 
 
-def make(folder, *, num_images: int | None = None, all_variants: bool = False, device: str = "cpu"):
+def make(folder, *, num_images: int | None = None, all_variants: bool = False, device: str | None = None):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _, summary, info = load(folder)
     shares, fids = measure(folder, num_images=num_images, all_variants=all_variants, device=device)
     shares.to_csv(out_dir(folder) / "linear_correction_shares.csv", index=False)
@@ -163,7 +166,8 @@ def make(folder, *, num_images: int | None = None, all_variants: bool = False, d
     x = np.arange(len(fids))
     ax3.bar(x - 0.2, fids["student_fid"], 0.4, label="student as trained", color="C7")
     ax3.bar(x + 0.2, fids["corrected_fid"], 0.4, label="student + fitted line", color="C2")
-    ax3.axhline(fids["teacher_fid"].iloc[0], color="k", ls="--", label="teacher")
+    ax3.scatter(x, fids["teacher_fid"], marker="_", s=900, linewidths=2, color="k", zorder=3,
+                label="its teacher, same noise")
     ax3.set_xticks(x, fids["variant"], rotation=30, ha="right", fontsize=7)
     ax3.set_yscale("log")
     ax3.set_ylabel(f"FID ({int(fids['images'].iloc[0])} images, log scale; lower is better)")
@@ -190,7 +194,8 @@ def main(argv=None):
                         help=f"images per FID (default: min(eval.num_images, {DEFAULT_FID_IMAGES}))")
     parser.add_argument("--all-variants", action="store_true",
                         help="sample every variant, not only kd and the best other one")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when there is a GPU)")
     args = parser.parse_args(argv)
     try:
         paths = make(args.results_dir, num_images=args.num_images, all_variants=args.all_variants, device=args.device)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import compression_table
 import error_maps
 import fid_vs_k
@@ -24,15 +26,36 @@ BY_STUDY = {
 }
 
 
+# These read the trials' final checkpoints (and the first two run the students and the teacher):
+# they need the checkpoints, teacher and data where the study ran (on a cluster: the head).
+NEEDS_CHECKPOINTS = (linear_correction, error_maps, samples)
+
+
 def make(folder):
     df, summary, info = load(folder)
     scripts = BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
-    paths = []
+    paths, skipped = [], []
+    if info.get("preset") == "paper" and not torch.cuda.is_available():
+        # 200 images x the sampler's steps through the user's teacher, three times: hours on CPU.
+        scripts.remove(linear_correction)
+        skipped.append("- `linear_correction` skipped: a `paper` study's teacher on a CPU takes hours; run "
+                       f"`python analysis/linear_correction.py {folder}` on a machine with a GPU")
+        print(f"make_all: {skipped[-1][2:]}")
     for script in dict.fromkeys(scripts):
-        paths += script.make(folder)
+        try:
+            paths += script.make(folder)
+        except FileNotFoundError as err:
+            if script not in NEEDS_CHECKPOINTS:
+                raise
+            name = script.__name__
+            print(f"make_all: skipped {name}: {err}")
+            skipped.append(f"- `{name}` skipped: {err} (it reads the trials' checkpoints; run it where the "
+                           "checkpoints, teacher and data are)")
     lines = [f"# {info['name']}", "", info.get("description", "").strip().split("\n\n")[0], "",
              f"**Protocol.** {protocol_line(summary)}. Preset `{info['preset']}`, {info['seeds']} seeds per variant, "
              f"runner `{info['runner']}`, {len(summary)} trials ({int(summary['diverged'].sum())} diverged).", ""]
+    if skipped:
+        lines += ["## Not built", "", *skipped, ""]
     table = fid_by_variant(summary).reset_index()
     lines += ["## Final FID by variant", "", table.to_markdown(index=False, floatfmt=".3g"), ""]
     for path in paths:

@@ -21,7 +21,7 @@ def make(folder):
     grids = [(row["variant"], Path(row["final_checkpoint"]) / "samples.png") for _, row in firsts.iterrows()
              if isinstance(row.get("final_checkpoint"), str) and (Path(row["final_checkpoint"]) / "samples.png").is_file()]
     if not grids:
-        raise ValueError(f"no samples.png in any trial's final checkpoint under {folder}")
+        raise FileNotFoundError(f"no samples.png in any trial's final checkpoint under {folder}")
     cols = min(4, len(grids))
     rows = (len(grids) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)

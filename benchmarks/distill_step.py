@@ -3,7 +3,7 @@
     python benchmarks/distill_step.py [--steps 60] [--set key=value ...]
 
 Runs ``liftplace.distill.run`` in-process (no Ray) for kd, lift and place (group size 16)
-with the preset's teacher and 90%-pruned student, and reports the median step rate over the
+with the preset's teacher and student (`cpu`: 50%-pruned), and reports the median step rate over the
 logged windows after the first (warm-up). A step is: the teacher's forward (no grad), the
 student's forward and backward, the loss, the optimizer and EMA updates.
 """

@@ -250,7 +250,9 @@ def _rng_state(gen: torch.Generator) -> dict:
 def save_checkpoint(directory: Path, step, student, ema, opt, objective, gen, rank, world) -> None:
     """Write one checkpoint into directory. Every file is written to a temporary name first and
     renamed into place only once all of them are written: a write that fails (a full disk, an
-    error) leaves a checkpoint already in directory whole, and no temporary files behind."""
+    error) leaves a checkpoint already in directory whole, and no temporary files behind. (A
+    rename failing half way could still mix files; runs write each checkpoint to a fresh
+    folder, so none is overwritten in place.)"""
     directory.mkdir(parents=True, exist_ok=True)
     writers = {}
     if rank == 0:

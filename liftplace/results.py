@@ -158,11 +158,20 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def trial_config(path: str | Path, trial_dir: str) -> dict:
-    """A trial's full run config (the nested dict ``liftplace.config.from_dict`` takes)."""
+    """A trial's full run config (the nested dict ``liftplace.config.from_dict`` takes),
+    with a search trial's sampled values in place."""
     params_file = Path(path) / trial_dir / "params.json"
     if not params_file.is_file():
         raise NotAStudy(f"half-written study: {params_file} is missing")
-    run = json.loads(params_file.read_text()).get("run", {})
+    params = json.loads(params_file.read_text())
+    run = params.get("run", {})
     if "config" not in run:
         raise NotAStudy(f"{params_file} holds no run config (not a liftplace study trial)")
-    return run["config"]
+    config = json.loads(json.dumps(run["config"]))
+    for key, value in params.get("search", {}).items():  # a search trial: the values Optuna chose
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config

@@ -438,7 +438,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             "mode": study.mode, "runner": chosen, "trials": len(trials)}
     check_resources(configs, address)
     _claim_folder(folder, info, resume)
-    ensure_ray(address)
+    ray = ensure_ray(address)
     check_resources(configs)
     for t in trials:
         t["train_storage"] = str(folder / "_train")
@@ -446,8 +446,12 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     trainable = _trainable(chosen, configs[0])
     if max_concurrent is None:
         per_trial = configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker
-        # An autoscaling cluster's ceiling, not its size now (GPU workers may start from zero).
-        max_concurrent = max(1, int(min(cluster_capacity()["CPU"], 1024) // per_trial))
+        # GPU trials: an autoscaling cluster's ceiling (GPU workers start from zero); CPU
+        # trials: the CPUs up now, so that queued CPU trials never make the autoscaler start
+        # GPU machines for them.
+        cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
+                else ray.cluster_resources().get("CPU", 1))
+        max_concurrent = max(1, int(cpus // per_trial))
     count = f"{study.num_samples} sampled trials" if study.space else f"{len(trials)} trials ({len(study.variants)} variants x {seeds} seeds)"
     log(f"study {study.name}: {count}, "
         f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")

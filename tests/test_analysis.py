@@ -188,3 +188,25 @@ def test_lines_per_group_never_leave_more_error_than_one_line():
     assert one == pytest.approx((t - fit).square().mean().item(), rel=1e-5)  # one group = LIFT's line
     residuals = [error_maps.residual_after_lines(s, t, k) for k in (32, 16, 4)]
     assert all(r <= one + 1e-7 for r in residuals) and residuals[-1] < 0.5 * one
+
+
+def test_a_search_trials_config_holds_the_values_optuna_chose(tmp_path):
+    from liftplace.results import trial_config
+
+    config = {"objective": {"name": "place", "group_size": None}, "train": {"lr": 1e-3, "seed": 0}}
+    write_trial(tmp_path, "t", [{"step": 1}], config)
+    params = json.loads((tmp_path / "t" / "params.json").read_text())
+    params["search"] = {"objective.group_size": 64, "train.lr": 3e-4}
+    (tmp_path / "t" / "params.json").write_text(json.dumps(params))
+    got = trial_config(tmp_path, "t")
+    assert got["objective"] == {"name": "place", "group_size": 64} and got["train"] == {"lr": 3e-4, "seed": 0}
+
+
+def test_error_maps_use_the_place_variants_group_size():
+    from liftplace.config import resolve
+
+    k = error_maps.variant_k
+    assert k(resolve("cpu", ["objective.name=place"])) == 16  # place's default
+    assert k(resolve("cpu", ["objective.name=place", "objective.group_size=64"])) == 64
+    assert k(resolve("cpu", ["objective.name=place", "objective.num_groups=8"])) == 32  # 16x16 / 8
+    assert k(resolve("cpu", ["objective.name=kd"])) == 16

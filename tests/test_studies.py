@@ -4,6 +4,7 @@ figure; an interrupted study resumed with --resume ends with every trial exactly
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,15 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure):
     assert not summary["diverged"].any() and (summary["final_fid"] > 0).all()
     out = folder / "analysis"
     assert (out / figure).stat().st_size > 0 and (out / "REPORT.md").stat().st_size > 0
+    if name == "ablate_k":  # a paper study copied off its cluster: figures from the rows, the rest said
+        copy = tmp_path / "copied" / name
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint_*", "analysis"))
+        info = json.loads((copy / "study.json").read_text())
+        (copy / "study.json").write_text(json.dumps({**info, "preset": "paper"}))
+        make(copy)
+        report = (copy / "analysis" / "REPORT.md").read_text()
+        assert "## Not built" in report and (copy / "analysis" / "fid_vs_k.png").is_file()
+        assert all(f"`{s}` skipped" in report for s in ("linear_correction", "error_maps", "samples"))
     if name == "stability":  # FID along training: evaluations before the end
         evals = load_study(folder).dropna(subset=["fid"])
         assert evals.groupby("trial_dir").size().min() >= 3
@@ -78,8 +88,10 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
 
 def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     module = load_script("tune_hparams")
+    make = importlib.import_module("make_all").make
     folder = module.study_main(module.STUDY, ["--preset", "smoke", "--samples", "3", "--storage", str(tmp_path),
-                                              *FAST, "--set", "train.steps=12"])
+                                              *FAST, "--set", "train.steps=12"], after=make)
+    assert (folder / "analysis" / "REPORT.md").stat().st_size > 0 and (folder / "analysis" / "error_maps.png").is_file()
     df = load_study(folder)
     summary = summarize(df)
     assert len(summary) == 3 and summary["final_fid"].notna().all()
