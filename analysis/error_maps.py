@@ -14,17 +14,19 @@ channel (LIFT) removes and how much one line per group (PLACE) removes.
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import torch
 
 from common import cli, load, plt, save_figure
 from liftplace import models
-from liftplace.config import from_dict
 from liftplace.data import load_dataset
 from liftplace.distill import load_student
 from liftplace.metrics import stack_dataset
 from liftplace.objectives import error_order, fit_lines, group_elements
 from liftplace.results import trial_config
+from liftplace.teachers import teacher_path
 
 FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)  # timesteps as fractions of T
 DEFAULT_K = 16
@@ -65,9 +67,7 @@ def variant_k(config) -> int:
 
 
 def config_channels(config) -> int:
-    from liftplace.teachers import load_teacher
-
-    return load_teacher(config.teacher.name)[0].config.in_channels
+    return json.loads((teacher_path(config.teacher.name) / "config.json").read_text())["in_channels"]
 
 
 def pick_students(summary: pd.DataFrame) -> list:
@@ -98,7 +98,7 @@ def make(folder):
     picks = pick_students(summary)
     if not picks:
         raise ValueError(f"no non-diverged trial with a final checkpoint under {folder}")
-    configs = [from_dict(trial_config(folder, row["trial_dir"])) for row in picks]
+    configs = [trial_config(folder, row["trial_dir"]) for row in picks]
     place = [c for c in configs if c.objective.name == "place"]
     k = variant_k(place[0]) if place else DEFAULT_K
     rows = 3 * len(picks)

@@ -29,23 +29,23 @@ import torch
 
 from common import load, out_dir, plt, save_figure, save_table
 from liftplace import models
-from liftplace.config import from_dict
 from liftplace.data import load_dataset
 from liftplace.distill import load_student
 from liftplace.metrics import compute_metrics, real_images, stack_dataset
 from liftplace.objectives import fit_lines
 from liftplace.results import trial_config
+from liftplace.teachers import generate
 
 NUM_TIMESTEPS = 11  # evenly spaced over [0, T): 0, 100, ..., 900, 999 for T = 1000
 PROBE_IMAGES = 256  # validation images per timestep for the error shares
 DEFAULT_FID_IMAGES = 200
 
 
-def line_fit(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The least-squares line of t on s, per sample and channel, evaluated at s."""
+def line_fit(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The least-squares line of t on s, per sample and channel: (its values at s, beta0, beta1)."""
     flat_s, flat_t = s.flatten(2), t.flatten(2)
     beta0, beta1 = fit_lines(flat_s, flat_t, eps=1e-12)
-    return (beta0.unsqueeze(-1) + beta1.unsqueeze(-1) * flat_s).reshape(s.shape)
+    return (beta0.unsqueeze(-1) + beta1.unsqueeze(-1) * flat_s).reshape(s.shape), beta0, beta1
 
 
 def probe_timesteps(process) -> list:
@@ -64,8 +64,8 @@ def error_shares(student, teacher, process, x0: torch.Tensor, labels=None, *, se
         s = models.predict(student, x_t, t, labels).float()
         tt = models.predict(teacher, x_t, t, labels).float()
         before = (tt - s).square().mean().item()
-        after = (tt - line_fit(s, tt)).square().mean().item()
-        beta0, beta1 = fit_lines(s.flatten(2), tt.flatten(2), eps=1e-12)
+        fit, beta0, beta1 = line_fit(s, tt)
+        after = (tt - fit).square().mean().item()
         rows.append({"timestep": t, "mse": before, "mse_line": after,
                      "share_removed": 1 - after / before if before > 0 else np.nan,
                      "beta0": beta0.mean().item(), "beta1": beta1.mean().item(), "images": len(x0)})
@@ -76,7 +76,7 @@ def corrected_predict(student, teacher):
     """A sampler's predict_fn: the student's output moved onto its fitted line to the teacher's."""
     def predict(x, t, *labels):
         s = models.predict(student, x, t, *labels).float()
-        return line_fit(s, models.predict(teacher, x, t, *labels).float())
+        return line_fit(s, models.predict(teacher, x, t, *labels).float())[0]
     return predict
 
 
@@ -96,8 +96,6 @@ def fid_variants(summary: pd.DataFrame) -> list[str]:
 
 def measure(folder, *, num_images: int | None = None, all_variants: bool = False, device: str = "cpu", log=print):
     """(per-timestep shares for every variant's first seed, FID table for the chosen ones)."""
-    from liftplace.teachers import generate
-
     _, summary, _ = load(folder)
     picks = first_seeds(summary)
     if picks.empty:
@@ -105,7 +103,7 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
     sampled = set(picks["variant"]) if all_variants else set(fid_variants(summary))
     shares, fids, teacher_metrics = [], [], {}
     for _, row in picks.iterrows():
-        config = from_dict(trial_config(folder, row["trial_dir"]))
+        config = trial_config(folder, row["trial_dir"])
         student, teacher, process = load_student(row["final_checkpoint"], config, device=device)
         protocol = config.eval.protocol()
         n = min(protocol.num_images, num_images or DEFAULT_FID_IMAGES)

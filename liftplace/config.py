@@ -171,11 +171,12 @@ def resolve(preset: str = "cpu", overrides: list[str] | dict | None = None, *, c
     return config
 
 
-def from_dict(data: dict, *, check_paths: bool = True) -> RunConfig:
-    """Rebuild a config saved with RunConfig.to_dict (e.g. from a run directory's config.json)."""
+def from_dict(data: dict, overrides: dict | None = None, *, check_paths: bool = True) -> RunConfig:
+    """Rebuild a config saved with RunConfig.to_dict (e.g. from a run directory's config.json),
+    with dotted-key overrides on top (a search trial's sampled values)."""
     flat = dict(flatten(data))
     preset = flat.pop("preset", "cpu")
-    return resolve(preset, flat, check_paths=check_paths)
+    return resolve(preset, {**flat, **(overrides or {})}, check_paths=check_paths)
 
 
 def flatten(data: dict, prefix: str = ""):

@@ -157,9 +157,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 
-def trial_config(path: str | Path, trial_dir: str) -> dict:
-    """A trial's full run config (the nested dict ``liftplace.config.from_dict`` takes),
-    with a search trial's sampled values in place."""
+def trial_config(path: str | Path, trial_dir: str):
+    """A trial's validated RunConfig, with a search trial's sampled values in place (a teacher
+    or data path that is not on this machine raises FileNotFoundError)."""
+    from liftplace.config import from_dict  # torch and friends: only for analysis that runs models
+
     params_file = Path(path) / trial_dir / "params.json"
     if not params_file.is_file():
         raise NotAStudy(f"half-written study: {params_file} is missing")
@@ -167,11 +169,4 @@ def trial_config(path: str | Path, trial_dir: str) -> dict:
     run = params.get("run", {})
     if "config" not in run:
         raise NotAStudy(f"{params_file} holds no run config (not a liftplace study trial)")
-    config = json.loads(json.dumps(run["config"]))
-    for key, value in params.get("search", {}).items():  # a search trial: the values Optuna chose
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config
+    return from_dict(run["config"], params.get("search", {}))

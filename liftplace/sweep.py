@@ -334,12 +334,8 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[
 
 def _trial_config(params: dict) -> tuple[RunConfig, dict]:
     run = params["run"]
-    config = from_dict(run["config"], check_paths=False)
-    chosen = params.get("search", {})
-    if chosen:  # a search trial: Optuna's choices on top of the base config
-        for key, value in chosen.items():
-            set_value(config, key, value)
-        validate(config, check_paths=False)
+    chosen = params.get("search", {})  # a search trial: Optuna's choices on top of the base config
+    config = from_dict(run["config"], chosen, check_paths=False)
     variant = run["variant"] + "".join(f" {k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f" {k.split('.')[-1]}={v}"
                                        for k, v in sorted(chosen.items()))
     return config, {"variant": variant}

@@ -161,7 +161,7 @@ def test_the_fitted_line_removes_an_affine_students_whole_error(tiny_teacher_dir
 def test_line_fit_is_least_squares_per_sample_and_channel():
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
-    fit = linear_correction.line_fit(s, t)
+    fit = linear_correction.line_fit(s, t)[0]
     for b in range(3):
         for c in range(2):
             design = torch.stack([torch.ones(16), s[b, c].flatten()], 1).double()
@@ -184,7 +184,7 @@ def test_lines_per_group_never_leave_more_error_than_one_line():
     s = torch.randn(2, 1, 8, 8, generator=gen)
     t = torch.sin(3 * s) + 0.1 * torch.randn(2, 1, 8, 8, generator=gen)
     one = error_maps.residual_after_lines(s, t, 64)
-    fit = linear_correction.line_fit(s, t)
+    fit = linear_correction.line_fit(s, t)[0]
     assert one == pytest.approx((t - fit).square().mean().item(), rel=1e-5)  # one group = LIFT's line
     residuals = [error_maps.residual_after_lines(s, t, k) for k in (32, 16, 4)]
     assert all(r <= one + 1e-7 for r in residuals) and residuals[-1] < 0.5 * one
@@ -199,7 +199,8 @@ def test_a_search_trials_config_holds_the_values_optuna_chose(tmp_path):
     params["search"] = {"objective.group_size": 64, "train.lr": 3e-4}
     (tmp_path / "t" / "params.json").write_text(json.dumps(params))
     got = trial_config(tmp_path, "t")
-    assert got["objective"] == {"name": "place", "group_size": 64} and got["train"] == {"lr": 3e-4, "seed": 0}
+    assert (got.objective.name, got.objective.group_size) == ("place", 64)
+    assert (got.train.lr, got.train.seed) == (3e-4, 0)
 
 
 def test_error_maps_use_the_place_variants_group_size():
