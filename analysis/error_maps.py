@@ -14,6 +14,7 @@ channel (LIFT) removes and how much one line per group (PLACE) removes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -22,14 +23,14 @@ import torch
 from common import cli, load, plt, save_figure
 from liftplace import models
 from liftplace.data import load_dataset
-from liftplace.distill import load_student
+from liftplace.checkpoints import load_student
 from liftplace.metrics import stack_dataset
-from liftplace.objectives import error_order, fit_lines, group_elements
+from liftplace.objectives import PLACE_GROUP_SIZE, error_order, fit_lines, group_elements, group_length
 from liftplace.results import trial_config
 from liftplace.teachers import teacher_path
 
 FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)  # timesteps as fractions of T
-DEFAULT_K = 16
+DEFAULT_K = PLACE_GROUP_SIZE  # when the study has no place variant
 
 
 def group_map(s: torch.Tensor, t: torch.Tensor, group_len: int) -> torch.Tensor:
@@ -50,19 +51,16 @@ def residual_after_lines(s: torch.Tensor, t: torch.Tensor, group_len: int) -> fl
 
 
 def variant_k(config) -> int:
-    """The place variant's group size; the maps draw groups within channel 0 (H*W elements)."""
-    o, n = config.objective, config.data.resolution ** 2
-    if o.name != "place":
-        return DEFAULT_K
-    if o.group_size is not None:
-        k = o.group_size
-    elif o.num_groups is not None:
-        # num_groups cuts a (sample, channel) domain, or a whole sample with group_by "sample"
-        k = n * (config_channels(config) if o.group_by == "sample" else 1) // o.num_groups
-    else:
-        k = DEFAULT_K  # place's default group size
-    if n % k:
-        raise ValueError(f"error maps draw groups within one channel of {n} elements; K = {k} does not divide it")
+    """The place variant's group size (place's default for any other objective), computed by
+    place itself from its options; the maps draw groups within channel 0 (H*W elements)."""
+    o, r = config.objective, config.data.resolution
+    settings = dataclasses.asdict(o) if o.name == "place" else {}
+    # A channel-grouped domain is one channel whatever C is: read the teacher's C only when
+    # the whole sample is the domain.
+    channels = config_channels(config) if settings.get("group_by") == "sample" else 1
+    k = group_length("place", settings, (channels, r, r))
+    if (r * r) % k:
+        raise ValueError(f"error maps draw groups within one channel of {r * r} elements; K = {k} does not divide it")
     return k
 
 

@@ -30,7 +30,7 @@ import torch
 from common import load, out_dir, plt, save_figure, save_table
 from liftplace import models
 from liftplace.data import load_dataset
-from liftplace.distill import load_student
+from liftplace.checkpoints import load_student
 from liftplace.metrics import compute_metrics, real_images, stack_dataset
 from liftplace.objectives import fit_lines
 from liftplace.results import trial_config

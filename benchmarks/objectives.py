@@ -1,40 +1,51 @@
-"""Forward+backward time of the loss alone: kd, lift and place (group size 16), and place/kd.
+"""Forward+backward time of the loss alone, against plain MSE: kd, lift and place (K = 16).
 
-    python benchmarks/objectives.py [--batch 64] [--repeats 20] [--device cpu|cuda]
+    python benchmarks/objectives.py [--batch 64] [--repeats 20] [--threads N] [--device cpu|cuda]
+
+Each cell is the median over repeats of one training step's loss work on a random student
+and teacher prediction of shape [batch, C, H, W]: ``F.mse_loss(s, t)`` and its backward for
+the baseline, and for each objective its forward and backward as the training loop calls it
+on a step that reports nothing (``diagnostics=False``, task_weight 0). Cells read
+"milliseconds (ratio over plain MSE)". "place torch.sort" ranks the errors with torch.sort,
+the plain implementation, to show what the packed-key numpy sort buys on CPU; "place +diag"
+is place on a reporting step (``diagnostics=True``). The variants are timed round-robin, so
+that a machine whose load changes during the run slows them alike.
 
 Shapes: 1x32x32, 3x64x64 and 4x32x32 outputs (pixel DDPM on MNIST/CIFAR, CelebA 64, a
-latent). "place (torch sort)" is the same objective with the ranking done by torch.sort,
-the plain sort-gather implementation, to show what the packed-key numpy sort buys on CPU.
-Reports the median over repeats, in milliseconds.
+latent). ``--threads`` sets torch.set_num_threads (default: torch's own default).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from liftplace import objectives
-from liftplace.objectives import make_objective
+from liftplace.objectives import PLACE_GROUP_SIZE, make_objective
 
 SHAPES = [(1, 32, 32), (3, 64, 64), (4, 32, 32)]
 
 
-def time_ms(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def time_round_robin(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median milliseconds of each function, calling them in turn repeats times (after one warm-up)."""
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for rep in range(repeats + 1):
+        for label, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def torch_sort_order(s, t):
@@ -45,28 +56,49 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch.set_num_threads (default: torch's default, %(default)s here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    print(f"device {args.device}, batch {args.batch}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'shape':>10} {'kd ms':>8} {'lift ms':>8} {'place ms':>9} {'place(torch sort) ms':>21} {'place/kd':>9}")
+    torch.set_num_threads(args.threads)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"device {args.device}, batch {args.batch}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, load average {load}, median of {args.repeats}")
+
+    columns = ["kd", "lift", f"place K={PLACE_GROUP_SIZE}", "place torch.sort", "place +diag"]
+    header = f"{'shape':>8} {'mse ms':>7}" + "".join(f" {c:>18}" for c in columns)
+    print(header)
     for shape in SHAPES:
         g = torch.Generator(device=args.device).manual_seed(0)
         s = torch.randn(args.batch, *shape, device=args.device, generator=g, requires_grad=True)
         t = torch.randn(args.batch, *shape, device=args.device, generator=g)
-        row = {}
-        for label, name, opts in (("kd", "kd", {}), ("lift", "lift", {}), ("place", "place", {"group_size": 16})):
-            obj = make_objective(name, task_weight=0.0, **opts)
+        kd = make_objective("kd", task_weight=0.0)
+        lift = make_objective("lift", task_weight=0.0)
+        place = make_objective("place", task_weight=0.0, group_size=PLACE_GROUP_SIZE)
 
-            def step(obj=obj):
+        def mse():
+            s.grad = None
+            F.mse_loss(s, t).backward()
+
+        def step(obj, diagnostics=False):
+            def run():
                 s.grad = None
-                obj(s, t, step=0).loss.backward()
+                obj(s, t, step=0, diagnostics=diagnostics).loss.backward()
 
-            row[label] = time_ms(step, args.repeats, args.device)
-        with mock.patch.object(objectives, "error_order", torch_sort_order):
-            row["place_torch"] = time_ms(step, args.repeats, args.device)
-        name = "x".join(map(str, shape))
-        print(f"{name:>10} {row['kd']:8.2f} {row['lift']:8.2f} {row['place']:9.2f} {row['place_torch']:21.2f} "
-              f"{row['place'] / row['kd']:8.1f}x")
+            return run
+
+        def place_torch_sort():
+            with mock.patch.object(objectives, "error_order", torch_sort_order):
+                step(place)()
+
+        ms = time_round_robin(
+            {"mse": mse, "kd": step(kd), "lift": step(lift), columns[2]: step(place),
+             "place torch.sort": place_torch_sort, "place +diag": step(place, diagnostics=True)},
+            args.repeats, args.device,
+        )
+        base = ms["mse"]
+        cells = "".join(" " + f"{ms[c]:.2f} ({ms[c] / base:.1f}x)".rjust(18) for c in columns)
+        print(f"{'x'.join(map(str, shape)):>8} {ms['mse']:7.2f}{cells}")
 
 
 if __name__ == "__main__":

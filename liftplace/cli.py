@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from liftplace import __version__
-from liftplace.objectives import COARSE_FORMS, GROUP_BY, REDUCTIONS, WEIGHTINGS, objective_names
+from liftplace.objectives import COARSE_FORMS, GROUP_BY, PLACE_GROUP_SIZE, REDUCTIONS, WEIGHTINGS, objective_names
 
 
 def cmd_objectives(args) -> None:
@@ -18,7 +18,7 @@ def cmd_objectives(args) -> None:
     print("  group_by   ", " | ".join(GROUP_BY))
     print("  reduction  ", " | ".join(REDUCTIONS))
     print("  weighting  ", " | ".join(WEIGHTINGS), "(with w0, warmup)")
-    print("  group_size | num_groups (place; default group_size 16), eps, task_weight, distill_weight")
+    print(f"  group_size | num_groups (place; default group_size {PLACE_GROUP_SIZE}), eps, task_weight, distill_weight")
 
 
 def cmd_teacher_train(args) -> None:

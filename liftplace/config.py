@@ -30,7 +30,8 @@ from liftplace.data import check_dataset_spec
 from liftplace.diffusion import PREDICTIONS
 from liftplace.metrics import Protocol
 from liftplace.models import IMPORTANCES
-from liftplace.objectives import make_objective, objective_names
+from liftplace.objectives import make_objective, objective_class, objective_names, objective_options
+from liftplace.results import flatten
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ObjectiveConfig:
     name: str = "place"  # task | kd | feat | kd+feat | lift | place
     # lift / place options (ignored by the other objectives, so a grid can hold kd beside them)
     coarse: str = "l1"  # l1 | l2 | moments
-    group_size: int | None = None  # place: elements per group (None: 16, the authors' K); lift: must stay None
+    group_size: int | None = None  # place: elements per group (None: place's default, the authors' K); lift: must stay None
     num_groups: int | None = None  # place: groups per domain instead of group_size
     group_by: str = "channel"  # channel | sample
     eps: float = 1e-4
@@ -124,19 +125,10 @@ class RunConfig:
         files.write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def objective_options(self) -> dict:
-        """The keyword arguments of make_objective for this config (shape not included)."""
-        obj = self.objective
-        opts = {"task_weight": obj.task_weight, "distill_weight": obj.distill_weight}
-        if obj.name in ("lift", "place"):
-            opts.update(coarse=obj.coarse, group_by=obj.group_by, eps=obj.eps, reduction=obj.reduction,
-                        weighting=obj.weighting, w0=obj.w0, warmup=obj.warmup)
-            if obj.name == "place" or obj.group_size is not None or obj.num_groups is not None:
-                opts.update(group_size=obj.group_size, num_groups=obj.num_groups)
-        if obj.name in ("feat", "kd+feat"):
-            opts["feat_weight"] = obj.feat_weight
-        if obj.name == "task":
-            opts.pop("distill_weight")
-        return opts
+        """The keyword arguments of make_objective for this config (shape not included): the
+        options the objective's constructor takes, chosen by the objective itself."""
+        settings = {k: v for k, v in dataclasses.asdict(self.objective).items() if k != "name"}
+        return objective_options(self.objective.name, settings)
 
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -179,24 +171,11 @@ def from_dict(data: dict, overrides: dict | None = None, *, check_paths: bool = 
     return resolve(preset, {**flat, **(overrides or {})}, check_paths=check_paths)
 
 
-def flatten(data: dict, prefix: str = ""):
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def parse_override(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. objective.name=place)")
     return key.strip(), value.strip()
-
-
-def keys() -> list[str]:
-    """Every settable dotted key."""
-    return [k for k, _ in flatten(RunConfig().to_dict()) if k != "preset"]
 
 
 def set_value(config: RunConfig, key: str, value) -> None:
@@ -272,10 +251,10 @@ def teacher_config(config: RunConfig) -> dict:
 def validate(config: RunConfig, *, check_paths: bool = True) -> None:
     """Refuse every value a run cannot use, naming its key. check_paths=False skips the file
     system (teacher, data, weights), for configs validated on one machine and run on another."""
-    t, d, s, o, tr, e, sc = (config.teacher, config.data, config.student, config.objective, config.train,
-                             config.eval, config.scaling)
-    if t.prediction not in PREDICTIONS:
-        _refuse("teacher.prediction", f"unknown prediction {t.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    teacher, d, s, o, tr, e, sc = (config.teacher, config.data, config.student, config.objective, config.train,
+                                   config.eval, config.scaling)
+    if teacher.prediction not in PREDICTIONS:
+        _refuse("teacher.prediction", f"unknown prediction {teacher.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if (s.prune_ratio is None) == (s.param_ratio is None):
         _refuse("student", "set exactly one of student.prune_ratio and student.param_ratio")
     if s.prune_ratio is not None and not 0.0 <= s.prune_ratio < 1.0:
@@ -300,7 +279,7 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
     if sc.use_gpu and not sc.gpus_per_worker > 0:
         _refuse("scaling.gpus_per_worker", f"must be > 0 when scaling.use_gpu, got {sc.gpus_per_worker}")
     if config.preset == "paper" and check_paths:
-        if not t.name:
+        if not teacher.name:
             _refuse("teacher.name", "the paper preset needs your teacher: --set teacher.name=DIR (a diffusers UNet2DModel directory)")
         if not d.spec:
             _refuse("data.spec", "the paper preset needs your data: --set data.spec=folder:PATH (e.g. CelebA images)")
@@ -315,14 +294,14 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         if net.get("sample_size") not in (None, d.resolution):
             _refuse("data.resolution", f"{d.resolution} does not match the teacher's sample size {net['sample_size']}")
         if s.prune_ratio is not None and net.get("_class_name") != "UNet2DModel":
-            _refuse("student.prune_ratio", f"pruning needs a UNet2DModel teacher, {t.name} is a {net.get('_class_name')}; "
+            _refuse("student.prune_ratio", f"pruning needs a UNet2DModel teacher, {teacher.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
     try:
         if check_paths:  # the protocol checks that a weights file exists
             e.protocol()
     except (ValueError, FileNotFoundError) as err:
         _refuse("eval", str(err), type(err))
-    if o.name not in ("feat", "kd+feat"):
+    if not objective_class(o.name).needs_features:  # feature objectives need the built networks' widths
         try:
             make_objective(o.name, **config.objective_options(), shape=(channels, d.resolution, d.resolution))
         except ValueError as err:

@@ -36,6 +36,30 @@ def commit(tmp: Path, path: str | Path) -> None:
         raise
 
 
+def write_all(directory: str | Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Write several files of one folder as a unit, as far as renames allow: every file is
+    staged first and renamed into place only once all are written, in the writers' order (put
+    the file that marks the set complete last). A failed write leaves the folder as it was and
+    no temporary files; a failed rename removes the temporary files not yet renamed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, write in writers.items():
+            staged.append((stage(directory / name, write), directory / name))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for i, (tmp, path) in enumerate(staged):
+        try:
+            commit(tmp, path)
+        except BaseException:
+            for left, _ in staged[i + 1:]:
+                left.unlink(missing_ok=True)
+            raise
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Replace path with what write(tmp) writes to a temporary file, or leave it untouched."""
     commit(stage(path, write), path)

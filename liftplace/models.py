@@ -330,6 +330,16 @@ def _sync_attention_sizes(model: nn.Module) -> None:
         attn.scale = (inner // attn.heads) ** -0.5 if attn.scale_qk else 1.0
 
 
+def build_student(teacher: nn.Module, student, *, seed: int, example_shape: Sequence[int]) -> nn.Module:
+    """The student a run's ``student`` settings (a StudentConfig) ask for: pruned from the
+    teacher (deterministic, so a checkpoint needs no pickled module) or fresh, initialised from
+    ``seed`` (a fresh student's init is part of the run's seed)."""
+    if student.prune_ratio is not None:
+        return prune_student(teacher, student.prune_ratio, example_shape=example_shape, importance=student.importance)
+    torch.manual_seed(seed)
+    return fresh_student(teacher, student.param_ratio)
+
+
 def fresh_student(teacher: nn.Module, param_ratio: float) -> nn.Module:
     """A freshly initialised, narrower model of the teacher's family with ~param_ratio of its parameters.
 

@@ -15,8 +15,9 @@ channel), fits the teacher on the student by least squares (``fit_lines``)::
 
 PLACE (piecewise local coefficients) sorts the elements of each (sample, channel) by
 squared error (t - s)^2 (no gradient through the sort), cuts the sorted order into
-consecutive groups of ``group_size`` elements (or into ``num_groups`` groups) and applies
-LIFT inside every group. One group per channel is LIFT.
+consecutive groups of ``group_size`` elements (default ``PLACE_GROUP_SIZE`` = 16, the
+authors' K) or into ``num_groups`` groups, and applies LIFT inside every group. One group
+per channel is LIFT.
 
 "moments" (this project's variant): coarse = mean((fit - s)^2) = (mean t - mean s)^2 +
 (beta1 - 1)^2 var(s) and the fine term keeps beta's gradient. The residual of a least-squares
@@ -29,8 +30,11 @@ the signal's variance whatever the group size, so a group-size ablation keeps on
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ COARSE_FORMS = ("l1", "l2", "moments")
 WEIGHTINGS = ("adaptive", "constant", "linear", "cosine", "step", "learnable")
 GROUP_BY = ("channel", "sample")
 REDUCTIONS = ("mean", "sum")
+PLACE_GROUP_SIZE = 16  # the authors' K: place's group size when neither group_size nor num_groups is given
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -60,15 +65,67 @@ def objective_names() -> tuple[str, ...]:
     return tuple(_OBJECTIVES)
 
 
+def objective_class(name: str) -> type[Objective]:
+    """The class registered under ``name`` (read class flags such as ``needs_features`` here)."""
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(_OBJECTIVES)}")
+    return _OBJECTIVES[name]
+
+
 def make_objective(name: str, **options) -> Objective:
     """Build an objective by name; every option is validated here, before any training.
 
     ``shape`` (optional) is one sample's prediction shape, e.g. (C, H, W): given, the grouping
     is checked against it at construction instead of at the first call.
     """
-    if name not in _OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(_OBJECTIVES)}")
-    return _OBJECTIVES[name](**options)
+    return objective_class(name)(**options)
+
+
+# Options the caller supplies from elsewhere than the objective's settings.
+_CALLER_OPTIONS = frozenset({"shape", "student_channels", "teacher_channels"})
+
+
+def _constructor_options(cls: type) -> set[str]:
+    """Keyword-only parameters of ``cls``'s constructor, following ``**kwargs`` up the MRO."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return names - _CALLER_OPTIONS
+
+
+def objective_options(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``settings`` (a flat mapping of every objective option, e.g. a config's
+    objective section) that objective ``name``'s constructor takes, read from its signature.
+
+    ``shape``, ``student_channels`` and ``teacher_channels`` are never taken from settings:
+    the caller passes them. Use: ``make_objective(name, **objective_options(name, settings), shape=...)``.
+    """
+    accepted = _constructor_options(objective_class(name))
+    return {key: value for key, value in settings.items() if key in accepted}
+
+
+def group_length(name: str, settings: Mapping[str, Any], shape) -> int:
+    """Elements per group of objective ``name`` (lift or place) with these options, for one
+    sample's prediction shape ``shape`` = (C, *spatial).
+
+    The group domain is one channel (group_by "channel": prod(spatial) elements) or the whole
+    sample ("sample": C * prod(spatial)); it is cut into groups of group_size, into num_groups
+    groups, or (neither given) into groups of place's default size, or kept whole for lift.
+    Raises ValueError for an objective without groups or a grouping that does not divide.
+    """
+    cls = objective_class(name)
+    if not issubclass(cls, Lift):
+        raise ValueError(f"objective {name!r} fits no lines, so it has no groups; lift and place have")
+    obj = cls(**objective_options(name, settings))
+    shape = tuple(shape)
+    obj.check_shape(shape)
+    return _group_len(obj.domain_size(shape), obj.group_size, obj.num_groups)
 
 
 @dataclass
@@ -105,6 +162,113 @@ def fit_lines(s: Tensor, t: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
     return beta0, beta1
 
 
+class _LineTerms(torch.autograd.Function):
+    """LIFT's coarse and fine terms with a closed-form backward.
+
+    s, t: [B, D, N] group domains; order: [B, D, N] indices ranking each domain by error, or
+    None to keep it in place; n: elements per group. Returns (coarse, fine, beta0, beta1):
+    the two reduced terms (differentiable in s) and the per-group fit [B, D, N // n] (not
+    differentiable; for the weight and the logs).
+
+    The values are those of ``group_elements``, ``fit_lines`` and the residual under
+    autograd, which takes some twenty full-size passes and temporaries per step and made
+    PLACE many times the cost of the MSE it refines. Here every element's gradient is
+    k0 + c_r * r + c_ds * ds with per-group k0, c_r, c_ds: two passes and one scatter back
+    to the unsorted order. Per group of n elements, with ds = s - mean s,
+    r = t - beta0 - beta1 s and D = var + eps:
+
+        d beta1 / d s_i = (r_i - beta1 ds_i) / (n D)
+        d beta0 / d s_i = -beta1 / n - mean(s) * d beta1 / d s_i
+        sum_i r_i = 0,   sum_i r_i s_i = n beta1 eps            (normal equations)
+
+    "moments": coarse = mean_i u_i^2 with u = beta0 + (beta1 - 1) s, per group
+    (mean t - mean s)^2 + (beta1 - 1)^2 var, and the fine term's beta keeps its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, order, n: int, eps: float, coarse: str, reduction: str):
+        dtype = torch.promote_types(s.dtype, t.dtype)
+        grouped = (*s.shape[:-1], s.shape[-1] // n, n)
+        if order is None:
+            s_g, t_g = s.to(dtype).reshape(grouped), t.to(dtype).reshape(grouped)
+            ds, r = s_g - s_g.mean(-1, keepdim=True), t_g - t_g.mean(-1, keepdim=True)
+        else:
+            s_g = torch.gather(s, -1, order).to(dtype).reshape(grouped)
+            t_g = torch.gather(t, -1, order).to(dtype).reshape(grouped)
+            ds, r = s_g, t_g  # fresh tensors: centred in place below
+        ms, mt = s_g.mean(-1, keepdim=True), t_g.mean(-1, keepdim=True)
+        if order is not None:
+            ds.sub_(ms)
+            r.sub_(mt)
+        # One scratch tensor for the three products: a fresh tensor of this size costs about
+        # as much as the arithmetic on it.
+        prod = torch.mul(ds, ds)
+        var = prod.mean(-1, keepdim=True)
+        cov = torch.mul(ds, r, out=prod).mean(-1, keepdim=True)
+        denom = var + eps
+        b1 = cov / denom
+        b0 = mt - b1 * ms
+        # The residual from centred values: the same line, with fewer roundings than t - fit.
+        r.addcmul_(ds, b1, value=-1)
+        groups = b1.numel()
+        if coarse == "l1":
+            per_group = b0.abs() + (b1 - 1).abs()
+        elif coarse == "l2":
+            per_group = b0.square() + (b1 - 1).square()
+        else:
+            per_group = (mt - ms).square() + (b1 - 1).square() * var  # mean of u^2 over the group
+        # "mean": coarse over groups (over elements for moments: the same, groups being equal),
+        # fine over elements; "sum": both summed.
+        if reduction == "mean":
+            c_scale, f_scale = 1.0 / groups, 1.0 / (groups * n)
+        else:
+            c_scale, f_scale = (float(n) if coarse == "moments" else 1.0), 1.0
+        coarse_r = per_group.sum() * c_scale
+        fine_r = torch.mul(r, r, out=prod).sum() * f_scale
+        del prod
+        ctx.save_for_backward(ds, r, ms, mt, var, denom, b0, b1, order)
+        ctx.consts = (eps, coarse, c_scale, f_scale, n, s.dtype)
+        b0, b1 = b0.squeeze(-1), b1.squeeze(-1)
+        ctx.mark_non_differentiable(b0, b1)
+        return coarse_r, fine_r, b0, b1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_coarse, g_fine, _g_b0, _g_b1):
+        ds, r, ms, mt, var, denom, b0, b1, order = ctx.saved_tensors
+        eps, coarse, c_scale, f_scale, n, s_dtype = ctx.consts
+        gc, gf = g_coarse * c_scale, g_fine * f_scale
+        # g_b0, g_b1: gradients of the total with respect to each group's beta0 and beta1;
+        # k0, c_r, c_ds start as the parts of each element's gradient that hold beta fixed.
+        k0 = torch.zeros_like(b1)
+        c_r = -2 * gf * b1
+        c_ds = torch.zeros_like(b1)
+        if coarse == "l1":
+            g_b0, g_b1 = gc * b0.sign(), gc * (b1 - 1).sign()
+        elif coarse == "l2":
+            g_b0, g_b1 = gc * 2 * b0, gc * 2 * (b1 - 1)
+        else:
+            # coarse = mean_i u_i^2: d/d beta0 = 2 mean u, d/d beta1 = 2 mean(u s); the fine
+            # term's beta gradient is -2 sum_i r_i (1, s_i) = (0, -2 n beta1 eps).
+            g_b0 = 2 * gc * (mt - ms)
+            g_b1 = 2 * gc * ((b1 - 1) * var + ms * (mt - ms)) - 2 * gf * n * b1 * eps
+            # d/d s_i of u_i^2 / n with beta held fixed: 2 u_i (beta1 - 1) / n
+            gm = 2 * gc / n
+            k0 = gm * (b1 - 1) * (mt - ms)
+            c_ds = gm * (b1 - 1).square()
+        q = (g_b1 - g_b0 * ms) / (n * denom)
+        k0 = k0 - g_b0 * b1 / n
+        c_r = c_r + q
+        c_ds = c_ds - q * b1
+        grad = torch.addcmul(k0, r, c_r)
+        grad.addcmul_(ds, c_ds)
+        grad = grad.to(s_dtype).reshape(*grad.shape[:-2], -1)
+        if order is not None:
+            # order is a permutation of each domain: every element is written once
+            grad = torch.empty_like(grad).scatter_(-1, order, grad)
+        return grad, None, None, None, None, None, None
+
+
 def _domain_view(x: Tensor, group_by: str) -> Tensor:
     """[B, C, *spatial] -> [B, D, N]: D group domains of N elements per sample."""
     if group_by == "channel":
@@ -120,17 +284,18 @@ def error_order(s: Tensor, t: Tensor) -> Tensor:
     numpy, whose vectorised sort is several times faster than torch's CPU sort here (see
     benchmarks/objectives.py); on other devices torch.sort does the same job.
     """
-    err = (t.detach() - s.detach()).float().square()
+    err = (t.detach() - s.detach()).float().square_()  # a new tensor: in-place is safe
     n = err.shape[-1]
     if err.device.type != "cpu":
         return torch.sort(err, dim=-1, stable=True).indices
     # A non-negative float's bit pattern orders like its value, so (bits << k) | index sorts
-    # by error, then index. NaN errors sort last, as torch.sort puts them.
-    bits = torch.nan_to_num(err, nan=math.inf).contiguous().view(torch.int32).to(torch.int64)
+    # by error, then index. NaN errors sort last, as torch.sort puts them. Every step works in
+    # place: a fresh tensor of this size costs as much as the arithmetic on it.
+    keys = err.nan_to_num_(nan=math.inf).view(torch.int32).to(torch.int64)
     shift = max(1, (n - 1).bit_length())
-    keys = (bits << shift) | torch.arange(n, dtype=torch.int64)
-    keys = torch.from_numpy(np.sort(keys.numpy(), axis=-1))
-    return keys & ((1 << shift) - 1)
+    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(n, dtype=torch.int64))
+    keys.numpy().sort(axis=-1)
+    return keys.bitwise_and_((1 << shift) - 1)
 
 
 def group_elements(
@@ -210,10 +375,15 @@ class Objective(nn.Module):
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Refuse a per-sample prediction shape (C, H, W) this objective cannot group."""
 
-    def distill(self, s: Tensor, t: Tensor, step: int, features) -> dict[str, Tensor]:
+    def distill_term(self, s: Tensor, t: Tensor, step: int, features) -> dict[str, Tensor]:
+        """The objective's own term under "loss", plus detached parts to log (coarse, fine,
+        w, beta0, beta1, feat) where it has them."""
         raise NotImplementedError
 
-    def forward(self, student: Tensor, teacher: Tensor | None, *, step: int, target=None, features=None):
+    def forward(self, student: Tensor, teacher: Tensor | None, *, step: int, target=None, features=None,
+                diagnostics: bool = True):
+        """diagnostics=False skips work done only for logging (the line fit of objectives that
+        fit none, whose beta0/beta1 are then NaN); the loss and its gradient are the same."""
         if self.needs_teacher:
             if teacher is None:
                 raise ValueError(f"objective {self.name!r} needs the teacher's prediction")
@@ -229,10 +399,10 @@ class Objective(nn.Module):
             task = F.mse_loss(student, target)
         else:
             task = student.new_zeros(())
-        parts = self.distill(student, teacher, step, features) if self.distill_weight > 0 else {}
+        parts = self.distill_term(student, teacher, step, features) if self.distill_weight > 0 else {}
         distill = parts.pop("loss", student.new_zeros(()))
         loss = self.task_weight * task + self.distill_weight * distill
-        if teacher is not None and "beta0" not in parts:
+        if diagnostics and teacher is not None and "beta0" not in parts:
             # The fitted line is logged for every objective that sees the teacher: it shows
             # how far a plain-KD student sits from identity (the paper's Figure 2).
             with torch.no_grad():
@@ -258,7 +428,7 @@ class Task(Objective):
 class KD(Objective):
     """OutKD: MSE(student, teacher) per element, plus the task term."""
 
-    def distill(self, s, t, step, features):
+    def distill_term(self, s, t, step, features):
         return {"loss": F.mse_loss(s, t)}
 
 
@@ -292,16 +462,18 @@ class _Weighting(nn.Module):
         return distance.new_tensor(w)
 
 
-@register_objective("place")
-class Place(Objective):
-    """PLACE: LIFT inside groups of elements ranked by error. Shapes: s, t [B, C, *spatial].
+@register_objective("lift")
+class Lift(Objective):
+    """LIFT: one least-squares line per group domain, (sample, channel) or whole sample.
+    Shapes: s, t [B, C, *spatial].
 
-    Options: coarse (l1 | l2 | moments), group_size or num_groups (not both; neither = one
-    group per domain = LIFT), group_by (channel | sample), eps, reduction (mean | sum),
-    weighting (adaptive | constant | linear | cosine | step | learnable) with w0 and warmup.
+    Options: coarse (l1 | l2 | moments), group_by (channel | sample), eps, reduction
+    (mean | sum), weighting (adaptive | constant | linear | cosine | step | learnable) with
+    w0 and warmup. group_size / num_groups must stay None: they are place's options.
+
+    The maths is written for groups of any size (``group_size``/``num_groups`` attributes,
+    None here: one group per domain), so that Place only has to choose the grouping.
     """
-
-    default_group_size: int | None = 16
 
     def __init__(
         self,
@@ -322,68 +494,63 @@ class Place(Objective):
         _choice("coarse", coarse, COARSE_FORMS)
         _choice("group_by", group_by, GROUP_BY)
         _choice("reduction", reduction, REDUCTIONS)
-        if group_size is not None and num_groups is not None:
-            raise ValueError(f"give group_size or num_groups, not both (got {group_size} and {num_groups})")
-        if group_size is None and num_groups is None:
-            group_size = self.default_group_size
-        for key, value in (("group_size", group_size), ("num_groups", num_groups)):
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         self.coarse, self.group_by, self.eps, self.reduction = coarse, group_by, float(eps), reduction
-        self.group_size, self.num_groups = group_size, num_groups
+        self.group_size, self.num_groups = self._grouping(group_size, num_groups, group_by)
         super().__init__(task_weight=task_weight, distill_weight=distill_weight, shape=shape)
         self.weighting = _Weighting(weighting, w0, warmup)
 
+    @staticmethod
+    def _grouping(group_size, num_groups, group_by) -> tuple[int | None, int | None]:
+        """(group_size, num_groups) to use; both None is one group per domain."""
+        # A config may hold these as None for every objective, so only a value is an error.
+        for key, value in (("group_size", group_size), ("num_groups", num_groups)):
+            if value is not None:
+                raise ValueError(f"lift fits one group per {group_by}; {key} is a place option (got {key}={value})")
+        return None, None
+
+    def domain_size(self, shape: tuple[int, ...]) -> int:
+        """Elements in one group domain for a per-sample prediction shape (C, *spatial)."""
+        return math.prod(shape[1:]) if self.group_by == "channel" else math.prod(shape)
+
     def check_shape(self, shape):
-        n = math.prod(shape[1:]) if self.group_by == "channel" else math.prod(shape)
         try:
-            _group_len(n, self.group_size, self.num_groups)
+            _group_len(self.domain_size(shape), self.group_size, self.num_groups)
         except ValueError as err:
             raise ValueError(f"{err} (prediction shape {shape}, group_by {self.group_by!r})") from None
 
-    def distill(self, s, t, step, features):
-        s_g, t_g = group_elements(s, t, group_size=self.group_size, num_groups=self.num_groups, group_by=self.group_by)
-        beta0, beta1 = fit_lines(s_g, t_g, self.eps)  # [B, D, G]
-        distance = (beta0.abs() + (beta1 - 1).abs()).detach()
-        w = self.weighting(step, distance.mean())
-        if self.coarse == "moments":
-            fit = beta0.unsqueeze(-1) + beta1.unsqueeze(-1) * s_g
-            coarse = (fit - s_g).square()  # per element, like the fine term
-        else:
-            fit = beta0.detach().unsqueeze(-1) + beta1.detach().unsqueeze(-1) * s_g
-            if self.coarse == "l1":
-                coarse = beta0.abs() + (beta1 - 1).abs()  # per group
-            else:
-                coarse = beta0.square() + (beta1 - 1).square()
-        resid = (t_g - fit).square()
-        # "mean": coarse over groups, fine over elements; "sum" (the authors' pixel fork)
-        # sums both, which scales them alike.
-        reduce = torch.mean if self.reduction == "mean" else torch.sum
-        coarse_r, fine_r = reduce(coarse), reduce(resid)
-        return {
-            "loss": coarse_r + w * fine_r,
-            "coarse": coarse_r,
-            "fine": fine_r,
-            "w": w,
-            "beta0": beta0.mean(),
-            "beta1": beta1.mean(),
-        }
+    def distill_term(self, s, t, step, features):
+        # group_elements' grouping, with the gather inside _LineTerms so that its backward
+        # scatters the gradient straight back
+        s_d, t_d = _domain_view(s, self.group_by), _domain_view(t, self.group_by)
+        n = _group_len(s_d.shape[-1], self.group_size, self.num_groups)
+        order = error_order(s_d, t_d) if n < s_d.shape[-1] else None
+        coarse, fine, beta0, beta1 = _LineTerms.apply(s_d, t_d, order, n, self.eps, self.coarse, self.reduction)
+        # w always uses the l1 distance (as the authors do), whatever the coarse form.
+        w = self.weighting(step, (beta0.abs() + (beta1 - 1).abs()).mean())
+        return {"loss": coarse + w * fine, "coarse": coarse, "fine": fine, "w": w,
+                "beta0": beta0.mean(), "beta1": beta1.mean()}
 
 
-@register_objective("lift")
-class Lift(Place):
-    """LIFT: one group per (sample, channel) (or per sample); PLACE without the ranking."""
+@register_objective("place")
+class Place(Lift):
+    """PLACE: LIFT inside groups of elements ranked by error. Shapes: s, t [B, C, *spatial].
 
-    default_group_size = None
+    Lift's options, plus group_size or num_groups (not both; neither = groups of
+    PLACE_GROUP_SIZE). One group per domain (num_groups=1) is LIFT.
+    """
 
-    def __init__(self, **options):
-        for key in ("group_size", "num_groups"):
-            if options.get(key) is not None:
-                raise ValueError(f"lift fits one group per {options.get('group_by', 'channel')}; "
-                                 f"{key} is a place option (got {key}={options[key]})")
-        super().__init__(**options)
+    @staticmethod
+    def _grouping(group_size, num_groups, group_by):
+        if group_size is not None and num_groups is not None:
+            raise ValueError(f"give group_size or num_groups, not both (got {group_size} and {num_groups})")
+        if group_size is None and num_groups is None:
+            group_size = PLACE_GROUP_SIZE
+        for key, value in (("group_size", group_size), ("num_groups", num_groups)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        return group_size, num_groups
 
 
 @register_objective("feat")
@@ -427,7 +594,7 @@ class FeatKD(Objective):
         losses = [F.mse_loss(adapt(s), t.detach()) for adapt, s, t in zip(self.adapters, s_feats, t_feats)]
         return torch.stack(losses).mean()
 
-    def distill(self, s, t, step, features):
+    def distill_term(self, s, t, step, features):
         feat = self.feature_loss(features)
         loss = self.feat_weight * feat
         if self.with_output_kd:

@@ -1,13 +1,20 @@
-"""A study's experiment folder -> pandas DataFrames: the one results schema analysis reads.
+"""Every reader and writer of a run's rows and a study's folder: the one results schema.
 
-Layout (written by ``liftplace.sweep``; Ray Tune writes the trial folders)::
+A run's rows are one JSON object per reported step: ``step``, ``loss`` and its parts
+(``loss_task``, ``loss_distill``, ``loss_coarse``, ``loss_fine``, ``loss_feat``), ``w``, ``beta0``,
+``beta1`` (batch means), ``grad_norm``, ``diverged``, ``fid``/``kid``/``precision``/``recall``
+(``EVAL_COLUMNS``: NaN between evaluations), ``student_params``, ``teacher_params``,
+``compression``, MACs, ``images_per_s``, ``elapsed_s`` and the FID protocol (``eval_*``). They
+are written to ``metrics.jsonl`` by ``liftplace distill`` (``MetricsFile``) and to Tune's
+``result.json`` in a study; both are JSON-lines files read by ``read_jsonl``. A study's folder (written by
+``liftplace.sweep`` under Ray Tune)::
 
     <storage>/<study>/study.json              the study: name, axes, seeds, metric, base config
     <storage>/<study>/<trial>/params.json     the trial's config (nested dict)
     <storage>/<study>/<trial>/result.json     one JSON object per reported row
 
 ``load_study(path)`` gives one row per reported step and trial, with the trial's flattened
-config as ``config/...`` columns (as Ray writes them) and the metrics of DESIGN.md's schema.
+config as ``config/...`` columns (as Ray writes them) and the metrics of the schema.
 A step reported twice (a trial resumed from a checkpoint re-reports the steps after it) keeps
 its last report, so every trial has one row per step. Analysis reads nothing else.
 """
@@ -21,21 +28,114 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from liftplace import files
+
 STUDY_FILE = "study.json"
+# Evaluation columns: NaN in a row without an evaluation (rows keep one schema).
+EVAL_COLUMNS = ("fid", "kid", "precision", "recall")
 
 
 class NotAStudy(ValueError):
     """The folder is not (or not yet) a finished study; the message says what is missing."""
 
 
-def _flatten(data: dict, prefix: str = "config/") -> dict:
-    out = {}
+class DamagedFile(ValueError):
+    """A JSON-lines file with a bad line before its last: damage, not a crash mid-write."""
+
+
+def flatten(data: dict, prefix: str = "", sep: str = "."):
+    """(key, value) pairs of a nested dict, keys joined by sep: {"a": {"b": 1}} -> ("a.b", 1)."""
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
+            yield from flatten(value, f"{prefix}{key}{sep}", sep)
         else:
-            out[f"{prefix}{key}"] = value
-    return out
+            yield f"{prefix}{key}", value
+
+
+def config_columns(config: dict) -> dict:
+    """A run config (nested dict) as the rows' ``config/...`` columns, as Ray Tune names them."""
+    return dict(flatten(config, "config/", "/"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] if there is none). A crash can cut the last line
+    short: it is left out. A bad line before it raises DamagedFile."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n != len(lines):
+                raise DamagedFile(f"{path} line {n} is not JSON: the file is damaged") from None
+    return rows
+
+
+read_metrics = read_jsonl  # a run's metrics.jsonl
+
+
+class MetricsFile:
+    """A run's metrics.jsonl: one JSON row per reported step, in step order.
+
+    A restarted worker resumes from the last checkpoint Ray kept and reports the steps after it
+    again (so does ``--resume``): those rows replace the ones the lost attempt wrote, so the file
+    keeps one row per step, from the attempt the run went on with. Appends are plain; a rewrite
+    (on the first row a process writes, or a step that goes back) is atomic, and drops a last
+    line a crash cut short.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.last_step: int | None = None
+
+    def rows(self) -> list[dict]:
+        return read_jsonl(self.path)
+
+    def append(self, row: dict) -> None:
+        step = row["step"]
+        if self.last_step is not None and step > self.last_step:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            kept = [r for r in self.rows() if r["step"] < step]
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in [*kept, row]))
+        self.last_step = step
+
+
+def last_checkpoint(rows: list[dict], trial: Path | None = None) -> str | None:
+    """The last checkpoint folder the rows name: Ray Train's (``checkpoint_path``, absolute) or,
+    in a Tune trial folder, Tune's own (``checkpoint_dir_name``, relative to ``trial``)."""
+    for row in reversed(rows):
+        if row.get("checkpoint_path"):
+            return str(row["checkpoint_path"])
+        if row.get("checkpoint_dir_name") and trial is not None:
+            return str(trial / row["checkpoint_dir_name"])
+    return None
+
+
+def claim_study(folder: Path, info: dict, resume: bool) -> None:
+    """Write study.json, refusing a folder that holds another study (or this one, without --resume)."""
+    info_file = folder / STUDY_FILE
+    if info_file.is_file():
+        existing = json.loads(info_file.read_text())
+        if existing != info:
+            raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
+                                  "choose another --storage")
+        if not resume:
+            raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
+                                  "or choose another --storage")
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty and holds no study: choose another --storage")
+    if resume:
+        raise FileNotFoundError(f"--resume: no study to resume at {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_text(info_file, json.dumps(info, indent=2) + "\n")
 
 
 def read_study_info(path: str | Path) -> dict:
@@ -60,30 +160,6 @@ def trial_dirs(path: Path) -> list[list[Path]]:
     return [sorted(g, key=lambda d: (d.name != base, d.stat().st_mtime)) for base, g in sorted(groups.items())]
 
 
-def _read_rows(result_file: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(result_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A crash can cut the last line short; anything earlier is damage, not a crash.
-            if n != len(result_file.read_text().splitlines()):
-                raise NotAStudy(f"half-written study: {result_file} line {n} is not JSON") from None
-    return rows
-
-
-def _last_checkpoint(trial: Path, rows: list[dict]) -> str | None:
-    """The trial's last checkpoint folder: Tune's own (direct runner) or Ray Train's."""
-    for row in reversed(rows):
-        if row.get("checkpoint_path"):
-            return str(row["checkpoint_path"])
-        if row.get("checkpoint_dir_name"):
-            return str(trial / row["checkpoint_dir_name"])
-    return None
-
-
 def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFrame:
     """One row per (trial, step): metrics, ``trial_id``, ``study`` and ``config/...`` columns.
 
@@ -98,7 +174,10 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
     frames = []
     for group in trials:
         trial = group[0]
-        rows = [r for d in group if (d / "result.json").is_file() for r in _read_rows(d / "result.json")]
+        try:
+            rows = [r for d in group for r in read_jsonl(d / "result.json")]
+        except DamagedFile as err:
+            raise NotAStudy(f"half-written study: {err}") from None
         rows = [r for r in rows if "step" in r]
         result_file = trial / "result.json"
         if not rows:
@@ -110,14 +189,14 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
         params = json.loads((trial / "params.json").read_text())
         run = params.get("run", {})
         frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
-        for key, value in _flatten(run.get("config", {})).items():
+        for key, value in config_columns(run.get("config", {})).items():
             frame[key] = [value] * len(frame)
         for key, value in params.get("search", {}).items():  # a search trial's sampled values
             frame["config/" + key.replace(".", "/")] = value
         frame["variant"] = rows[-1].get("variant", run.get("variant", trial.name))
         frame["trial_id"] = rows[-1].get("trial_id", trial.name)
         frame["trial_dir"] = trial.name
-        frame["final_checkpoint"] = _last_checkpoint(group[-1], rows)
+        frame["final_checkpoint"] = last_checkpoint(rows, group[-1])
         frames.append(frame.drop_duplicates("step", keep="last"))
     if not frames:
         raise NotAStudy(f"half-written study: no trial under {path} has reported yet")
@@ -154,7 +233,6 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                 row[f"final_{col}" if col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1") else col] = last[col]
         out.append(row)
     return pd.DataFrame(out)
-
 
 
 def trial_config(path: str | Path, trial_dir: str):

@@ -10,35 +10,31 @@ Two ways to run one distillation (``distill.run``) inside Ray:
   ~20 s per trial on a 2-core machine; a direct trial costs ~1 s. ``auto`` picks direct for
   single-worker trials and train otherwise. Every row records which was used (``runner``).
 
-A study is a list of variants (labelled override sets) times seeds, expanded into full,
-validated configs before Ray starts, and run as one Tune grid under ``<storage>/<study>``.
+A study (``liftplace.study``: variants x seeds, expanded and validated before Ray starts) runs
+as one Tune grid under ``<storage>/<study>``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.tune.search.optuna import OptunaSearch
 
-from liftplace import distill, files
-from liftplace.config import RunConfig, from_dict, parse_override, resolve, set_value, validate
-from liftplace.results import STUDY_FILE
+from liftplace import checkpoints, distill, results
+from liftplace.config import RunConfig, from_dict, set_value, validate
+from liftplace.results import MetricsFile
+from liftplace.study import Study, autoscaling_ceiling, plan
 
 # Ray Train's controller polls workers every 2 s by default, which caps reporting at one row
 # per 2 s; 0.2 s keeps small CPU runs from waiting on it (set before Ray starts).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-RUNNERS = ("auto", "train", "direct")
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
@@ -70,35 +66,12 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
     return ray
 
 
-# Written by the cluster launcher (`ray up`) on the head node: the autoscaler's config.
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
-
-
 def cluster_capacity() -> dict:
-    """The CPUs and GPUs the joined Ray cluster has now or, autoscaling, can reach at most.
-
-    On the head node of a `ray up` cluster (cluster.yaml scales GPU workers from zero) the
-    autoscaler may add up to ``max_workers`` nodes of each worker type, with the ``resources``
-    the type declares (an upper bound: nodes already up count twice); a type that declares
-    none makes the ceiling unknown (infinite). Elsewhere: what the cluster has now.
-    """
+    """The CPUs and GPUs the joined Ray cluster has now or, autoscaling, can reach at most
+    (``study.autoscaling_ceiling``: GPU workers of a `ray up` cluster start from zero)."""
     import ray
 
-    have = {key: ray.cluster_resources().get(key, 0) for key in ("CPU", "GPU")}
-    path = Path(BOOTSTRAP_CONFIG).expanduser()
-    if not path.is_file():
-        return have
-    import yaml
-
-    config = yaml.safe_load(path.read_text()) or {}
-    for name, node_type in (config.get("available_node_types") or {}).items():
-        count = node_type.get("max_workers", 0)
-        if name == config.get("head_node_type") or not count:
-            continue
-        declared = node_type.get("resources") or {}
-        for key in have:
-            have[key] += count * declared.get(key, 0) if declared else math.inf
-    return have
+    return autoscaling_ceiling({key: ray.cluster_resources().get(key, 0) for key in ("CPU", "GPU")})
 
 
 def check_resources(configs: list[RunConfig], address: str | None = None) -> None:
@@ -129,16 +102,6 @@ def check_resources(configs: list[RunConfig], address: str | None = None) -> Non
                              f"{sc.cpus_per_worker}); {where} has {have['CPU']:g}")
 
 
-def pick_runner(config: RunConfig, runner: str) -> str:
-    if runner not in RUNNERS:
-        raise ValueError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
-    if runner == "auto":
-        return "direct" if config.scaling.num_workers == 1 else "train"
-    if runner == "direct" and config.scaling.num_workers != 1:
-        raise ValueError("runner direct runs one worker; use runner train for scaling.num_workers > 1")
-    return runner
-
-
 # --- Ray Train ---------------------------------------------------------------------------
 
 
@@ -158,52 +121,6 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
         distill.run(config, report, checkpoint=directory)
-
-
-class MetricsFile:
-    """A run's metrics.jsonl: one JSON row per reported step, in step order.
-
-    A restarted worker resumes from the last checkpoint Ray kept and reports the steps after it
-    again (so does ``--resume``): those rows replace the ones the lost attempt wrote, so the file
-    keeps one row per step, from the attempt the run went on with. Appends are plain; a rewrite
-    (on the first row a process writes, or a step that goes back) is atomic, and drops a last
-    line a crash cut short.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.last_step: int | None = None
-
-    def rows(self) -> list[dict]:
-        return read_metrics(self.path)
-
-    def append(self, row: dict) -> None:
-        step = row["step"]
-        if self.last_step is not None and step > self.last_step:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        else:
-            kept = [r for r in self.rows() if r["step"] < step]
-            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in [*kept, row]))
-        self.last_step = step
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl ([] if there is none); a last line cut short is left out."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n != len(lines):
-                raise ValueError(f"{path} line {n} is not JSON: the file is damaged") from None
-    return rows
 
 
 def _row_log_callback(path: Path):
@@ -265,9 +182,11 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         if saved != config.to_dict():
             raise ValueError(f"--resume: the config differs from the one saved in {out / 'config.json'}; "
                              "resume with the same preset and --set values")
-        last = _last_checkpoint(out)
-        if last is not None:  # what the run would resume from: refused now, not in a worker
-            distill.check_checkpoint(last)
+        # What Ray Train would resume from (the last checkpoint the rows name): refused now, not
+        # in a worker.
+        last = results.last_checkpoint(results.read_metrics(out / "metrics.jsonl"))
+        if last is not None:
+            checkpoints.check(last)
     check_resources([config], address)  # before Ray starts, where that can be known
     ensure_ray(address)
     check_resources([config])
@@ -278,58 +197,13 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"the run failed: {result.error}")
-    last = read_metrics(out / "metrics.jsonl")[-1]
+    last = results.read_metrics(out / "metrics.jsonl")[-1]
     if last.get("checkpoint_path") and (Path(last["checkpoint_path"]) / "samples.png").is_file():
         shutil.copy(Path(last["checkpoint_path"]) / "samples.png", out / "samples.png")
     return last
 
 
-def _last_checkpoint(out: Path) -> Path | None:
-    """The checkpoint Ray Train resumes a run in out from: the last one its rows name."""
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("checkpoint_path")]
-    return Path(rows[-1]["checkpoint_path"]) if rows else None
-
-
 # --- Ray Tune studies --------------------------------------------------------------------
-
-
-@dataclass
-class Study:
-    """What a study script declares: variants (label -> overrides) x seeds on a base config."""
-
-    name: str
-    variants: dict[str, dict] = field(default_factory=dict)
-    base: dict = field(default_factory=dict)  # overrides applied to every trial
-    seeds: int = 2
-    evals: int = 0  # FID evaluations during training, evenly spaced (besides the final one)
-    metric: str = "fid"
-    mode: str = "min"
-    description: str = ""
-    # A search instead of a grid: {dotted key: a ray.tune domain}, sampled by Optuna
-    # (OptunaSearch) num_samples times, with ASHA stopping trials whose FID lags at an
-    # evaluation. The variants then hold one entry: the base of the search.
-    space: dict = field(default_factory=dict)
-    num_samples: int = 0
-
-
-def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[dict]:
-    """Every trial as {"variant", "seed", "config"}: resolved and validated, before Ray starts."""
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    user = dict(parse_override(o) for o in overrides)
-    trials = []
-    for label, variant in study.variants.items():
-        for seed in range(seeds):
-            settings = {**study.base, **variant, **user, "train.seed": seed}
-            try:
-                config = resolve(preset, settings)
-                if study.evals:
-                    settings["train.eval_every"] = max(1, config.train.steps // (study.evals + 1))
-                    config = resolve(preset, settings)
-            except (ValueError, FileNotFoundError) as err:
-                raise type(err)(f"study {study.name}, variant {label!r}: {err}") from None
-            trials.append({"variant": label, "seed": seed, "config": config.to_dict()})
-    return trials
 
 
 def _trial_config(params: dict) -> tuple[RunConfig, dict]:
@@ -344,7 +218,7 @@ def _trial_config(params: dict) -> tuple[RunConfig, dict]:
 def _tune_row(row: dict) -> dict:
     """Evaluation metrics are left out of rows that have none, so that a scheduler that
     compares FID (ASHA) acts at evaluations only; analysis reads the missing value as NaN."""
-    return {k: v for k, v in row.items() if not (k in distill.SCHEMA_NAN and isinstance(v, float) and math.isnan(v))}
+    return {k: v for k, v in row.items() if not (k in results.EVAL_COLUMNS and isinstance(v, float) and math.isnan(v))}
 
 
 def tune_direct(params: dict) -> None:
@@ -411,29 +285,13 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``."""
     from ray import tune
 
-    seeds = study.seeds if seeds is None else seeds
-    if study.space:
-        seeds = 1
-    trials = expand(study, preset, list(overrides), seeds)
+    p = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage, runner=runner)
+    trials, configs, chosen, folder = p.trials, p.configs, p.runner, p.folder
+    storage = folder.parent
     if study.space:
         _check_space(study, trials[0]["config"])
-    configs = [from_dict(t["config"], check_paths=False) for t in trials]
-    runners = {pick_runner(c, runner) for c in configs}
-    if len(runners) != 1:
-        raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")
-    chosen = runners.pop()
-    if "://" in str(storage):
-        # study.json, --resume and the analysis read the study folder with local file I/O.
-        raise ValueError(f"--storage {storage}: URIs are not supported; give a folder (on a multi-node "
-                         "cluster, a shared file system mounted at the same path on every node, e.g. EFS)")
-    storage = Path(storage).expanduser().resolve()
-    folder = Path(storage) / study.name
-    info = {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
-            "seeds": seeds, "evals": study.evals, "space": {k: str(v) for k, v in study.space.items()},
-            "num_samples": study.num_samples, "variants": study.variants, "base": study.base, "metric": study.metric,
-            "mode": study.mode, "runner": chosen, "trials": len(trials)}
     check_resources(configs, address)
-    _claim_folder(folder, info, resume)
+    results.claim_study(folder, p.info, resume)
     ray = ensure_ray(address)
     check_resources(configs)
     for t in trials:
@@ -448,7 +306,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
                 else ray.cluster_resources().get("CPU", 1))
         max_concurrent = max(1, int(cpus // per_trial))
-    count = f"{study.num_samples} sampled trials" if study.space else f"{len(trials)} trials ({len(study.variants)} variants x {seeds} seeds)"
+    count = f"{study.num_samples} sampled trials" if study.space else f"{len(trials)} trials ({len(study.variants)} variants x {p.info['seeds']} seeds)"
     log(f"study {study.name}: {count}, "
         f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")
     start = time.time()
@@ -508,54 +366,3 @@ def _trial_dirname(trial) -> str:
     run = trial.config["run"]
     label = "".join(ch if ch.isalnum() else "-" for ch in run["variant"]).strip("-")
     return f"{label}-seed{run['seed']}-{trial.trial_id}"[:120]
-
-
-def _claim_folder(folder: Path, info: dict, resume: bool) -> None:
-    """Write study.json, refusing a folder that holds another study (or this one, without --resume)."""
-    info_file = folder / STUDY_FILE
-    if info_file.is_file():
-        existing = json.loads(info_file.read_text())
-        if existing != info:
-            raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
-                                  "choose another --storage")
-        if not resume:
-            raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
-                                  "or choose another --storage")
-        return
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty and holds no study: choose another --storage")
-    if resume:
-        raise FileNotFoundError(f"--resume: no study to resume at {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    files.write_text(info_file, json.dumps(info, indent=2) + "\n")
-
-
-def study_main(study: Study, argv=None, *, after=None) -> Path | None:
-    """The command line every study script shares."""
-    parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
-    parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default cpu)")
-    parser.add_argument("--seeds", type=int, default=study.seeds, help=f"seeds per variant (default {study.seeds})")
-    parser.add_argument("--storage", default="results", help="results folder; the study goes to STORAGE/<name>")
-    parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
-    parser.add_argument("--runner", default="auto", choices=RUNNERS)
-    parser.add_argument("--max-concurrent", type=int, default=None)
-    if study.space:
-        parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
-    if study.space:
-        study = dataclasses.replace(study, num_samples=args.samples)
-    try:
-        folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
-                           address=args.address, resume=args.resume, runner=args.runner,
-                           max_concurrent=args.max_concurrent)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if after is not None:
-        paths = after(folder)
-        report = next((p for p in paths or [] if Path(p).name == "REPORT.md"), None)
-        print(f"analysis: {Path(folder) / 'analysis'}" + (f" (open {report})" if report else ""))
-    return folder
-

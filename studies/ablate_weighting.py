@@ -11,12 +11,7 @@ Cost: `cpu` preset, 9 variants x 2 seeds, about 45 minutes on a 2-core laptop (e
     python studies/ablate_weighting.py [--preset smoke|cpu|paper] [--seeds N] [--set key=value ...]
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-
-from liftplace.sweep import Study, study_main  # noqa: E402
+from liftplace.study import Study, study_main
 
 PLACE = {"objective.name": "place", "objective.group_size": 16}
 STUDY = Study(
@@ -37,6 +32,4 @@ STUDY = Study(
 )
 
 if __name__ == "__main__":
-    from make_all import make as report  # the study's figure and table, and REPORT.md
-
-    study_main(STUDY, after=report)
+    study_main(STUDY)  # ends with analysis/make_all.py: the figures and REPORT.md

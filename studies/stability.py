@@ -12,12 +12,7 @@ laptop; `paper`, 15 GPU runs of 100k steps.
     python studies/stability.py [--preset smoke|cpu|paper] [--seeds N] [--set key=value ...]
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-
-from liftplace.sweep import Study, study_main  # noqa: E402
+from liftplace.study import Study, study_main
 
 STUDY = Study(
     name="stability",
@@ -29,6 +24,4 @@ STUDY = Study(
 )
 
 if __name__ == "__main__":
-    from make_all import make as report  # the study's figure and table, and REPORT.md
-
-    study_main(STUDY, after=report)
+    study_main(STUDY)  # ends with analysis/make_all.py: the figures and REPORT.md

@@ -14,12 +14,7 @@ pass your own teachers with --set (one run per teacher directory).
     python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--set key=value ...]
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-
-from liftplace.sweep import Study, study_main  # noqa: E402
+from liftplace.study import Study, study_main
 
 METHODS = {"kd": {"objective.name": "kd"}, "place": {"objective.name": "place", "objective.group_size": 16}}
 STUDY = Study(
@@ -31,6 +26,4 @@ STUDY = Study(
 )
 
 if __name__ == "__main__":
-    from make_all import make as report  # the study's figure and table, and REPORT.md
-
-    study_main(STUDY, after=report)
+    study_main(STUDY)  # ends with analysis/make_all.py: the figures and REPORT.md

@@ -11,14 +11,9 @@ minutes on a 2-core laptop; `paper`, up to 12 GPU runs of 100k steps.
     python studies/tune_hparams.py [--preset smoke|cpu|paper] [--storage DIR] [--set key=value ...]
 """
 
-import sys
-from pathlib import Path
-
 from ray import tune
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-
-from liftplace.sweep import Study, study_main  # noqa: E402
+from liftplace.study import Study, study_main
 
 STUDY = Study(
     name="tune_hparams",
@@ -36,6 +31,4 @@ STUDY = Study(
 )
 
 if __name__ == "__main__":
-    from make_all import make as report
-
-    study_main(STUDY, after=report)
+    study_main(STUDY)  # ends with analysis/make_all.py: the figures and REPORT.md

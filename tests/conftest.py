@@ -1,4 +1,5 @@
-"""Test-wide settings: offline, no Ray token auth or usage stats (see PITFALLS.md)."""
+"""Test-wide settings: offline (diffusers treats a missing path as a hub id: HF_HUB_OFFLINE), no
+Ray token authentication (Ray 2.60 turns it on for new local clusters) and no usage stats."""
 
 import os
 import tempfile

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from liftplace import distill
+from liftplace import checkpoints, distill
 from liftplace.config import resolve
 
 SCHEMA = {
@@ -112,13 +112,13 @@ def test_load_student_gives_the_runs_ema_student(tiny_teacher_dir, tmp_path):
     rec = Recorder(keep_checkpoints_in=tmp_path)
     distill.run(config, rec, log=lambda *_: None)
     ckpt = tmp_path / "step10"
-    student, teacher, process = distill.load_student(ckpt, config)
+    student, teacher, process = checkpoints.load_student(ckpt, config)
     shadow = load_file(str(ckpt / "ema.safetensors"))
     params = list(student.parameters())
     assert len(params) == len(shadow) and all(torch.equal(p, shadow[f"p{i}"]) for i, p in enumerate(params))
-    live, _, _ = distill.load_student(ckpt, config, ema=False)
+    live, _, _ = checkpoints.load_student(ckpt, config, ema=False)
     assert not all(torch.equal(a, b) for a, b in zip(live.parameters(), params))  # EMA differs from live weights
     assert not student.training and not any(p.requires_grad for p in student.parameters())
     assert process.prediction == config.teacher.prediction
     with pytest.raises(FileNotFoundError, match="not a liftplace checkpoint"):
-        distill.load_student(tmp_path, config)
+        checkpoints.load_student(tmp_path, config)

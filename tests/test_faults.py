@@ -18,9 +18,10 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from liftplace import distill, files
+from liftplace import checkpoints, files
 from liftplace.config import resolve
-from liftplace.sweep import MetricsFile, _claim_folder, read_metrics, run_single
+from liftplace.results import MetricsFile, claim_study, read_metrics
+from liftplace.sweep import run_single
 
 
 def smoke(teacher, **overrides):
@@ -149,7 +150,7 @@ def test_a_failed_metrics_rewrite_leaves_the_previous_file(tmp_path, monkeypatch
 
 
 class Parts:
-    """The pieces save_checkpoint takes, small, with optimizer state; values depend on seed."""
+    """The pieces checkpoints.save takes, small, with optimizer state; values depend on seed."""
 
     def __init__(self, seed):
         torch.manual_seed(seed)
@@ -164,10 +165,10 @@ class Parts:
         self.ema.step(self.student.parameters())
 
     def save(self, directory, step):
-        distill.save_checkpoint(directory, step, self.student, self.ema, self.opt, self.objective, self.gen, 0, 1)
+        checkpoints.save(directory, step, self.student, self.ema, self.opt, self.objective, self.gen, 0, 1)
 
     def load(self, directory):
-        return distill.load_checkpoint(directory, self.student, self.ema, self.opt, self.objective, self.gen, 0)
+        return checkpoints.restore(directory, self.student, self.ema, self.opt, self.objective, self.gen, 0)
 
     def weights(self):
         return {k: v.clone() for k, v in self.student.state_dict().items()}
@@ -210,7 +211,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, 
 
     new = Parts(seed=1)
     if failing == "student.safetensors":
-        monkeypatch.setattr(distill, "save_file", half_write_then_fail(distill.save_file))
+        monkeypatch.setattr(checkpoints, "save_file", half_write_then_fail(checkpoints.save_file))
     elif failing == "state.json":
         fail_text_writes(monkeypatch)
     else:  # optimizer.pt, then rng_rank0.pt: both written by torch.save
@@ -229,7 +230,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, 
 
     # Every file is the old checkpoint's, byte for byte; no temporary file is left.
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == saved
-    assert distill.check_checkpoint(directory) == 5
+    assert checkpoints.check(directory) == 5
     restored = Parts(seed=2)
     assert restored.load(directory) == 5
     assert all(torch.equal(restored.weights()[k], v) for k, v in old.weights().items())
@@ -242,13 +243,13 @@ def test_temporary_files_left_by_a_hard_crash_are_not_taken_as_a_checkpoint(tmp_
     old.save(directory, step=5)
     for name in ("student.safetensors", "state.json"):
         files.temp_path(directory / name).write_bytes(b"half a file")
-    assert Parts(seed=1).load(directory) == 5 and distill.check_checkpoint(directory) == 5
+    assert Parts(seed=1).load(directory) == 5 and checkpoints.check(directory) == 5
     # A checkpoint directory holding only debris is not a checkpoint.
     debris = tmp_path / "debris"
     debris.mkdir()
     files.temp_path(debris / "state.json").write_text('{"step": 7}')
     with pytest.raises(FileNotFoundError, match="not a liftplace checkpoint"):
-        distill.check_checkpoint(debris)
+        checkpoints.check(debris)
     with pytest.raises(FileNotFoundError, match="not a liftplace checkpoint"):
         Parts(seed=1).load(debris)
 
@@ -259,7 +260,7 @@ def test_a_truncated_checkpoint_is_refused_by_check_checkpoint(tmp_path):
     optimizer = directory / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"^corrupt checkpoint {directory}: ") as info:
-        distill.check_checkpoint(directory)
+        checkpoints.check(directory)
     assert "\n" not in str(info.value)
 
 
@@ -283,10 +284,10 @@ def test_a_study_file_write_that_fails_leaves_the_folder_reusable(tmp_path, monk
     with monkeypatch.context() as m:
         fail_renames(m)
         with pytest.raises(OSError, match="simulated"):
-            _claim_folder(folder, info, resume=False)
+            claim_study(folder, info, resume=False)
     assert list(folder.iterdir()) == []  # no study.json, no temporary file
-    _claim_folder(folder, info, resume=False)  # so the same storage can be used again
+    claim_study(folder, info, resume=False)  # so the same storage can be used again
     assert json.loads((folder / "study.json").read_text()) == info
     with pytest.raises(FileExistsError, match="different study"):
-        _claim_folder(folder, {**info, "trials": 3}, resume=True)
+        claim_study(folder, {**info, "trials": 3}, resume=True)
     assert json.loads((folder / "study.json").read_text()) == info

@@ -1,12 +1,25 @@
 """The mathematics of the objectives: identities from DESIGN.md, hand examples, bad options."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from liftplace.objectives import error_order, fit_lines, group_elements, make_objective, objective_names
+from liftplace.objectives import (
+    PLACE_GROUP_SIZE,
+    error_order,
+    fit_lines,
+    group_elements,
+    group_length,
+    make_objective,
+    objective_class,
+    objective_names,
+    objective_options,
+)
 
 torch.manual_seed(0)
 
@@ -377,3 +390,256 @@ def test_feat_refuses_bad_input():
         obj(s, t, step=0)
     with pytest.raises(ValueError, match="1 feature taps"):
         obj(s, t, step=0, features=(feats([4, 4], 0), feats([4, 4], 1)))
+
+
+# --- options, classes and group lengths --------------------------------------------------
+
+ALL_SETTINGS = {
+    "coarse": "l2", "group_size": None, "num_groups": None, "group_by": "channel", "eps": 1e-3,
+    "reduction": "sum", "weighting": "constant", "w0": 0.5, "warmup": 10, "task_weight": 0.25,
+    "distill_weight": 2.0, "feat_weight": 0.5, "name": "ignored", "something_else": 1,
+}
+LINE_OPTIONS = {"coarse", "group_size", "num_groups", "group_by", "eps", "reduction", "weighting", "w0", "warmup",
+                "task_weight", "distill_weight"}
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("task", {"task_weight"}),
+        ("kd", {"task_weight", "distill_weight"}),
+        ("lift", LINE_OPTIONS),
+        ("place", LINE_OPTIONS),
+        ("feat", {"task_weight", "distill_weight", "feat_weight"}),
+        ("kd+feat", {"task_weight", "distill_weight", "feat_weight"}),
+    ],
+)
+def test_objective_options_are_what_the_constructor_takes(name, expected):
+    opts = objective_options(name, ALL_SETTINGS)
+    assert set(opts) == expected
+    assert all(opts[k] == ALL_SETTINGS[k] for k in opts)
+    assert not {"shape", "student_channels", "teacher_channels"} & set(objective_options(
+        name, {**ALL_SETTINGS, "shape": (1, 4, 4), "student_channels": [1], "teacher_channels": [1]}))
+    extra = {"student_channels": [4], "teacher_channels": [4]} if objective_class(name).needs_features else {}
+    obj = make_objective(name, **opts, **extra, shape=(1, 4, 4))
+    assert obj.task_weight == 0.25
+    if name != "task":
+        assert obj.distill_weight == 2.0
+
+
+def test_objective_options_from_a_config_build_every_objective():
+    from liftplace.config import ObjectiveConfig
+
+    for name in objective_names():
+        settings_ = dataclasses.asdict(ObjectiveConfig(name=name))
+        extra = {"student_channels": [4], "teacher_channels": [4]} if objective_class(name).needs_features else {}
+        make_objective(name, **objective_options(name, settings_), **extra, shape=(3, 8, 8))
+    # lift takes group_size so that a config that sets it is refused with a reason, not ignored
+    with pytest.raises(ValueError, match="lift fits one group per channel; group_size is a place option"):
+        make_objective("lift", **objective_options("lift", {**ALL_SETTINGS, "group_size": 16}))
+
+
+def test_lift_and_place_read_the_options_they_take():
+    lift = make_objective("lift", **objective_options("lift", ALL_SETTINGS))
+    assert (lift.coarse, lift.eps, lift.reduction, lift.weighting.kind, lift.weighting.w0) == ("l2", 1e-3, "sum", "constant", 0.5)
+    assert (lift.group_size, lift.num_groups) == (None, None)
+    place = make_objective("place", **objective_options("place", ALL_SETTINGS))
+    assert (place.group_size, place.num_groups) == (PLACE_GROUP_SIZE, None)
+
+
+def test_objective_class_and_flags():
+    assert objective_class("place").name == "place"
+    assert {n for n in objective_names() if objective_class(n).needs_features} == {"feat", "kd+feat"}
+    assert not objective_class("task").needs_teacher
+    with pytest.raises(ValueError) as err:
+        objective_class("nope")
+    assert all(word in str(err.value) for word in ("nope", "kd", "lift", "place"))
+
+
+def test_place_default_group_size_is_the_constant():
+    assert PLACE_GROUP_SIZE == 16
+    s, t = pair((2, 3, 8, 8))
+    default = make_objective("place", task_weight=0.0)(s, t, step=0)
+    explicit = make_objective("place", group_size=PLACE_GROUP_SIZE, task_weight=0.0)(s, t, step=0)
+    other = make_objective("place", group_size=8, task_weight=0.0)(s, t, step=0)
+    assert torch.equal(default.loss, explicit.loss) and not torch.equal(default.loss, other.loss)
+
+
+@pytest.mark.parametrize(
+    "name,opts,shape,expected",
+    [
+        ("place", {}, (3, 8, 8), 16),
+        ("place", {"group_by": "sample"}, (3, 8, 8), 16),
+        ("place", {"group_size": 32}, (3, 8, 8), 32),
+        ("place", {"num_groups": 8}, (3, 16, 16), 32),  # 256 / 8
+        ("place", {"num_groups": 8, "group_by": "sample"}, (3, 16, 16), 96),  # 3 * 256 / 8
+        ("place", {"num_groups": 2, "group_by": "sample"}, (1, 4, 4), 8),
+        ("lift", {}, (3, 8, 8), 64),
+        ("lift", {"group_by": "sample"}, (3, 8, 8), 192),
+        ("lift", {"group_size": None, "num_groups": None}, (2, 5), 5),
+    ],
+)
+def test_group_length(name, opts, shape, expected):
+    assert group_length(name, opts, shape) == expected
+    s, t = pair((2, *shape))
+    obj = make_objective(name, **opts)
+    s_g, _ = group_elements(s, t, group_size=obj.group_size, num_groups=obj.num_groups, group_by=obj.group_by)
+    assert s_g.shape[-1] == expected
+
+
+def test_group_length_refuses_what_place_refuses():
+    with pytest.raises(ValueError, match="num_groups 3 does not divide the 64"):
+        group_length("place", {"num_groups": 3}, (3, 8, 8))
+    with pytest.raises(ValueError, match="group_size 40 does not divide the 192"):
+        group_length("place", {"group_size": 40, "group_by": "sample"}, (3, 8, 8))
+    with pytest.raises(ValueError, match="group_size is a place option"):
+        group_length("lift", {"group_size": 16}, (3, 8, 8))
+    with pytest.raises(ValueError, match="no groups"):
+        group_length("kd", {}, (3, 8, 8))
+
+
+# --- logging-only diagnostics ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["kd", "lift", "place", "feat"])
+def test_diagnostics_off_skips_only_logging(name):
+    s, t = pair(dtype=torch.float32)
+    target = torch.randn_like(t)
+    extra = {"student_channels": [4], "teacher_channels": [4]} if name == "feat" else {}
+    features = (feats([4], 0), feats([4], 1)) if name == "feat" else None
+    obj = make_objective(name, **extra)
+    on = obj(s, t, step=3, target=target, features=features)
+    (g_on,) = torch.autograd.grad(on.loss, s)
+    off = obj(s, t, step=3, target=target, features=features, diagnostics=False)
+    (g_off,) = torch.autograd.grad(off.loss, s)
+    assert torch.equal(on.loss, off.loss) and torch.equal(g_on, g_off)
+    assert torch.isfinite(on.beta0) and torch.isfinite(on.beta1)
+    if name in ("lift", "place"):  # their betas are part of the loss: logged either way
+        assert torch.equal(on.beta1, off.beta1) and torch.equal(on.w, off.w)
+    else:
+        assert math.isnan(off.beta0.item()) and math.isnan(off.beta1.item())
+
+
+# --- properties (hypothesis) -------------------------------------------------------------
+
+
+def divisors(n, low=1):
+    return [d for d in range(low, n + 1) if n % d == 0]
+
+
+@st.composite
+def grouped_problems(draw, min_group=2):
+    """(shape [B, C, H, W], objective name, grouping options, seed) with a grouping that fits."""
+    # W >= min_group: every domain can hold at least one group that large
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(min_group, 6)))
+    group_by = draw(st.sampled_from(["channel", "sample"]))
+    n = math.prod(shape[2:]) * (shape[1] if group_by == "sample" else 1)
+    size = draw(st.sampled_from(divisors(n, low=min_group)))
+    if size == n and draw(st.booleans()):
+        name, opts = "lift", {}
+    elif draw(st.booleans()):
+        name, opts = "place", {"group_size": size}
+    else:
+        name, opts = "place", {"num_groups": n // size}
+    return shape, name, {**opts, "group_by": group_by}, draw(st.integers(0, 2**31 - 1))
+
+
+def random_pair(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.randn(1, generator=g, dtype=torch.float64) * s + torch.randn(shape, generator=g, dtype=torch.float64)
+    return s.requires_grad_(), t
+
+
+def reference_line_terms(s, t, *, coarse, reduction, eps, w, group_size=None, num_groups=None, group_by="channel"):
+    """LIFT/PLACE's distillation term by autograd through group_elements and fit_lines: the
+    definition the objectives' hand-written backward must reproduce."""
+    s_g, t_g = group_elements(s, t, group_size=group_size, num_groups=num_groups, group_by=group_by)
+    b0, b1 = fit_lines(s_g, t_g, eps)
+    if coarse == "moments":
+        fit = b0.unsqueeze(-1) + b1.unsqueeze(-1) * s_g
+        per = (fit - s_g).square()
+    else:
+        fit = b0.detach().unsqueeze(-1) + b1.detach().unsqueeze(-1) * s_g
+        per = b0.abs() + (b1 - 1).abs() if coarse == "l1" else b0.square() + (b1 - 1).square()
+    reduce = torch.mean if reduction == "mean" else torch.sum
+    return reduce(per) + w * reduce((t_g - fit).square())
+
+
+@settings(max_examples=80, deadline=None)
+@given(grouped_problems(min_group=2), st.sampled_from(["l1", "l2", "moments"]), st.sampled_from(["mean", "sum"]),
+       st.sampled_from([0.0, 1e-4, 0.5]), st.floats(0.0, 1.0), st.floats(-3.0, 3.0))
+def test_property_line_terms_match_autograd_through_fit_lines(problem, coarse, reduction, eps, w, offset):
+    shape, name, opts, seed = problem
+    s, t = random_pair(shape, seed)
+    s = (s.detach() + offset).requires_grad_()  # groups with a mean away from zero
+    obj = make_objective(name, coarse=coarse, reduction=reduction, eps=eps, weighting="constant", w0=w,
+                         task_weight=0.0, **opts)
+    out = obj(s, t, step=0)
+    ref = reference_line_terms(s, t, coarse=coarse, reduction=reduction, eps=eps, w=w, group_size=obj.group_size,
+                               num_groups=obj.num_groups, group_by=obj.group_by)
+    torch.testing.assert_close(out.loss, ref)
+    (g_out,) = torch.autograd.grad(out.loss, s)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-6, atol=1e-9 * max(1.0, g_ref.abs().max().item()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(grouped_problems(min_group=3))
+def test_property_moments_with_unit_weight_is_kd(problem):
+    shape, name, opts, seed = problem
+    s, t = random_pair(shape, seed)
+    kd = F.mse_loss(s, t)
+    obj = make_objective(name, coarse="moments", weighting="constant", w0=1.0, eps=0.0, task_weight=0.0, **opts)
+    out = obj(s, t, step=0, diagnostics=False)
+    torch.testing.assert_close(out.loss, kd, rtol=1e-7, atol=1e-9)
+    (g_kd,) = torch.autograd.grad(kd, s)
+    (g_mom,) = torch.autograd.grad(out.loss, s)
+    torch.testing.assert_close(g_mom, g_kd, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(grouped_problems(min_group=2), st.sampled_from(["l1", "l2", "moments"]), st.sampled_from(["mean", "sum"]))
+def test_property_student_equal_teacher_gives_zero_loss_and_unit_weight(problem, coarse, reduction):
+    shape, name, opts, seed = problem
+    t, _ = random_pair(shape, seed)
+    s = t.detach().clone().requires_grad_()
+    out = make_objective(name, coarse=coarse, reduction=reduction, eps=0.0, task_weight=0.0, **opts)(s, t.detach(), step=0)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert out.w.item() == 1.0
+    (grad,) = torch.autograd.grad(out.loss, s)
+    assert grad.abs().max().item() == pytest.approx(0.0, abs=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(3, 40), st.floats(-5, 5), st.floats(-5, 5), st.integers(0, 2**31 - 1))
+def test_property_fit_lines_is_least_squares_per_row(rows, n, slope, intercept, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    t = intercept + slope * s + torch.randn(rows, n, generator=g, dtype=torch.float64)
+    b0, b1 = fit_lines(s, t, eps=0.0)
+    for r in range(rows):
+        design = torch.stack([torch.ones(n, dtype=torch.float64), s[r]], dim=-1)
+        sol = torch.linalg.lstsq(design, t[r].unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+        torch.testing.assert_close(b0[r], sol[0], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(b1[r], sol[1], rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grouped_problems(min_group=1))
+def test_property_diagnostics_do_not_change_loss_or_gradient(problem):
+    shape, name, opts, seed = problem
+    s, t = random_pair(shape, seed)
+    target = torch.randn_like(t)
+    objectives = [make_objective("kd", task_weight=0.5)] + [
+        make_objective(name, weighting=weighting, w0=0.5, warmup=4, task_weight=0.5, **opts)
+        for weighting in ("adaptive", "constant", "linear", "learnable")
+    ]
+    for obj in objectives:
+        on = obj(s, t, step=1, target=target, diagnostics=True)
+        (g_on,) = torch.autograd.grad(on.loss, s)
+        off = obj(s, t, step=1, target=target, diagnostics=False)
+        (g_off,) = torch.autograd.grad(off.loss, s)
+        assert torch.equal(on.loss, off.loss)
+        assert torch.equal(g_on, g_off)
+        assert torch.isfinite(on.loss) and torch.isfinite(g_on).all()

@@ -7,7 +7,8 @@ import pytest
 
 from liftplace.config import resolve
 from liftplace.results import load_study, summarize
-from liftplace.sweep import Study, check_resources, run_single, run_study
+from liftplace.study import Study
+from liftplace.sweep import check_resources, run_single, run_study
 
 
 def smoke(teacher, **overrides):

@@ -1,0 +1,189 @@
+"""A study, without Ray: variants x seeds on a base config, its plan, and the shared command line.
+
+A study script declares a ``Study`` (labelled override sets, seeds, optionally a search space)
+and calls ``study_main``. ``plan`` expands it into full, validated run configs and checks the
+storage folder, all before Ray starts; ``liftplace.sweep.run_study`` runs the plan as one Ray
+Tune experiment under ``<storage>/<study>``; the report is built after by the repository's
+``analysis/make_all.py``, the same command a user runs on a finished study.
+
+Importing this module does not import Ray (checked by the tests): a bad command line is
+refused in one line without Ray's start-up cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liftplace.config import RunConfig, from_dict, parse_override, resolve
+
+RUNNERS = ("auto", "train", "direct")
+# Written by the cluster launcher (`ray up`) on the head node: the autoscaler's config.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+# The analysis scripts live beside the package in the repository (they are not installed).
+MAKE_ALL = Path(__file__).resolve().parents[1] / "analysis" / "make_all.py"
+
+
+@dataclass
+class Study:
+    """What a study script declares: variants (label -> overrides) x seeds on a base config."""
+
+    name: str
+    variants: dict[str, dict] = field(default_factory=dict)
+    base: dict = field(default_factory=dict)  # overrides applied to every trial
+    seeds: int = 2
+    evals: int = 0  # FID evaluations during training, evenly spaced (besides the final one)
+    metric: str = "fid"
+    mode: str = "min"
+    description: str = ""
+    # A search instead of a grid: {dotted key: a ray.tune domain}, sampled by Optuna
+    # (OptunaSearch) num_samples times, with ASHA stopping trials whose FID lags at an
+    # evaluation. The variants then hold one entry: the base of the search.
+    space: dict = field(default_factory=dict)
+    num_samples: int = 0
+
+
+@dataclass
+class Plan:
+    """A study ready to run: every trial resolved and validated, before Ray starts."""
+
+    study: Study
+    preset: str
+    trials: list[dict]  # {"variant", "seed", "config": RunConfig.to_dict()}
+    configs: list[RunConfig]
+    runner: str  # direct | train
+    folder: Path  # <storage>/<study name>
+    info: dict  # what study.json records
+
+
+def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[dict]:
+    """Every trial as {"variant", "seed", "config"}: resolved and validated, before Ray starts."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    user = dict(parse_override(o) for o in overrides)
+    trials = []
+    for label, variant in study.variants.items():
+        for seed in range(seeds):
+            settings = {**study.base, **variant, **user, "train.seed": seed}
+            try:
+                config = resolve(preset, settings)
+                if study.evals:
+                    settings["train.eval_every"] = max(1, config.train.steps // (study.evals + 1))
+                    config = resolve(preset, settings)
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"study {study.name}, variant {label!r}: {err}") from None
+            trials.append({"variant": label, "seed": seed, "config": config.to_dict()})
+    return trials
+
+
+def pick_runner(config: RunConfig, runner: str) -> str:
+    """direct: the Tune trial runs the loop in-process (~1 s of overhead, one worker); train:
+    the trial drives a Ray Train TorchTrainer (~20 s on 2 cores, any number of workers)."""
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
+    if runner == "auto":
+        return "direct" if config.scaling.num_workers == 1 else "train"
+    if runner == "direct" and config.scaling.num_workers != 1:
+        raise ValueError("runner direct runs one worker; use runner train for scaling.num_workers > 1")
+    return runner
+
+
+def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
+         storage: str | Path = "results", runner: str = "auto") -> Plan:
+    """Expand and validate a study; nothing is written and no Ray is involved."""
+    seeds = 1 if study.space else (study.seeds if seeds is None else seeds)
+    trials = expand(study, preset, list(overrides), seeds)
+    configs = [from_dict(t["config"], check_paths=False) for t in trials]
+    runners = {pick_runner(c, runner) for c in configs}
+    if len(runners) != 1:
+        raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")
+    chosen = runners.pop()
+    if "://" in str(storage):
+        # study.json, --resume and the analysis read the study folder with local file I/O.
+        raise ValueError(f"--storage {storage}: URIs are not supported; give a folder (on a multi-node "
+                         "cluster, a shared file system mounted at the same path on every node, e.g. EFS)")
+    folder = Path(storage).expanduser().resolve() / study.name
+    return Plan(study, preset, trials, configs, chosen, folder,
+                _info(study, preset, overrides, seeds, chosen, len(trials)))
+
+
+def _info(study: Study, preset, overrides, seeds, runner, count) -> dict:
+    """study.json: what makes two runs of a study the same study (compared on --resume)."""
+    return {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
+            "seeds": seeds, "evals": study.evals, "space": {k: str(v) for k, v in study.space.items()},
+            "num_samples": study.num_samples, "variants": study.variants, "base": study.base, "metric": study.metric,
+            "mode": study.mode, "runner": runner, "trials": count}
+
+
+def autoscaling_ceiling(have: dict, bootstrap: str | Path | None = None) -> dict:
+    """What an autoscaling cluster can grow to, from what it has now (``have``: CPU, GPU).
+
+    On the head node of a `ray up` cluster (cluster.yaml scales GPU workers from zero) the
+    autoscaler may add up to ``max_workers`` nodes of each worker type, with the ``resources``
+    the type declares (an upper bound: nodes already up count twice); a type that declares
+    none makes the ceiling unknown (infinite). Without the launcher's file: ``have``.
+    """
+    path = Path(bootstrap or BOOTSTRAP_CONFIG).expanduser()
+    have = dict(have)
+    if not path.is_file():
+        return have
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        count = node_type.get("max_workers", 0)
+        if name == config.get("head_node_type") or not count:
+            continue
+        declared = node_type.get("resources") or {}
+        for key in have:
+            have[key] += count * declared.get(key, 0) if declared else math.inf
+    return have
+
+
+def build_report(folder: Path) -> Path | None:
+    """Run ``analysis/make_all.py`` on a finished study, as its own process (the library imports
+    nothing from analysis/); returns REPORT.md, or None when the analysis scripts are absent."""
+    if not MAKE_ALL.is_file():
+        print(f"analysis: {MAKE_ALL} not found (the package was installed without its repository); "
+              f"the study's results are in {folder}")
+        return None
+    subprocess.run([sys.executable, str(MAKE_ALL), str(folder)], check=True)
+    return Path(folder) / "analysis" / "REPORT.md"
+
+
+def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
+    """The command line every study script shares: run (or resume) the study, then its report."""
+    parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
+    parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default cpu)")
+    parser.add_argument("--seeds", type=int, default=study.seeds, help=f"seeds per variant (default {study.seeds})")
+    parser.add_argument("--storage", default="results", help="results folder; the study goes to STORAGE/<name>")
+    parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    parser.add_argument("--runner", default="auto", choices=RUNNERS)
+    parser.add_argument("--max-concurrent", type=int, default=None)
+    if study.space:
+        parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    if study.space:
+        study = dataclasses.replace(study, num_samples=args.samples)
+    try:
+        from liftplace.sweep import run_study  # Ray's import (~1 s) after the command line is read
+
+        folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
+                           address=args.address, resume=args.resume, runner=args.runner,
+                           max_concurrent=args.max_concurrent)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if report:
+        path = build_report(folder)
+        if path is not None:
+            print(f"analysis: {Path(folder) / 'analysis'} (open {path})")
+    return folder
+
