@@ -96,7 +96,7 @@ def make(folder):
     picks = pick_students(summary)
     if not picks:
         raise ValueError(f"no non-diverged trial with a final checkpoint under {folder}")
-    configs = [trial_config(folder, row["trial_dir"]) for row in picks]
+    configs = [trial_config(folder, row["trial_dir"], row["variant"]) for row in picks]
     place = [c for c in configs if c.objective.name == "place"]
     k = variant_k(place[0]) if place else DEFAULT_K
     rows = 3 * len(picks)

@@ -103,7 +103,7 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
     sampled = set(picks["variant"]) if all_variants else set(fid_variants(summary))
     shares, fids, teacher_metrics = [], [], {}
     for _, row in picks.iterrows():
-        config = trial_config(folder, row["trial_dir"])
+        config = trial_config(folder, row["trial_dir"], row["variant"])
         student, teacher, process = load_student(row["final_checkpoint"], config, device=device)
         protocol = config.eval.protocol()
         n = min(protocol.num_images, num_images or DEFAULT_FID_IMAGES)

@@ -46,14 +46,14 @@ def make(folder):
     df, summary, info = load(folder)
     evals = df[df["fid"].notna()]
     # FID along training only where runs evaluated more than once (the stability study does).
-    curves_shown = len(evals) and evals.groupby("trial_dir").size().max() > 1
+    curves_shown = len(evals) and evals.groupby("run").size().max() > 1
     if curves_shown:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
     else:
         fig, ax2 = plt.subplots(figsize=(5, 4))
     variants = list(summary["variant"].drop_duplicates())
     for i, variant in enumerate(variants):
-        curves = evals[evals["variant"] == variant].pivot_table(index="step", columns="trial_dir", values="fid")
+        curves = evals[evals["variant"] == variant].pivot_table(index="step", columns="run", values="fid")
         if curves_shown and not curves.empty:
             ax.plot(curves.index, curves.mean(axis=1), "-o", ms=3, color=f"C{i}", label=f"{variant} ({curves.shape[1]} seeds)")
             ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=f"C{i}", alpha=0.15)

@@ -9,7 +9,8 @@ on a step that reports nothing (``diagnostics=False``, task_weight 0). Cells rea
 "milliseconds (ratio over plain MSE)". "place torch.sort" ranks the errors with torch.sort,
 the plain implementation, to show what the packed-key numpy sort buys on CPU; "place +diag"
 is place on a reporting step (``diagnostics=True``). The variants are timed round-robin, so
-that a machine whose load changes during the run slows them alike.
+that a machine whose load changes during the run slows them alike; report the load (printed
+in the first line) with the numbers.
 
 Shapes: 1x32x32, 3x64x64 and 4x32x32 outputs (pixel DDPM on MNIST/CIFAR, CelebA 64, a
 latent). ``--threads`` sets torch.set_num_threads (default: torch's own default).
@@ -33,10 +34,14 @@ SHAPES = [(1, 32, 32), (3, 64, 64), (4, 32, 32)]
 
 
 def time_round_robin(fns: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median milliseconds of each function, calling them in turn repeats times (after one warm-up)."""
+    """Median milliseconds of each function, taking the functions in turn repeats times (after
+    one warm-up). Each turn calls its function twice and times the second call: the first
+    puts the memory allocator in that function's steady state, which otherwise depends on
+    whichever function ran before it (on CPU, tens of percent for place)."""
     times: dict[str, list[float]] = {label: [] for label in fns}
     for rep in range(repeats + 1):
         for label, fn in fns.items():
+            fn()
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -11,6 +11,11 @@ files (nothing is unpickled)::
     rng_rank{r}.pt           rank r's data/noise generator, torch's global and CUDA's RNG
     state.json               {"step", "world_size", "ema_optimization_step"}: written last
 
+A cohort's checkpoint (several students trained on one stream) holds one such folder per
+student that has not diverged (``m0``, ``m1``, ...) and ``cohort.json`` (written last)::
+
+    cohort.json              {"step", "members": [{"variant", "folder", "diverged_at"}]}
+
 Resuming from it continues the same run (on CPU, the same losses as an uninterrupted run). A
 pruned student is rebuilt by pruning the teacher again -- pruning is deterministic -- and then
 loaded, so no module is pickled.
@@ -30,6 +35,7 @@ from liftplace.diffusion import make_process
 from liftplace.teachers import load_teacher
 
 STATE_FILE = "state.json"
+MANIFEST = "cohort.json"
 WEIGHT_FILES = ("student.safetensors", "ema.safetensors", "objective.safetensors")
 
 
@@ -80,10 +86,30 @@ def _ema_tensors(directory: Path, student) -> list[torch.Tensor]:
     return [shadow[f"p{i}"].to(p.device) for i, p in enumerate(student.parameters())]
 
 
-def check(directory: str | Path) -> int:
-    """Read every file of a checkpoint without a model; returns its step. Refuses a missing or
-    corrupt checkpoint with one line, before a run starts."""
+def save_manifest(directory: Path, step: int, members: list[tuple[str, str, int | None]]) -> None:
+    """cohort.json, once every student's folder is written: (variant, folder, diverged_at) each."""
+    manifest = {"step": step, "members": [{"variant": v, "folder": f, "diverged_at": d} for v, f, d in members]}
+    files.write_text(Path(directory) / MANIFEST, json.dumps(manifest))
+
+
+def read_manifest(directory: Path) -> dict:
     directory = Path(directory)
+    with _reading(directory, MANIFEST):
+        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest["step"], manifest["members"] = int(manifest["step"]), list(manifest["members"])
+    return manifest
+
+
+def check(directory: str | Path) -> int:
+    """Read every file of a checkpoint (a run's or a cohort's) without a model; returns its
+    step. Refuses a missing or corrupt checkpoint with one line, before a run starts."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        manifest = read_manifest(directory)
+        for member in manifest["members"]:
+            if member["diverged_at"] is None:
+                check(directory / member["folder"])
+        return manifest["step"]
     with _reading(directory):
         step = int(json.loads((directory / STATE_FILE).read_text())["step"])
         for name in WEIGHT_FILES:

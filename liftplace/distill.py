@@ -1,20 +1,29 @@
-"""One distillation run: a frozen teacher, a student, an objective, a budget.
+"""One distillation run: a frozen teacher, students, their objectives, a budget.
 
-``run(config, report, checkpoint=None)`` is a plain function: Ray Train calls it in every
-worker (``liftplace.sweep``), tests call it in-process. It imports nothing from Ray.
-``report(metrics, checkpoint_dir)`` receives a metrics row (the schema ``liftplace.results`` documents)
-every ``train.log_every`` steps, at every evaluation and at the end, and a checkpoint
-directory every ``train.checkpoint_every`` steps and at the end (None otherwise). Only rank 0's
-rows carry evaluation numbers; every rank calls report with the same step (Ray's contract).
+``run(config, report, checkpoint=None)`` trains one student; ``run_cohort(members, report,
+checkpoint=None)`` trains a cohort: several students (variants) that share the teacher, the
+data and the stream of batches, timesteps and noise, in lock step, on one teacher forward per
+step. Both are plain functions: Ray Train calls them in every worker (``liftplace.sweep``),
+tests call them in-process. They import nothing from Ray.
 
-A run is a short loop over four parts: ``build`` (teacher, data stream, student, objective,
-optimizer), ``train_step``, ``report_row`` and ``finish_report`` (evaluate, checkpoint,
-report). Checkpoints are ``liftplace.checkpoints``' format: resuming from one continues the
-same run (on CPU, the same losses as an uninterrupted run).
+``report(row, checkpoint_dir)`` (a cohort: ``report({variant: row}, checkpoint_dir)``) receives
+the rows of the schema ``liftplace.results`` documents every ``train.log_every`` steps, at
+every evaluation and at the end, and a checkpoint directory every ``train.checkpoint_every``
+steps and at the end (None otherwise). Only rank 0's rows carry evaluation numbers; every rank
+calls report with the same step (Ray's contract).
+
+A run is a short loop over four parts: ``build`` (teacher, data stream, students, objectives,
+optimizers), ``train_step`` (one student), ``report_row`` and ``finish_report`` (evaluate,
+checkpoint, report). Inside a cohort every student keeps its own optimizer, EMA, objective,
+global RNG stream (DiT label dropout, adapter init), checkpoint, divergence state and rows, so
+each student's rows are those it would have alone (bitwise on CPU; tests/test_cohort.py). A
+student that diverges stops; the others go on. Checkpoints are ``liftplace.checkpoints``'
+format: resuming from one continues the same run or cohort exactly.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -36,10 +45,24 @@ from liftplace.data import load_dataset
 from liftplace.diffusion import NoiseProcess, make_process
 from liftplace.metrics import compute_metrics, protocol_record, real_images, stack_dataset
 from liftplace.objectives import Objective, make_objective, objective_class
-from liftplace.results import EVAL_COLUMNS
+from liftplace.results import EVAL_COLUMNS, flatten
 from liftplace.teachers import generate, load_teacher
 
 Report = Callable[[dict, "Path | None"], None]
+# The settings the students of one cohort may differ in; everything else (teacher, data, seed,
+# batch, steps, noise process, schedule of reports, evaluation protocol, scaling) decides the
+# stream of batches and the teacher's output, or when rows are written, and must be shared.
+PER_STUDENT = ("student.", "objective.", "train.lr", "train.ema_decay", "train.grad_clip", "train.loss_bound")
+
+
+def shared_settings(config: RunConfig) -> dict:
+    """The settings a cohort's students must share (dotted key -> value)."""
+    return {k: v for k, v in flatten(config.to_dict()) if not k.startswith(PER_STUDENT)}
+
+
+def cohort_key(config: RunConfig) -> str:
+    """Configs with equal keys can train as one cohort."""
+    return json.dumps(shared_settings(config), sort_keys=True)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -50,8 +73,8 @@ def rank_and_world() -> tuple[int, int]:
 
 @dataclass
 class Batch:
-    """One step's inputs, the same for every student of the run: noised images x_t at
-    ``timesteps``, the true ``target`` (noise, velocity or flow) and class ``labels`` (or None)."""
+    """One step's inputs, the same for every student: noised images x_t at ``timesteps``, the
+    true ``target`` (noise, velocity or flow) and class ``labels`` (or None)."""
 
     x_t: torch.Tensor
     timesteps: torch.Tensor
@@ -61,9 +84,9 @@ class Batch:
 
 @dataclass
 class Stream:
-    """The run's stream of batches, timesteps and noise, drawn from its own generator (one per
-    rank, so workers see different batches), which is checkpointed: a resumed run continues
-    the same stream, and nothing a student or an objective draws can change it."""
+    """The stream of batches, timesteps and noise, drawn from its own generator (one per rank,
+    so workers see different batches), which is checkpointed: a resumed run continues the same
+    stream, and nothing a student or an objective draws can change what the others see."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -82,17 +105,41 @@ class Stream:
 
 @dataclass
 class Trainee:
-    """One student and everything that trains it: optimizer, EMA, objective (with its own
-    parameters) and, for feature objectives, the taps on both networks."""
+    """One student and everything that trains it: its config, optimizer, EMA, objective (with
+    its own parameters), feature taps, and its own stream of torch's global RNG."""
 
+    variant: str | None
+    folder: str  # its sub-folder of a cohort checkpoint ("" for a run of one student)
+    config: RunConfig
     student: torch.nn.Module
     net: torch.nn.Module  # the student, wrapped in DistributedDataParallel with several workers
     objective: Objective
     opt: torch.optim.Optimizer
     ema: EMAModel
     params: list[torch.nn.Parameter]
-    taps: tuple[models.FeatureTaps, models.FeatureTaps] | None
+    taps: models.FeatureTaps | None
+    rng: dict = field(default_factory=dict)
     static: dict = field(default_factory=dict)  # the row's per-run columns (sizes, protocol)
+    diverged_at: int | None = None
+
+    @contextmanager
+    def own_rng(self):
+        """Torch's global RNG (and CUDA's) as this student left it: its draws do not depend on
+        the students trained beside it."""
+        torch.set_rng_state(self.rng["torch"])
+        if "cuda" in self.rng:
+            torch.cuda.set_rng_state(self.rng["cuda"])
+        try:
+            yield
+        finally:
+            self.rng = _global_rng()
+
+
+def _global_rng() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 @dataclass
@@ -106,28 +153,43 @@ class Outcome:
 
 @dataclass
 class Run:
-    """Everything ``build`` makes for a run."""
+    """Everything ``build`` makes: the shared teacher and stream, and the students."""
 
-    config: RunConfig
+    config: RunConfig  # the first student's; the shared settings are the same in all
     rank: int
     world: int
     device: torch.device
     teacher: torch.nn.Module
+    teacher_taps: models.FeatureTaps | None
     stream: Stream
-    trainee: Trainee
-    autocast: object  # a context manager factory
-
-    def forward_context(self):
-        return self.autocast()
+    trainees: list[Trainee]
+    autocast: Callable
+    teacher_samples: torch.Tensor | None = None  # for samples.png, drawn once
 
 
-def build(config: RunConfig) -> Run:
-    """Teacher, data stream, student, objective and optimizer, seeded from train.seed."""
+def check_cohort(members: dict[str | None, RunConfig]) -> None:
+    """Refuse students that cannot share one stream, naming the first differing setting."""
+    if not members:
+        raise ValueError("a cohort needs at least one student")
+    (first, base), *rest = members.items()
+    shared = shared_settings(base)
+    for variant, config in rest:
+        other = shared_settings(config)
+        for key in shared:
+            if other[key] != shared[key]:
+                raise ValueError(f"variants {first!r} and {variant!r} cannot train as one cohort: {key} differs "
+                                 f"({shared[key]!r} vs {other[key]!r}); only {', '.join(PER_STUDENT)} may differ")
+
+
+def build(members: dict[str | None, RunConfig]) -> Run:
+    """Teacher, data stream and every student with its objective and optimizer. Each student is
+    built right after seeding torch from its train.seed, as it would be alone."""
+    check_cohort(members)
+    config = next(iter(members.values()))
     rank, world = rank_and_world()
     tr = config.train
     use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    torch.manual_seed(tr.seed)
     np.random.seed(tr.seed)
     random.seed(tr.seed)
     teacher, card = load_teacher(config.teacher.name, device)
@@ -135,58 +197,69 @@ def build(config: RunConfig) -> Run:
     images, labels = stack_dataset(train_set)
     stream = Stream(images, labels, train_set.num_classes, make_process(config.teacher.prediction), tr.batch, device,
                     torch.Generator().manual_seed(tr.seed * 1000 + rank))
+    needs_features = any(objective_class(c.objective.name).needs_features for c in members.values())
+    teacher_taps = models.FeatureTaps(teacher) if needs_features else None
     example_shape = (2, *images.shape[1:])
-    student = models.build_student(teacher.cpu(), config.student, seed=tr.seed, example_shape=example_shape)
-    student = student.to(device).train().requires_grad_(True)
-    teacher.to(device)
-    trainee = _trainee(config, student, teacher, tuple(images.shape[1:]), device, world)
-    trainee.static = {
-        "student_params": models.count_params(student),
+    static = {
         "teacher_params": models.count_params(teacher),
-        "student_macs": models.count_macs(student, example_shape),
         "teacher_macs": models.count_macs(teacher, example_shape),
         "world_size": world,
         "teacher_fid": card.get("fid", float("nan")),
         **protocol_record(config.eval.protocol()),
     }
-    trainee.static["compression"] = trainee.static["student_params"] / trainee.static["teacher_params"]
+    trainees = []
+    for i, (variant, member) in enumerate(members.items()):
+        torch.manual_seed(member.train.seed)
+        student = models.build_student(teacher.cpu(), member.student, seed=member.train.seed,
+                                       example_shape=example_shape)
+        student = student.to(device).train().requires_grad_(True)
+        teacher.to(device)
+        folder = "" if len(members) == 1 else f"m{i}"
+        trainee = _trainee(variant, folder, member, student, teacher_taps, tuple(images.shape[1:]), device, world)
+        trainee.static = {"student_params": models.count_params(student),
+                          "student_macs": models.count_macs(student, example_shape), **static}
+        trainee.static["compression"] = trainee.static["student_params"] / trainee.static["teacher_params"]
+        trainee.rng = _global_rng()
+        trainees.append(trainee)
     bf16 = device.type == "cuda" and tr.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
-    return Run(config, rank, world, device, teacher, stream, trainee, autocast)
+    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast)
 
 
-def _trainee(config: RunConfig, student, teacher, shape, device, world) -> Trainee:
+def _trainee(variant, folder, config: RunConfig, student, teacher_taps, shape, device, world) -> Trainee:
     options = config.objective_options()
     taps = None
     if objective_class(config.objective.name).needs_features:
-        taps = (models.FeatureTaps(student), models.FeatureTaps(teacher))
-        options.update(student_channels=taps[0].channels(), teacher_channels=taps[1].channels())
+        taps = models.FeatureTaps(student)
+        options.update(student_channels=taps.channels(), teacher_channels=teacher_taps.channels())
     objective = make_objective(config.objective.name, **options, shape=shape).to(device)
     net = student
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     params = [*student.parameters(), *objective.parameters()]
-    opt = torch.optim.Adam(params, lr=config.train.lr)
-    ema = EMAModel(student.parameters(), decay=config.train.ema_decay)
-    return Trainee(student, net, objective, opt, ema, params, taps)
+    # The fused and foreach updates do one pass over all parameters instead of a Python loop
+    # over ~180 small tensors: on CPU, Adam's step took 8 ms with the loop and 1 ms fused for
+    # the cpu preset's student (benchmarks/cohort.py measures whole steps).
+    opt = torch.optim.Adam(params, lr=config.train.lr, fused=True)
+    ema = EMAModel(student.parameters(), decay=config.train.ema_decay, foreach=True)
+    return Trainee(variant, folder, config, student, net, objective, opt, ema, params, taps)
 
 
 def teacher_forward(run: Run, batch: Batch) -> tuple[torch.Tensor, list | None]:
     """The teacher's prediction (float32, no graph) and, when taps are on, its block features."""
-    with torch.no_grad(), run.forward_context():
+    with torch.no_grad(), run.autocast():
         teacher_out = models.predict(run.teacher, batch.x_t, batch.timesteps, batch.labels).float()
-    taps = run.trainee.taps
-    return teacher_out, (list(taps[1].features) if taps else None)
+    return teacher_out, (list(run.teacher_taps.features) if run.teacher_taps else None)
 
 
 def train_step(run: Run, trainee: Trainee, batch: Batch, teacher_out, teacher_features, step: int, *,
                diagnostics: bool) -> Outcome:
     """One optimizer step of one student. A non-finite loss or gradient, or a loss over
     train.loss_bound, marks it diverged and skips the update (on every rank together)."""
-    tr = run.config.train
-    with run.forward_context():
+    tr = trainee.config.train
+    with run.autocast():
         student_out = models.predict(trainee.net, batch.x_t, batch.timesteps, batch.labels).float()
-    features = (list(trainee.taps[0].features), teacher_features) if trainee.taps else None
+    features = (list(trainee.taps.features), teacher_features) if trainee.taps else None
     parts = trainee.objective(student_out, teacher_out, step=step, target=batch.target, features=features,
                               diagnostics=diagnostics)
     loss = parts.loss
@@ -212,7 +285,7 @@ def train_step(run: Run, trainee: Trainee, batch: Batch, teacher_out, teacher_fe
 def report_row(trainee: Trainee, outcome: Outcome, step: int, images_per_s: float, elapsed_s: float) -> dict:
     """The results schema's row for one student at one step (evaluation columns NaN)."""
     parts = outcome.parts
-    return {
+    row = {
         "step": step,
         "loss": parts.loss.item(),
         "loss_task": parts.task.item(),
@@ -230,77 +303,149 @@ def report_row(trainee: Trainee, outcome: Outcome, step: int, images_per_s: floa
         **{k: float("nan") for k in EVAL_COLUMNS},
         **trainee.static,
     }
+    if trainee.variant is not None:
+        row.update(variant=trainee.variant, member=trainee.folder)
+    return row
 
 
-def finish_report(run: Run, trainee: Trainee, row: dict, report: Report, *, evaluate: bool, save: bool,
-                  final: bool) -> None:
-    """Evaluate (rank 0), checkpoint (and, at the end, the sample grid), then report the row."""
-    config = run.config
-    if run.rank == 0 and evaluate:
-        row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, config, run.stream.num_classes,
-                                    run.device))
+def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, save: bool, final: bool) -> None:
+    """Evaluate each student that has a row and has not diverged (rank 0), checkpoint every
+    student still training (and, at the end, its sample grid), then report the rows."""
+    by_variant = {t.variant: t for t in run.trainees}
+    for variant, row in rows.items():
+        trainee = by_variant[variant]
+        if run.rank == 0 and evaluate and not row["diverged"]:
+            with trainee.own_rng():
+                row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
+                                            run.stream.num_classes, run.device))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = None
-        if save:
+        if save and any(t.diverged_at is None for t in run.trainees):
             ckpt_dir = Path(tmp)
-            checkpoints.save(ckpt_dir, row["step"], trainee.student, trainee.ema, trainee.opt, trainee.objective,
-                             run.stream.generator, run.rank, run.world)
+            save_checkpoint(run, ckpt_dir, next(iter(rows.values()))["step"])
             if run.rank == 0 and final:
-                save_samples(ckpt_dir, trainee.student, trainee.ema, run.teacher, run.stream.process, config,
-                             run.stream.num_classes, run.device)
-        report(row, ckpt_dir)
+                for trainee in run.trainees:
+                    if trainee.diverged_at is None:
+                        save_samples(run, trainee, ckpt_dir / trainee.folder)
+        report(rows, ckpt_dir)
+
+
+def save_checkpoint(run: Run, directory: Path, step: int) -> None:
+    """Every student still training, each in its folder; a cohort's manifest last."""
+    for trainee in run.trainees:
+        if trainee.diverged_at is None:
+            with trainee.own_rng():
+                checkpoints.save(directory / trainee.folder, step, trainee.student, trainee.ema, trainee.opt,
+                                 trainee.objective, run.stream.generator, run.rank, run.world)
+    if len(run.trainees) > 1 and run.rank == 0:
+        checkpoints.save_manifest(directory, step, [(t.variant, t.folder, t.diverged_at) for t in run.trainees])
+
+
+def restore_checkpoint(run: Run, directory: Path) -> int:
+    """Load every student's state from a checkpoint of this run or cohort; returns its step."""
+    directory = Path(directory)
+    if len(run.trainees) == 1:
+        trainee = run.trainees[0]
+        with trainee.own_rng():
+            return checkpoints.restore(directory, trainee.student, trainee.ema, trainee.opt, trainee.objective,
+                                       run.stream.generator, run.rank)
+    manifest = checkpoints.read_manifest(directory)
+    saved = [(m["variant"], m["folder"]) for m in manifest["members"]]
+    if saved != [(t.variant, t.folder) for t in run.trainees]:
+        raise ValueError(f"checkpoint {directory} holds the cohort {[v for v, _ in saved]}, "
+                         f"not {[t.variant for t in run.trainees]}")
+    for trainee, member in zip(run.trainees, manifest["members"]):
+        trainee.diverged_at = member["diverged_at"]
+        if trainee.diverged_at is None:
+            with trainee.own_rng():
+                checkpoints.restore(directory / trainee.folder, trainee.student, trainee.ema, trainee.opt,
+                                    trainee.objective, run.stream.generator, run.rank)
+    return int(manifest["step"])
 
 
 def run(config: RunConfig, report: Report, checkpoint: str | Path | None = None, *, log=print) -> dict:
-    """Train the student; returns the last reported row."""
-    r = build(config)
-    tr, trainee = config.train, r.trainee
+    """Train one student; returns the last reported row."""
+    last = _train({None: config}, lambda rows, ckpt: report(rows[None], ckpt), checkpoint, log)
+    return last.get(None, {})
+
+
+def run_cohort(members: dict[str, RunConfig], report: Callable[[dict, Path | None], None],
+               checkpoint: str | Path | None = None, *, log=print) -> dict[str, dict]:
+    """Train a cohort (variant -> config) in lock step; returns each variant's last row."""
+    if None in members:
+        raise ValueError("every student of a cohort needs a variant label")
+    return _train(members, report, checkpoint, log)
+
+
+def _train(members: dict, report: Callable, checkpoint, log) -> dict:
+    r = build(members)
+    tr = r.config.train
     start = 0
     if checkpoint is not None:
-        start = checkpoints.restore(Path(checkpoint), trainee.student, trainee.ema, trainee.opt, trainee.objective,
-                                    r.stream.generator, r.rank)
+        start = restore_checkpoint(r, Path(checkpoint))
         log(f"[rank {r.rank}] resumed from {checkpoint} at step {start}")
     last: dict = {}
     window_start, window_images = time.perf_counter(), 0
     run_start = time.perf_counter()
     try:
         for step in range(start + 1, tr.steps + 1):
+            training = [t for t in r.trainees if t.diverged_at is None]
+            if not training:
+                break
             final = step == tr.steps
             evaluate = final or (tr.eval_every > 0 and step % tr.eval_every == 0)
             save = final or step % tr.checkpoint_every == 0
             due = evaluate or save or step % tr.log_every == 0
             batch = r.stream.next()
             teacher_out, teacher_features = teacher_forward(r, batch)
-            outcome = train_step(r, trainee, batch, teacher_out, teacher_features, step, diagnostics=due)
+            outcomes = {}
+            for trainee in training:
+                with trainee.own_rng():
+                    outcomes[trainee.variant] = train_step(r, trainee, batch, teacher_out, teacher_features, step,
+                                                           diagnostics=due)
             window_images += tr.batch * r.world
-            if not (due or outcome.diverged):
+            diverged = [t for t in training if outcomes[t.variant].diverged]
+            if not (due or diverged):
                 continue
+            for trainee in diverged:
+                trainee.diverged_at = step
             now = time.perf_counter()
-            row = report_row(trainee, outcome, step, window_images / max(now - window_start, 1e-9), now - run_start)
-            # A diverged student is recorded as diverged, not evaluated or checkpointed.
-            finish_report(r, trainee, row, report, evaluate=evaluate and not outcome.diverged,
-                          save=save and not outcome.diverged, final=final)
+            rate = window_images / max(now - window_start, 1e-9)
+            # A student is reported on the schedule, and once more at the step it diverges.
+            rows = {t.variant: report_row(t, outcomes[t.variant], step, rate, now - run_start)
+                    for t in training if due or t in diverged}
+            finish_report(r, rows, report, evaluate=evaluate, save=save, final=final)
             if r.rank == 0:
-                log(progress_line(row, tr.steps, run_start, start))
+                log(progress_line(rows, tr.steps, run_start, start))
+                for trainee in diverged:
+                    row = rows[trainee.variant]
+                    log(f"[rank {r.rank}] {_name(trainee)}diverged at step {step} (loss {row['loss']:.4g}, grad norm "
+                        f"{row['grad_norm']:.4g}): stopping{' it; the others go on' if len(r.trainees) > 1 else ''}")
             window_start, window_images = time.perf_counter(), 0
-            last = row
-            if outcome.diverged:
-                log(f"[rank {r.rank}] diverged at step {step} (loss {row['loss']:.4g}, grad norm "
-                    f"{outcome.grad_norm:.4g}): stopping")
-                break
+            last.update(rows)
     finally:
-        for tap in trainee.taps or ():
-            tap.remove()
+        for tap in [r.teacher_taps, *(t.taps for t in r.trainees)]:
+            if tap is not None:
+                tap.remove()
     return last
 
 
-def progress_line(row: dict, steps: int, run_start: float, start: int) -> str:
-    done = row["step"] - start
-    rate = done / max(time.perf_counter() - run_start, 1e-9)
-    eta = (steps - row["step"]) / max(rate, 1e-9)
-    fid = f"  FID {row['fid']:.2f}" if not math.isnan(row["fid"]) else ""
-    return (f"step {row['step']}/{steps}  loss {row['loss']:.4f}  w {row['w']:.3f}  "
-            f"{row['images_per_s']:.0f} img/s{fid}  ETA {eta:.0f}s")
+def _name(trainee: Trainee) -> str:
+    return f"{trainee.variant}: " if trainee.variant is not None else ""
+
+
+def progress_line(rows: dict, steps: int, run_start: float, start: int) -> str:
+    """One line per report: step, ETA, and each student's loss (w, FID when there are)."""
+    step = next(iter(rows.values()))["step"]
+    rate = (step - start) / max(time.perf_counter() - run_start, 1e-9)
+    eta = (steps - step) / max(rate, 1e-9)
+    parts = []
+    for variant, row in rows.items():
+        fid = f" FID {row['fid']:.2f}" if not math.isnan(row["fid"]) else ""
+        w = f" w {row['w']:.3f}" if not math.isnan(row["w"]) else ""
+        parts.append(f"{'' if variant is None else variant + ': '}loss {row['loss']:.4f}{w}{fid}")
+    images = next(iter(rows.values()))["images_per_s"]
+    return f"step {step}/{steps}  {' | '.join(parts)}  {images:.0f} img/s  ETA {eta:.0f}s"
 
 
 @contextmanager
@@ -326,14 +471,16 @@ def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_cla
     return compute_metrics(fake, real_images(val, protocol.num_images), protocol, real_cache_key=val.name)
 
 
-def save_samples(directory: Path, student, ema, teacher, process, config, num_classes, device) -> None:
+def save_samples(run: Run, trainee: Trainee, directory: Path) -> None:
     """samples.png: 32 EMA-student samples (left) beside the teacher's from the same noise."""
-    steps, seed = config.eval.sampler_steps, config.eval.seed
-    with ema_weights(student, ema):
-        s = generate(student, process, 32, steps=steps, seed=seed, num_classes=num_classes, device=device)
-    t = generate(teacher, process, 32, steps=steps, seed=seed, num_classes=num_classes, device=device)
-    rows = [torch.cat([s[i:i + 4], t[i:i + 4]]) for i in range(0, 32, 4)]
-    grid = torch.cat(rows)
+    steps, seed = run.config.eval.sampler_steps, run.config.eval.seed
+    kwargs = dict(steps=steps, seed=seed, num_classes=run.stream.num_classes, device=run.device)
+    with ema_weights(trainee.student, trainee.ema):
+        s = generate(trainee.student, run.stream.process, 32, **kwargs)
+    if run.teacher_samples is None:
+        run.teacher_samples = generate(run.teacher, run.stream.process, 32, **kwargs)
+    t = run.teacher_samples
+    grid = torch.cat([torch.cat([s[i:i + 4], t[i:i + 4]]) for i in range(0, 32, 4)])
     # Small images are blown up (nearest neighbour) so that the grid can be read on a screen.
     grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 64 // grid.shape[-1]), mode="nearest")
     save_image((grid + 1) / 2, str(directory / "samples.png"), nrow=8, padding=2, pad_value=1.0)

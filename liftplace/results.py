@@ -13,8 +13,12 @@ are written to ``metrics.jsonl`` by ``liftplace distill`` (``MetricsFile``) and 
     <storage>/<study>/<trial>/params.json     the trial's config (nested dict)
     <storage>/<study>/<trial>/result.json     one JSON object per reported row
 
-``load_study(path)`` gives one row per reported step and trial, with the trial's flattened
-config as ``config/...`` columns (as Ray writes them) and the metrics of the schema.
+A trial trains one run ({"run": {"variant", "seed", "config"}}) or a cohort of runs that share
+one stream of batches ({"run": {"variant", "seed", "members": [{"variant", "config"}]}}), whose
+Tune rows are {"step", "members": {variant: the run's row}}. ``load_study(path)`` gives one
+row per reported step and run, with the run's flattened config as ``config/...`` columns (as
+Ray writes them), the metrics of the schema, ``variant``, ``trial_dir`` (the trial's folder)
+and ``run`` (a run's identity: the trial folder, ``/variant`` for a cohort member).
 A step reported twice (a trial resumed from a checkpoint re-reports the steps after it) keeps
 its last report, so every trial has one row per step. Analysis reads nothing else.
 """
@@ -161,7 +165,7 @@ def trial_dirs(path: Path) -> list[list[Path]]:
 
 
 def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFrame:
-    """One row per (trial, step): metrics, ``trial_id``, ``study`` and ``config/...`` columns.
+    """One row per (run, step): metrics, ``run``, ``trial_id``, ``study`` and ``config/...`` columns.
 
     Raises NotAStudy naming what is missing: the folder, study.json, trial folders, or (unless
     allow_unfinished) a trial that never reported.
@@ -185,41 +189,58 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
                 continue
             raise NotAStudy(f"half-written study: trial {trial.name} has no reported rows ({result_file}); "
                             "resume the study with --resume")
-        # A study trial's params are {"run": {"variant", "seed", "config": the full run config}}.
         params = json.loads((trial / "params.json").read_text())
-        run = params.get("run", {})
-        frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
-        for key, value in config_columns(run.get("config", {})).items():
-            frame[key] = [value] * len(frame)
-        for key, value in params.get("search", {}).items():  # a search trial's sampled values
-            frame["config/" + key.replace(".", "/")] = value
-        frame["variant"] = rows[-1].get("variant", run.get("variant", trial.name))
-        frame["trial_id"] = rows[-1].get("trial_id", trial.name)
-        frame["trial_dir"] = trial.name
-        frame["final_checkpoint"] = last_checkpoint(rows, group[-1])
-        frames.append(frame.drop_duplicates("step", keep="last"))
+        for run_id, config, run_rows, folder in _runs(trial.name, params.get("run", {}), rows):
+            if not run_rows:
+                continue
+            frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in run_rows])
+            for key, value in config_columns(config).items():
+                frame[key] = [value] * len(frame)
+            for key, value in params.get("search", {}).items():  # a search trial's sampled values
+                frame["config/" + key.replace(".", "/")] = value
+            frame["variant"] = run_rows[-1].get("variant", params.get("run", {}).get("variant", trial.name))
+            frame["trial_id"] = rows[-1].get("trial_id", trial.name)
+            frame["trial_dir"] = trial.name
+            frame["run"] = run_id
+            checkpoint = last_checkpoint(run_rows, group[-1])
+            frame["final_checkpoint"] = str(Path(checkpoint) / folder) if checkpoint and folder else checkpoint
+            frames.append(frame.drop_duplicates("step", keep="last"))
     if not frames:
         raise NotAStudy(f"half-written study: no trial under {path} has reported yet")
     df = pd.concat(frames, ignore_index=True)
     df["study"] = info.get("name", path.name)
-    return df.sort_values(["trial_dir", "step"], ignore_index=True)
+    return df.sort_values(["run", "step"], ignore_index=True)
+
+
+def _runs(trial: str, run: dict, rows: list[dict]):
+    """(run id, config, rows, checkpoint sub-folder) of each run a trial trained."""
+    if "members" not in run:
+        yield trial, run.get("config", {}), rows, ""
+        return
+    for member in run["members"]:
+        variant = member["variant"]
+        mine = [{**r["members"][variant], **{k: r[k] for k in ("checkpoint_dir_name", "checkpoint_path") if r.get(k)}}
+                for r in rows if variant in r.get("members", {})]
+        folder = next((r["member"] for r in mine if r.get("member")), "")
+        yield f"{trial}/{variant}", member["config"], mine, folder
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: its config, final and best FID, diverged, steps, seed.
+    """One row per run: its config, final and best FID, diverged, steps, seed.
 
-    final_* are the trial's last row (the end of training, or the step it diverged at).
+    final_* are the run's last row (the end of training, or the step it diverged at).
     """
     config_cols = [c for c in df.columns if c.startswith("config/")]
     out = []
-    for trial, group in df.groupby("trial_dir", sort=True):
+    for run, group in df.groupby("run", sort=True):
         group = group.sort_values("step")
         last = group.iloc[-1]
         fids = group["fid"].dropna() if "fid" in group else pd.Series(dtype=float)
         row = {c: last[c] for c in config_cols}
         row.update(
-            trial_dir=trial,
-            variant=last.get("variant", trial),
+            run=run,
+            trial_dir=last.get("trial_dir", run),
+            variant=last.get("variant", run),
             seed=last.get("config/train/seed"),
             steps=int(last["step"]),
             diverged=bool(group["diverged"].any()) if "diverged" in group else False,
@@ -235,9 +256,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def trial_config(path: str | Path, trial_dir: str):
-    """A trial's validated RunConfig, with a search trial's sampled values in place (a teacher
-    or data path that is not on this machine raises FileNotFoundError)."""
+def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
+    """A run's validated RunConfig: the trial's, or its cohort member ``variant``'s, with a
+    search trial's sampled values in place (a teacher or data path that is not on this
+    machine raises FileNotFoundError)."""
     from liftplace.config import from_dict  # torch and friends: only for analysis that runs models
 
     params_file = Path(path) / trial_dir / "params.json"
@@ -245,6 +267,11 @@ def trial_config(path: str | Path, trial_dir: str):
         raise NotAStudy(f"half-written study: {params_file} is missing")
     params = json.loads(params_file.read_text())
     run = params.get("run", {})
+    if "members" in run:
+        configs = {m["variant"]: m["config"] for m in run["members"]}
+        if variant not in configs:
+            raise NotAStudy(f"{params_file}: the cohort has no variant {variant!r} (it has {', '.join(configs)})")
+        return from_dict(configs[variant])
     if "config" not in run:
         raise NotAStudy(f"{params_file} holds no run config (not a liftplace study trial)")
     return from_dict(run["config"], params.get("search", {}))

@@ -1,8 +1,10 @@
 """A study, without Ray: variants x seeds on a base config, its plan, and the shared command line.
 
 A study script declares a ``Study`` (labelled override sets, seeds, optionally a search space)
-and calls ``study_main``. ``plan`` expands it into full, validated run configs and checks the
-storage folder, all before Ray starts; ``liftplace.sweep.run_study`` runs the plan as one Ray
+and calls ``study_main``. ``plan`` expands it into full, validated run configs, all before Ray
+starts, and groups them into cohorts: the variants of one seed that share the teacher, data
+and stream of batches (``distill.cohort_key``) train in one trial, in lock step, on one teacher
+forward per step (``--cohort off``: one trial per variant and seed, as a search always has); ``liftplace.sweep.run_study`` runs the plan as one Ray
 Tune experiment under ``<storage>/<study>``; the report is built after by the repository's
 ``analysis/make_all.py``, the same command a user runs on a finished study.
 
@@ -21,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from liftplace.config import RunConfig, from_dict, parse_override, resolve
+from liftplace.distill import cohort_key
 
 RUNNERS = ("auto", "train", "direct")
+COHORTS = ("auto", "off")
 # Written by the cluster launcher (`ray up`) on the head node: the autoscaler's config.
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 # The analysis scripts live beside the package in the repository (they are not installed).
@@ -54,8 +58,10 @@ class Plan:
 
     study: Study
     preset: str
-    trials: list[dict]  # {"variant", "seed", "config": RunConfig.to_dict()}
-    configs: list[RunConfig]
+    # One per Tune trial: {"variant", "seed", "config": RunConfig.to_dict()} for a single run,
+    # or {"variant": the cohort's label, "seed", "members": [{"variant", "config"}, ...]}.
+    trials: list[dict]
+    configs: list[RunConfig]  # every run's, cohort members included
     runner: str  # direct | train
     folder: Path  # <storage>/<study name>
     info: dict  # what study.json records
@@ -81,6 +87,28 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[
     return trials
 
 
+def group_cohorts(trials: list[dict]) -> list[dict]:
+    """Trials of one seed whose configs share a cohort key become one cohort trial (in the
+    order of the variants); a trial with no partner stays a single run."""
+    groups: dict[tuple, list[dict]] = {}
+    for trial in trials:
+        key = (trial["seed"], cohort_key(from_dict(trial["config"], check_paths=False)))
+        groups.setdefault(key, []).append(trial)
+    out = []
+    for (seed, _), group in groups.items():
+        if len(group) == 1:
+            out.append(group[0])
+        else:
+            out.append({"variant": ", ".join(t["variant"] for t in group), "seed": seed,
+                        "members": [{"variant": t["variant"], "config": t["config"]} for t in group]})
+    return sorted(out, key=lambda t: t["seed"])
+
+
+def trial_configs(trial: dict) -> list[dict]:
+    """The run configs (as dicts) a trial trains: one, or its cohort's."""
+    return [m["config"] for m in trial["members"]] if "members" in trial else [trial["config"]]
+
+
 def pick_runner(config: RunConfig, runner: str) -> str:
     """direct: the Tune trial runs the loop in-process (~1 s of overhead, one worker); train:
     the trial drives a Ray Train TorchTrainer (~20 s on 2 cores, any number of workers)."""
@@ -94,11 +122,16 @@ def pick_runner(config: RunConfig, runner: str) -> str:
 
 
 def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
-         storage: str | Path = "results", runner: str = "auto") -> Plan:
-    """Expand and validate a study; nothing is written and no Ray is involved."""
+         storage: str | Path = "results", runner: str = "auto", cohort: str = "auto") -> Plan:
+    """Expand and validate a study, grouped into cohorts unless cohort="off" (a search runs
+    one variant per trial: its scheduler stops trials one by one); nothing is written and no
+    Ray is involved."""
+    if cohort not in COHORTS:
+        raise ValueError(f"--cohort {cohort!r}: choose one of {', '.join(COHORTS)}")
     seeds = 1 if study.space else (study.seeds if seeds is None else seeds)
-    trials = expand(study, preset, list(overrides), seeds)
-    configs = [from_dict(t["config"], check_paths=False) for t in trials]
+    runs = expand(study, preset, list(overrides), seeds)
+    trials = runs if cohort == "off" or study.space else group_cohorts(runs)
+    configs = [from_dict(t["config"], check_paths=False) for t in runs]
     runners = {pick_runner(c, runner) for c in configs}
     if len(runners) != 1:
         raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")
@@ -108,8 +141,9 @@ def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None =
         raise ValueError(f"--storage {storage}: URIs are not supported; give a folder (on a multi-node "
                          "cluster, a shared file system mounted at the same path on every node, e.g. EFS)")
     folder = Path(storage).expanduser().resolve() / study.name
-    return Plan(study, preset, trials, configs, chosen, folder,
-                _info(study, preset, overrides, seeds, chosen, len(trials)))
+    info = _info(study, preset, overrides, seeds, chosen, len(trials))
+    info.update(cohort="off" if study.space else cohort, runs=len(runs))
+    return Plan(study, preset, trials, configs, chosen, folder, info)
 
 
 def _info(study: Study, preset, overrides, seeds, runner, count) -> dict:
@@ -166,6 +200,10 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
     parser.add_argument("--runner", default="auto", choices=RUNNERS)
     parser.add_argument("--max-concurrent", type=int, default=None)
+    if not study.space:
+        parser.add_argument("--cohort", default="auto", choices=COHORTS,
+                            help="auto (default): the variants of a seed that share the teacher and the stream of "
+                                 "batches train in one trial, on one teacher forward per step; off: one trial each")
     if study.space:
         parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -177,7 +215,7 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
 
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
-                           max_concurrent=args.max_concurrent)
+                           max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"))
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

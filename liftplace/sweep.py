@@ -105,22 +105,40 @@ def check_resources(configs: list[RunConfig], address: str | None = None) -> Non
 # --- Ray Train ---------------------------------------------------------------------------
 
 
+def run_payload(payload: dict, extra: dict, send, checkpoint) -> None:
+    """Train what a trial holds -- one run ({"config"}) or a cohort ({"members"}) -- sending
+    each report to Ray as send(metrics, checkpoint_dir). A cohort's report is one Ray row
+    {"step", "members": {variant: row}}: every student's row of the schema, with its variant."""
+    if "members" in payload:
+        members = {m["variant"]: from_dict(m["config"], check_paths=False) for m in payload["members"]}
+
+        def report(rows, checkpoint_dir):
+            step = next(iter(rows.values()))["step"]
+            send({"step": step, "members": {v: {**row, **extra, "variant": v} for v, row in rows.items()}},
+                 checkpoint_dir)
+
+        distill.run_cohort(members, report, checkpoint=checkpoint)
+    else:
+        config = from_dict(payload["config"], check_paths=False)
+        distill.run(config, lambda row, checkpoint_dir: send(_tune_row({**row, **extra}), checkpoint_dir),
+                    checkpoint=checkpoint)
+
+
 def train_loop(loop_config: dict) -> None:
-    """The Ray Train worker loop: one distill.run per worker, resuming from Train's checkpoint."""
+    """The Ray Train worker loop: the trial's run or cohort in every worker, resuming from
+    Train's checkpoint."""
     import ray.train
 
     # Ray Train logs every report at INFO, a screenful per row; our progress line suffices.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    config = from_dict(loop_config["config"], check_paths=False)
-    extra = {"runner": "train", **loop_config.get("extra", {})}
 
-    def report(row, checkpoint_dir):
+    def send(metrics, checkpoint_dir):
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report({**row, **extra}, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
-        distill.run(config, report, checkpoint=directory)
+        run_payload(loop_config["payload"], {"runner": "train", **loop_config.get("extra", {})}, send, directory)
 
 
 def _row_log_callback(path: Path):
@@ -141,7 +159,9 @@ def _row_log_callback(path: Path):
     return RowLog()
 
 
-def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None):
+def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None,
+                 payload: dict | None = None):
+    """A TorchTrainer for config's scaling that trains payload (default: config's one run)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -149,7 +169,7 @@ def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), ma
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "extra": extra or {}},
+        train_loop_config={"payload": payload or {"config": config.to_dict()}, "extra": extra or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
@@ -206,13 +226,16 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
 # --- Ray Tune studies --------------------------------------------------------------------
 
 
-def _trial_config(params: dict) -> tuple[RunConfig, dict]:
+def _trial_payload(params: dict) -> tuple[RunConfig, dict, dict]:
+    """(the trial's first config, for its scaling; what it trains; columns every row gets)."""
     run = params["run"]
+    if "members" in run:
+        return from_dict(run["members"][0]["config"], check_paths=False), {"members": run["members"]}, {}
     chosen = params.get("search", {})  # a search trial: Optuna's choices on top of the base config
     config = from_dict(run["config"], chosen, check_paths=False)
     variant = run["variant"] + "".join(f" {k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f" {k.split('.')[-1]}={v}"
                                        for k, v in sorted(chosen.items()))
-    return config, {"variant": variant}
+    return config, {"config": config.to_dict()}, {"variant": variant}
 
 
 def _tune_row(row: dict) -> dict:
@@ -222,21 +245,20 @@ def _tune_row(row: dict) -> dict:
 
 
 def tune_direct(params: dict) -> None:
-    """A Tune trial that runs distill.run in-process (one worker)."""
+    """A Tune trial that trains its run or cohort in-process (one worker)."""
     import ray.tune
     import torch
 
-    config, extra = _trial_config(params)
+    config, payload, extra = _trial_payload(params)
     torch.set_num_threads(max(1, config.scaling.cpus_per_worker))
-    extra["runner"] = "direct"
 
-    def report(row, checkpoint_dir):
+    def send(metrics, checkpoint_dir):
         checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.tune.report(_tune_row({**row, **extra}), checkpoint=checkpoint)
+        ray.tune.report(metrics, checkpoint=checkpoint)
 
     checkpoint = ray.tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
-        distill.run(config, report, checkpoint=directory)
+        run_payload(payload, {**extra, "runner": "direct"}, send, directory)
 
 
 def tune_train(params: dict) -> None:
@@ -244,12 +266,12 @@ def tune_train(params: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config, extra = _trial_config(params)
+    config, payload, extra = _trial_payload(params)
     trial_id = ray.tune.get_context().get_trial_id()
     # Named after the trial: a restarted trial re-opens the same Train run and resumes it.
     trainer = make_trainer(config, storage=params["run"]["train_storage"], name=f"train-{trial_id}",
                            callbacks=[TuneReportCallback()], max_failures=params["run"]["worker_failures"],
-                           extra=extra)
+                           extra=extra, payload=payload)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -281,11 +303,11 @@ def _trainable(runner: str, config: RunConfig):
 def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
               storage: str | Path = "results", address: str | None = None, resume: bool = False,
               runner: str = "auto", max_concurrent: int | None = None, max_failures: int = 1,
-              log=print) -> Path:
+              cohort: str = "auto", log=print) -> Path:
     """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``."""
     from ray import tune
 
-    p = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage, runner=runner)
+    p = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage, runner=runner, cohort=cohort)
     trials, configs, chosen, folder = p.trials, p.configs, p.runner, p.folder
     storage = folder.parent
     if study.space:
@@ -306,7 +328,11 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
                 else ray.cluster_resources().get("CPU", 1))
         max_concurrent = max(1, int(cpus // per_trial))
-    count = f"{study.num_samples} sampled trials" if study.space else f"{len(trials)} trials ({len(study.variants)} variants x {p.info['seeds']} seeds)"
+    runs = f"{p.info['runs']} runs ({len(study.variants)} variants x {p.info['seeds']} seeds)"
+    cohorts = sum("members" in t for t in trials)
+    if cohorts:
+        runs += f" in {len(trials)} trials ({cohorts} cohorts: one teacher forward per step for each)"
+    count = f"{study.num_samples} sampled trials" if study.space else runs
     log(f"study {study.name}: {count}, "
         f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")
     start = time.time()
@@ -364,5 +390,7 @@ def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, 
 
 def _trial_dirname(trial) -> str:
     run = trial.config["run"]
-    label = "".join(ch if ch.isalnum() else "-" for ch in run["variant"]).strip("-")
+    # A cohort's folder is named after its first variant and how many more it trains.
+    name = f"{run['members'][0]['variant']}+{len(run['members']) - 1}" if "members" in run else run["variant"]
+    label = "".join(ch if ch.isalnum() or ch == "+" else "-" for ch in name).strip("-")
     return f"{label}-seed{run['seed']}-{trial.trial_id}"[:120]

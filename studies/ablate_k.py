@@ -8,7 +8,7 @@ num_groups variants give the same cut by group count (at 16x16, G = 8 is K = 32)
 Cost: `cpu` preset, 6 variants x 2 seeds, about 30 minutes on a 2-core laptop (README has
 the measured time); `paper` preset, about 12 x (100k steps of the user's DDPM) GPU runs.
 
-    python studies/ablate_k.py [--preset smoke|cpu|paper] [--seeds N] [--storage DIR]
+    python studies/ablate_k.py [--preset smoke|cpu|paper] [--seeds N] [--storage DIR] [--cohort auto|off]
                                [--address auto] [--resume] [--set key=value ...]
 """
 

@@ -11,7 +11,7 @@ Cost: `cpu` preset, 8 variants x 2 seeds, about 2 hours on a 2-core laptop (esti
 larger teachers are slower); at `paper`,
 pass your own teachers with --set (one run per teacher directory).
 
-    python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--set key=value ...]
+    python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
 from liftplace.study import Study, study_main

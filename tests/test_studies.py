@@ -52,12 +52,14 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure):
         assert all(f"`{s}` skipped" in report for s in ("linear_correction", "error_maps", "samples"))
     if name == "stability":  # FID along training: evaluations before the end
         evals = load_study(folder).dropna(subset=["fid"])
-        assert evals.groupby("trial_dir").size().min() >= 3
+        assert evals.groupby("run").size().min() >= 3
 
 
 def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
-    slower = [*FAST, "--set", "train.steps=40"]  # trials long enough to kill the driver between them
+    # One trial per variant (--cohort off, as before cohorts), long enough to kill the driver
+    # between trials.
+    slower = [*FAST, "--set", "train.steps=40", "--cohort", "off"]
     cmd = [sys.executable, str(ROOT / "studies" / "ablate_k.py"), "--preset", "smoke", "--seeds", "1",
            "--storage", str(tmp_path), "--address", address, "--max-concurrent", "1", *slower]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -99,4 +101,4 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     assert set(summary["config/objective/group_size"]) <= {4, 16, 64}
     assert ((summary["config/train/lr"] >= 1e-4) & (summary["config/train/lr"] <= 3e-3)).all()
     # ASHA stops trials only at evaluations: each trial's last row carries a FID
-    assert (df.groupby("trial_dir").tail(1)["fid"].notna()).all()
+    assert (df.groupby("run").tail(1)["fid"].notna()).all()

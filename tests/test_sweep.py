@@ -2,7 +2,9 @@
 
 import json
 import math
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from liftplace.config import resolve
@@ -41,14 +43,15 @@ def tiny_study(teacher, name="tiny"):
         base={"teacher.name": str(teacher), "student.prune_ratio": 0.5, "eval.num_images": 32,
               "eval.sampler_steps": 2, "train.steps": 10},
         variants={"kd": {"objective.name": "kd"}, "place K=16": {"objective.name": "place", "objective.group_size": 16},
-                  "diverges": {"objective.name": "kd", "train.lr": 1e6, "train.grad_clip": 1e9, "train.loss_bound": 20.0,
-                               "train.log_every": 1}},
+                  "diverges": {"objective.name": "kd", "train.lr": 1e6, "train.grad_clip": 1e9, "train.loss_bound": 20.0}},
         seeds=2,
     )
 
 
 def test_a_study_runs_every_variant_and_seed_once(ray_session, tiny_teacher_dir, tmp_path):
     folder = run_study(tiny_study(tiny_teacher_dir), preset="smoke", storage=tmp_path, log=lambda *_: None)
+    # One cohort trial per seed, all three variants in it (the diverging one stops alone).
+    assert len(list(folder.glob("*/params.json"))) == 2
     df = load_study(folder)
     summary = summarize(df)
     assert len(summary) == 6
@@ -59,7 +62,7 @@ def test_a_study_runs_every_variant_and_seed_once(ray_session, tiny_teacher_dir,
     bad = summary[summary["variant"] == "diverges"]
     assert bad["diverged"].all() and (bad["steps"] < 10).all()
     assert set(df["runner"]) == {"direct"}
-    assert (df.groupby("trial_dir")["step"].apply(lambda s: s.is_unique)).all()
+    assert (df.groupby("run")["step"].apply(lambda s: s.is_unique)).all()
     assert df["config/objective/group_size"].dropna().eq(16).all()
     # The same storage refuses to run the study again, and refuses a different one.
     with pytest.raises(FileExistsError, match="--resume"):
@@ -69,15 +72,31 @@ def test_a_study_runs_every_variant_and_seed_once(ray_session, tiny_teacher_dir,
     with pytest.raises(FileExistsError, match="different study"):
         run_study(other, preset="smoke", storage=tmp_path, log=lambda *_: None)
 
+    # --cohort off: one trial per variant and seed, and every run's rows are the cohort's.
+    alone = run_study(tiny_study(tiny_teacher_dir), preset="smoke", storage=tmp_path / "off", cohort="off",
+                      log=lambda *_: None)
+    assert len(list(alone.glob("*/params.json"))) == 6
+    off = load_study(alone)
+    columns = ["variant", "config/train/seed", "step", "loss", "loss_coarse", "w", "beta1", "grad_norm", "fid"]
+    key = ["variant", "config/train/seed", "step"]
+    together = df[columns].sort_values(key, ignore_index=True)
+    pd.testing.assert_frame_equal(together, off[columns].sort_values(key, ignore_index=True))
+
 
 def test_a_study_through_ray_train(ray_session, tiny_teacher_dir, tmp_path):
+    # Two DDP workers, each holding both students of the cohort.
     study = Study(name="via-train", base={"teacher.name": str(tiny_teacher_dir), "student.prune_ratio": 0.5,
-                                          "eval.num_images": 32, "eval.sampler_steps": 2, "train.steps": 10},
-                  variants={"lift": {"objective.name": "lift"}}, seeds=1)
+                                          "eval.num_images": 32, "eval.sampler_steps": 2, "train.steps": 10,
+                                          "scaling.num_workers": 2},
+                  variants={"lift": {"objective.name": "lift"}, "kd": {"objective.name": "kd"}}, seeds=1)
     folder = run_study(study, preset="smoke", storage=tmp_path, runner="train", log=lambda *_: None)
-    df = load_study(folder)
-    assert list(df["step"]) == [5, 10] and set(df["runner"]) == {"train"}
-    assert math.isfinite(df["fid"].iloc[-1])
+    df = load_study(folder)  # one cohort trial, through a TorchTrainer
+    assert len(list(folder.glob("*/params.json"))) == 1
+    for variant in ("lift", "kd"):
+        rows = df[df["variant"] == variant]
+        assert list(rows["step"]) == [5, 10] and set(rows["runner"]) == {"train"} and set(rows["world_size"]) == {2}
+        assert math.isfinite(rows["fid"].iloc[-1])
+    assert summarize(df)["final_checkpoint"].map(lambda p: (Path(p) / "student.safetensors").is_file()).all()
 
 
 def test_bad_study_input_is_refused_before_ray(tiny_teacher_dir, tmp_path):
