@@ -345,7 +345,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             trainable,
             param_space={"run": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=chosen == "direct",
-                                        trial_dirname_creator=_trial_dirname),
+                                        trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
             run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
@@ -382,15 +382,22 @@ def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, 
             scheduler=ASHAScheduler(time_attr="step", max_t=base.train.steps,
                                     grace_period=base.train.eval_every or base.train.steps,
                                     reduction_factor=2 if evals > 1 else 4),
-            trial_dirname_creator=_trial_dirname),
+            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
         run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
 
 
-def _trial_dirname(trial) -> str:
+def _trial_name(trial) -> str:
+    """What Ray's console and dashboard call a trial: <variant>-seed<k>; a cohort is named after
+    its first variant and how many more it trains (kd+5-seed0)."""
     run = trial.config["run"]
-    # A cohort's folder is named after its first variant and how many more it trains.
     name = f"{run['members'][0]['variant']}+{len(run['members']) - 1}" if "members" in run else run["variant"]
     label = "".join(ch if ch.isalnum() or ch == "+" else "-" for ch in name).strip("-")
-    return f"{label}-seed{run['seed']}-{trial.trial_id}"[:120]
+    # Sampled trials of a search share variant and seed: their id tells them apart.
+    return f"{label}-seed{run['seed']}" + (f"-{trial.trial_id}" if "search" in trial.config else "")
+
+
+def _trial_dirname(trial) -> str:
+    name = _trial_name(trial)
+    return (name if trial.trial_id in name else f"{name}-{trial.trial_id}")[:120]
