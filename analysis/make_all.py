@@ -53,7 +53,9 @@ def make(folder):
                            "checkpoints, teacher and data are)")
     lines = [f"# {info['name']}", "", info.get("description", "").strip().split("\n\n")[0], "",
              f"**Protocol.** {protocol_line(summary)}. Preset `{info['preset']}`, {info['seeds']} seeds per variant, "
-             f"runner `{info['runner']}`, {len(summary)} trials ({int(summary['diverged'].sum())} diverged).", ""]
+             f"runner `{info['runner']}`, {len(summary)} runs ({int(summary['diverged'].sum())} diverged)"
+             + (f" in {info['trials']} cohort trials (one teacher forward per step for the runs of a seed)"
+                if info.get("trials", len(summary)) < len(summary) else "") + ".", ""]
     if skipped:
         lines += ["## Not built", "", *skipped, ""]
     table = fid_by_variant(summary).reset_index()

@@ -5,8 +5,9 @@ line per channel (LIFT), and at which group size? The paper's K = 16 is a group 
 Held fixed: the preset's teacher and pruned student (`cpu`: 50%, `paper`: 90%), steps, batch,
 lr, seeds 0..N-1;
 num_groups variants give the same cut by group count (at 16x16, G = 8 is K = 32).
-Cost: `cpu` preset, 6 variants x 2 seeds, about 30 minutes on a 2-core laptop (README has
-the measured time); `paper` preset, about 12 x (100k steps of the user's DDPM) GPU runs.
+Cost: `cpu` preset, 6 variants x 2 seeds as 2 cohort trials (one per seed), measured 25 min
+on a 2-core laptop including the report (1,401 s of trials); `paper` preset, 2 cohort trials of
+100k steps of the user's DDPM and six 90% students each, about 16 A10G GPU-hours (README).
 
     python studies/ablate_k.py [--preset smoke|cpu|paper] [--seeds N] [--storage DIR] [--cohort auto|off]
                                [--address auto] [--resume] [--set key=value ...]
