@@ -418,9 +418,7 @@ def _train(members: dict, report: Callable, checkpoint, log) -> dict:
             if r.rank == 0:
                 log(progress_line(rows, tr.steps, run_start, start))
                 for trainee in diverged:
-                    row = rows[trainee.variant]
-                    log(f"[rank {r.rank}] {_name(trainee)}diverged at step {step} (loss {row['loss']:.4g}, grad norm "
-                        f"{row['grad_norm']:.4g}): stopping{' it; the others go on' if len(r.trainees) > 1 else ''}")
+                    log(divergence_line(trainee, rows[trainee.variant], alone=len(r.trainees) == 1))
             window_start, window_images = time.perf_counter(), 0
             last.update(rows)
     finally:
@@ -430,8 +428,10 @@ def _train(members: dict, report: Callable, checkpoint, log) -> dict:
     return last
 
 
-def _name(trainee: Trainee) -> str:
-    return f"{trainee.variant}: " if trainee.variant is not None else ""
+def divergence_line(trainee: Trainee, row: dict, *, alone: bool) -> str:
+    name = "" if trainee.variant is None else f"{trainee.variant}: "
+    return (f"{name}diverged at step {row['step']} (loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g}): "
+            f"stopping{'' if alone else ' it; the others go on'}")
 
 
 def progress_line(rows: dict, steps: int, run_start: float, start: int) -> str:
