@@ -87,12 +87,12 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[
     return trials
 
 
-def group_cohorts(trials: list[dict]) -> list[dict]:
-    """Trials of one seed whose configs share a cohort key become one cohort trial (in the
-    order of the variants); a trial with no partner stays a single run."""
+def group_cohorts(trials: list[dict], configs: list[RunConfig]) -> list[dict]:
+    """Trials of one seed whose configs (the trials' own, resolved) share a cohort key become
+    one cohort trial (in the order of the variants); a trial with no partner stays a single run."""
     groups: dict[tuple, list[dict]] = {}
-    for trial in trials:
-        key = (trial["seed"], cohort_key(from_dict(trial["config"], check_paths=False)))
+    for trial, config in zip(trials, configs):
+        key = (trial["seed"], cohort_key(config))
         groups.setdefault(key, []).append(trial)
     out = []
     for (seed, _), group in groups.items():
@@ -102,11 +102,6 @@ def group_cohorts(trials: list[dict]) -> list[dict]:
             out.append({"variant": ", ".join(t["variant"] for t in group), "seed": seed,
                         "members": [{"variant": t["variant"], "config": t["config"]} for t in group]})
     return sorted(out, key=lambda t: t["seed"])
-
-
-def trial_configs(trial: dict) -> list[dict]:
-    """The run configs (as dicts) a trial trains: one, or its cohort's."""
-    return [m["config"] for m in trial["members"]] if "members" in trial else [trial["config"]]
 
 
 def pick_runner(config: RunConfig, runner: str) -> str:
@@ -130,8 +125,8 @@ def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None =
         raise ValueError(f"--cohort {cohort!r}: choose one of {', '.join(COHORTS)}")
     seeds = 1 if study.space else (study.seeds if seeds is None else seeds)
     runs = expand(study, preset, list(overrides), seeds)
-    trials = runs if cohort == "off" or study.space else group_cohorts(runs)
     configs = [from_dict(t["config"], check_paths=False) for t in runs]
+    trials = runs if cohort == "off" or study.space else group_cohorts(runs, configs)
     runners = {pick_runner(c, runner) for c in configs}
     if len(runners) != 1:
         raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")

@@ -1,4 +1,5 @@
-"""The mathematics of the objectives: identities from DESIGN.md, hand examples, bad options."""
+"""The mathematics of the objectives: the method's identities (moments + w = 1 is KD, one group
+is LIFT, s = t gives zero loss, the fit is least squares), hand examples, bad options."""
 
 import dataclasses
 import math
