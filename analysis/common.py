@@ -87,7 +87,7 @@ def fid_by_variant(summary: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
-def cli(make, description: str):
+def cli(make, description: str, *, list_paths: bool = True):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("results_dir", help="a finished study's folder (<storage>/<study>)")
     args = parser.parse_args()
@@ -96,5 +96,11 @@ def cli(make, description: str):
     except (ValueError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    for path in paths:
-        print(path)
+    if list_paths:
+        for path in paths:
+            print(path)
+    else:
+        figures = sum(p.suffix == ".png" for p in paths)
+        tables = sum(p.suffix == ".md" and p.name != "REPORT.md" for p in paths)
+        print(f"{Path(sys.argv[0]).name}: {figures} figures (PNG and PDF), {tables} tables (Markdown and LaTeX) "
+              f"in {out_dir(args.results_dir)}")

@@ -10,6 +10,7 @@ import torch
 import compression_table
 import error_maps
 import fid_vs_k
+import headline
 import linear_correction
 import samples
 import stability
@@ -33,7 +34,8 @@ NEEDS_CHECKPOINTS = (linear_correction, error_maps, samples)
 
 def make(folder):
     df, summary, info = load(folder)
-    scripts = BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
+    # The headline first: REPORT.md opens with kd against the best variant (figure, test, samples).
+    scripts = [headline] + BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
     paths, skipped = [], []
     if info.get("preset") == "paper" and not torch.cuda.is_available():
         # 200 images x the sampler's steps through the user's teacher, three times: hours on CPU.
@@ -56,11 +58,16 @@ def make(folder):
              f"runner `{info['runner']}`, {len(summary)} runs ({int(summary['diverged'].sum())} diverged)"
              + (f" in {info['trials']} cohort trials (one teacher forward per step for the runs of a seed)"
                 if info.get("trials", len(summary)) < len(summary) else "") + ".", ""]
+    headline_text = out_dir(folder) / "headline.txt"
+    if headline_text.is_file():
+        lines += ["## Result", "", headline_text.read_text().strip(), ""]
     if skipped:
         lines += ["## Not built", "", *skipped, ""]
     table = fid_by_variant(summary).reset_index()
     lines += ["## Final FID by variant", "", table.to_markdown(index=False, floatfmt=".3g"), ""]
     for path in paths:
+        if path.suffix == ".txt":
+            continue
         if path.suffix == ".png":  # REPORT.md sits beside the figures
             lines += [f"![{path.stem}]({path.name})", ""]
         elif path.suffix == ".md":
@@ -71,4 +78,4 @@ def make(folder):
 
 
 if __name__ == "__main__":
-    cli(make, __doc__.split("\n")[0])
+    cli(make, __doc__.split("\n")[0], list_paths=False)  # the study prints where REPORT.md is

@@ -3,7 +3,7 @@
     python benchmarks/cohort.py [--preset cpu] [--steps 40] [--threads 1] [--set key=value ...]
 
 In one process, without Ray: cohorts of N = 1, 2, 4, 6 students (the six variants of
-studies/ablate_k.py: kd, lift, place K=64/16/4, place G=8) trained in lock step on one teacher
+the earlier studies/ablate_k.py: kd, lift, place K=64/16/4, place G=8) trained in lock step on one teacher
 forward per step, then the same six students as six single runs, one after another. Each
 measurement times ``--steps`` training steps (batch, teacher forward, every student's forward,
 loss, backward and update; no evaluation) after 5 warm-up steps, and reports student-steps per

@@ -62,6 +62,36 @@ def cmd_distill(args) -> None:
           f"({last['compression']:.2%} of the teacher); run directory {Path(args.out).resolve()}")
 
 
+def status_text(folder: str) -> str:
+    """The table `liftplace status` prints: one line per run, then a count per state."""
+    from liftplace.results import study_status
+
+    table, driver = study_status(folder)
+    shown = table.copy()
+    shown["step"] = [f"{s}/{n}" if n else f"{s}" for s, n in zip(table["step"], table["steps"])]
+    shown["loss"] = table["loss"].map(lambda v: "" if v != v else f"{v:.4f}")
+    shown["fid"] = table["fid"].map(lambda v: "" if v != v else f"{v:.2f}")
+    shown["elapsed"] = table["elapsed_s"].map(lambda v: "" if v != v else f"{int(v) // 60}m{int(v) % 60:02d}s")
+    counts = ", ".join(f"{n} {state}" for state, n in table["state"].value_counts().items())
+    body = shown[["variant", "seed", "state", "step", "loss", "fid", "elapsed"]].to_string(index=False)
+    return f"{Path(folder).resolve()}: driver {driver}; {len(table)} runs: {counts}\n{body}"
+
+
+def cmd_status(args) -> None:
+    import time
+
+    if args.watch is None:
+        print(status_text(args.folder))
+        return
+    try:
+        while True:
+            text = status_text(args.folder)
+            print("\033[2J\033[H" + text + f"\n(every {args.watch:g} s; Ctrl-C to stop)", flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        print()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liftplace", description="LIFT and PLACE distillation for tiny diffusion models.")
     parser.add_argument("--version", action="version", version=f"liftplace {__version__}")
@@ -71,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("config", cmd_config, "print the resolved config and exit"),
                              ("distill", cmd_distill, "run one distillation on Ray Train")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default cpu)")
+        p.add_argument("--preset", default="cpu", help="smoke | cpu | cpu-50 | paper (default cpu)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. objective.name=place (repeatable)")
         if name == "distill":
@@ -79,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
             p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
         p.set_defaults(func=func)
+
+    status = sub.add_parser("status", help="the state of every run of a study, from its folder (running or not)")
+    status.add_argument("folder", help="a study's folder, <storage>/<study>")
+    status.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 10) until Ctrl-C")
+    status.set_defaults(func=cmd_status)
 
     teacher = sub.add_parser("teacher", help="train teachers").add_subparsers(dest="action", required=True)
     train = teacher.add_parser("train", help="train a teacher and save it as a diffusers directory with a card")

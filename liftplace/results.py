@@ -111,6 +111,58 @@ class MetricsFile:
         self.last_step = step
 
 
+# TensorBoard tag of each row column: grouped so that the losses, the fitted line, the
+# evaluations and the speed each get their own section.
+CURVES = {
+    "loss": "loss/total", "loss_task": "loss/task", "loss_distill": "loss/distill", "loss_coarse": "loss/coarse",
+    "loss_fine": "loss/fine", "loss_feat": "loss/feat", "w": "line/w", "beta0": "line/beta0", "beta1": "line/beta1",
+    "grad_norm": "train/grad_norm", "images_per_s": "train/images_per_s",
+    "fid": "eval/fid", "kid": "eval/kid", "precision": "eval/precision", "recall": "eval/recall",
+}
+TENSORBOARD = "tensorboard"  # the folder of a study's event files: <storage>/<study>/tensorboard/<run>/
+
+
+def tensorboard_available() -> bool:
+    """Whether torch's SummaryWriter can write event files (the optional `watch` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class Curves:
+    """TensorBoard event files of a trial's runs, one folder per run under ``root`` (named
+    ``<variant>-seed<k>``), written as rows are reported, so that ``tensorboard --logdir
+    <study folder>`` shows every run's curves while the study runs and after it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.writers: dict = {}
+
+    def add(self, name: str, row: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if name not in self.writers:
+            self.writers[name] = SummaryWriter(log_dir=str(self.root / name), flush_secs=10)
+        writer = self.writers[name]
+        for column, tag in CURVES.items():
+            value = row.get(column)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                writer.add_scalar(tag, value, int(row["step"]))
+        if row.get("fid") == row.get("fid") and row.get("fid") is not None:
+            writer.flush()  # an evaluation is rare and worth seeing at once
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def run_label(variant: str, seed: int) -> str:
+    """A run's name wherever a person reads it (trial names, event folders): <variant>-seed<k>,
+    with every character other than letters, digits and + made a dash."""
+    label = "".join(ch if ch.isalnum() or ch == "+" else "-" for ch in variant).strip("-")
+    return f"{label}-seed{seed}"
+
+
 def last_checkpoint(rows: list[dict], trial: Path | None = None) -> str | None:
     """The last checkpoint folder the rows name: Ray Train's (``checkpoint_path``, absolute) or,
     in a Tune trial folder, Tune's own (``checkpoint_dir_name``, relative to ``trial``)."""
@@ -275,3 +327,114 @@ def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
     if "config" not in run:
         raise NotAStudy(f"{params_file} holds no run config (not a liftplace study trial)")
     return from_dict(run["config"], params.get("search", {}))
+
+
+# --- a study's state, from its files alone ------------------------------------------------
+
+DRIVER_FILE = "driver.json"  # the study driver's heartbeat: {"host", "pid", "updated", "state"}
+HEARTBEAT_S = 15.0  # how often a running driver rewrites it
+STALE_S = 120.0  # a "running" heartbeat older than this: the driver is gone (killed, or a copy)
+STATES = ("pending", "running", "done", "diverged", "errored", "interrupted", "stopped", "unfinished")
+
+
+def write_heartbeat(folder: str | Path, state: str) -> None:
+    """The driver says it is alive ("running"), or how it ended ("finished", "interrupted")."""
+    import os
+    import socket
+    import time
+
+    files.write_text(Path(folder) / DRIVER_FILE, json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(), "state": state}) + "\n")
+
+
+def driver_state(folder: str | Path, now: float | None = None) -> str:
+    """running | finished | interrupted | unknown (no heartbeat: a study from before it existed)."""
+    import socket
+    import time
+
+    path = Path(folder) / DRIVER_FILE
+    try:
+        beat = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    if beat.get("state") == "running":
+        if (now or time.time()) - beat.get("updated", 0) > STALE_S:
+            return "interrupted"
+        if beat.get("host") == socket.gethostname() and not _alive(beat.get("pid")):
+            return "interrupted"  # on this machine, and its process is gone (killed)
+    return beat.get("state", "unknown")
+
+
+def _alive(pid) -> bool:
+    import os
+
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def study_status(path: str | Path, now: float | None = None) -> tuple[pd.DataFrame, str]:
+    """(one row per planned run: variant, seed, state, step, steps, loss, fid, elapsed_s; the
+    driver's state) of a study, read from its folder alone: while it runs, after it, or on a copy.
+
+    A run is pending (no rows yet), running, done (its last step reported), diverged, errored
+    (its trial wrote error.txt), interrupted (the driver stopped or was killed before the run
+    ended), stopped (a search's scheduler ended it early) or unfinished (a study written before
+    drivers kept a heartbeat: running or interrupted cannot be told apart).
+    """
+    path = Path(path)
+    info = read_study_info(path)
+    driver = driver_state(path, now)
+    found: dict[tuple, dict] = {}
+    for group in trial_dirs(path):
+        trial = group[0]
+        try:
+            params = json.loads((trial / "params.json").read_text())
+            rows = [r for d in group for r in read_jsonl(d / "result.json") if "step" in r]
+        except (OSError, ValueError):
+            continue  # a trial folder Tune is still writing
+        run = params.get("run", {})
+        errored = (group[-1] / "error.txt").is_file()
+        for run_id, config, run_rows, _ in _runs(trial.name, run, rows):
+            variant = run_rows[-1].get("variant") if run_rows else None
+            if variant is None:
+                variant = run_id.split("/", 1)[1] if "/" in run_id else run.get("variant", trial.name)
+            if "search" in params:
+                variant = f"{variant} ({trial.name.rsplit('-', 1)[-1]})"
+            steps = int(config.get("train", {}).get("steps", 0))
+            last = run_rows[-1] if run_rows else {}
+            fids = [r["fid"] for r in run_rows if isinstance(r.get("fid"), (int, float)) and r["fid"] == r["fid"]]
+            if any(r.get("diverged") for r in run_rows):
+                state = "diverged"
+            elif last and last["step"] >= steps:
+                state = "done"
+            elif errored:
+                state = "errored"
+            elif driver == "running":
+                state = "running" if run_rows else "pending"
+            elif not run_rows:
+                state = "pending"
+            elif driver == "finished" and "search" in params:
+                state = "stopped"
+            else:  # started, not ended, and no driver at work on it
+                state = "unfinished" if driver == "unknown" else "interrupted"
+            found[(variant, run.get("seed"))] = {
+                "variant": variant, "seed": run.get("seed"), "state": state, "step": last.get("step", 0), "steps": steps,
+                "loss": last.get("loss", float("nan")), "fid": fids[-1] if fids else float("nan"),
+                "elapsed_s": last.get("elapsed_s", float("nan"))}
+    planned = [] if info.get("space") else [(v, seed) for seed in range(int(info.get("seeds") or 0))
+                                            for v in info.get("variants", {})]
+    for key in planned:
+        found.setdefault(key, {"variant": key[0], "seed": key[1], "state": "pending", "step": 0, "steps": None,
+                               "loss": float("nan"), "fid": float("nan"), "elapsed_s": float("nan")})
+    order = {v: i for i, v in enumerate(info.get("variants", {}))}
+    table = pd.DataFrame(found.values(), columns=["variant", "seed", "state", "step", "steps", "loss", "fid", "elapsed_s"])
+    if not table.empty:
+        table = table.sort_values(["variant", "seed"], key=lambda col: col.map(order).fillna(len(order)) if col.name == "variant"
+                                  else col, ignore_index=True)
+    return table, driver
+

@@ -188,7 +188,7 @@ def build_report(folder: Path) -> Path | None:
 def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     """The command line every study script shares: run (or resume) the study, then its report."""
     parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
-    parser.add_argument("--preset", default="cpu", help="smoke | cpu | paper (default cpu)")
+    parser.add_argument("--preset", default="cpu", help="smoke | cpu | cpu-50 | paper (default cpu)")
     parser.add_argument("--seeds", type=int, default=study.seeds, help=f"seeds per variant (default {study.seeds})")
     parser.add_argument("--storage", default="results", help="results folder; the study goes to STORAGE/<name>")
     parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
@@ -202,6 +202,8 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     if study.space:
         parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray Tune's status tables and every trial's per-step progress lines")
     args = parser.parse_args(argv)
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
@@ -210,7 +212,8 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
 
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
-                           max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"))
+                           max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"),
+                           verbose=args.verbose)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -25,6 +25,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from liftplace import checkpoints, distill, results
@@ -37,8 +38,9 @@ from liftplace.study import Study, autoscaling_ceiling, plan
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
-    """Join a cluster (address, e.g. "auto") or start an embedded local Ray, once."""
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_dashboard: bool = True):
+    """Join a cluster (address, e.g. "auto") or start an embedded local Ray, once. A study says
+    the dashboard's address in its own header line (show_dashboard=False)."""
     import ray
 
     if ray.is_initialized():
@@ -53,6 +55,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
     announcer = logging.getLogger("ray._private.worker")
     level = announcer.level
     announcer.setLevel(logging.WARNING)
+    # Ray warns, in a line of log format with a link, that a local Ray has token authentication
+    # on (its default, kept here): the fact is said once, in the line below, instead.
+    token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    token_notice = _Swallow("Token authentication is enabled")
+    token.addFilter(token_notice)
     try:
         if address:
             context = ray.init(address=address, **kwargs)
@@ -61,9 +68,29 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None):
             context = ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, **kwargs)
     finally:
         announcer.setLevel(level)
-    dashboard = f"; dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
-    print(f"ray: {f'joined the cluster at {address}' if address else 'started a local instance'}{dashboard}")
+        token.removeFilter(token_notice)
+    RAY_SESSION["dashboard"] = f"http://{context.dashboard_url}" if context.dashboard_url else None
+    auth = " (token authentication on)" if token_notice.seen else ""
+    dashboard = f"; dashboard {RAY_SESSION['dashboard']}" if RAY_SESSION["dashboard"] and show_dashboard else ""
+    print(f"ray: {f'joined the cluster at {address}' if address else 'started a local instance'}{auth}{dashboard}")
     return ray
+
+
+RAY_SESSION: dict = {"dashboard": None}  # what ensure_ray learnt, for a study's header line
+
+
+class _Swallow(logging.Filter):
+    """Drops the log records that start with ``prefix``, remembering that one came."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(self.prefix):
+            self.seen = True
+            return False
+        return True
 
 
 def cluster_capacity() -> dict:
@@ -105,23 +132,39 @@ def check_resources(configs: list[RunConfig], address: str | None = None) -> Non
 # --- Ray Train ---------------------------------------------------------------------------
 
 
-def run_payload(payload: dict, extra: dict, send, checkpoint) -> None:
+def run_payload(payload: dict, extra: dict, send, checkpoint, *, curves: dict | None = None, log=print) -> None:
     """Train what a trial holds -- one run ({"config"}) or a cohort ({"members"}) -- sending
     each report to Ray as send(metrics, checkpoint_dir). A cohort's report is one Ray row
-    {"step", "members": {variant: row}}: every student's row of the schema, with its variant."""
-    if "members" in payload:
-        members = {m["variant"]: from_dict(m["config"], check_paths=False) for m in payload["members"]}
+    {"step", "members": {variant: row}}: every student's row of the schema, with its variant.
+    With ``curves`` ({"root", "name"}), rank 0 also writes every row to TensorBoard event files
+    (results.Curves): a cohort member under <variant>-seed<k>, a single run under ``name``."""
+    writer = results.Curves(curves["root"]) if curves and distill.rank_and_world()[0] == 0 else None
+    try:
+        if "members" in payload:
+            members = {m["variant"]: from_dict(m["config"], check_paths=False) for m in payload["members"]}
+            seed = next(iter(members.values())).train.seed
 
-        def report(rows, checkpoint_dir):
-            step = next(iter(rows.values()))["step"]
-            send({"step": step, "members": {v: {**row, **extra, "variant": v} for v, row in rows.items()}},
-                 checkpoint_dir)
+            def report(rows, checkpoint_dir):
+                step = next(iter(rows.values()))["step"]
+                if writer:
+                    for variant, row in rows.items():
+                        writer.add(results.run_label(variant, seed), row)
+                send({"step": step, "members": {v: {**row, **extra, "variant": v} for v, row in rows.items()}},
+                     checkpoint_dir)
 
-        distill.run_cohort(members, report, checkpoint=checkpoint)
-    else:
-        config = from_dict(payload["config"], check_paths=False)
-        distill.run(config, lambda row, checkpoint_dir: send(_tune_row({**row, **extra}), checkpoint_dir),
-                    checkpoint=checkpoint)
+            distill.run_cohort(members, report, checkpoint=checkpoint, log=log)
+        else:
+            config = from_dict(payload["config"], check_paths=False)
+
+            def report(row, checkpoint_dir):
+                if writer:
+                    writer.add(curves["name"], row)
+                send(_tune_row({**row, **extra}), checkpoint_dir)
+
+            distill.run(config, report, checkpoint=checkpoint, log=log)
+    finally:
+        if writer:
+            writer.close()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -138,7 +181,12 @@ def train_loop(loop_config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
-        run_payload(loop_config["payload"], {"runner": "train", **loop_config.get("extra", {})}, send, directory)
+        run_payload(loop_config["payload"], {"runner": "train", **loop_config.get("extra", {})}, send, directory,
+                    curves=loop_config.get("curves"), log=print if loop_config.get("verbose", True) else _quiet)
+
+
+def _quiet(line: str) -> None:
+    """A study's trials keep their per-step progress lines off the console (--verbose shows them)."""
 
 
 def _row_log_callback(path: Path):
@@ -160,8 +208,9 @@ def _row_log_callback(path: Path):
 
 
 def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None,
-                 payload: dict | None = None):
-    """A TorchTrainer for config's scaling that trains payload (default: config's one run)."""
+                 payload: dict | None = None, curves: dict | None = None, verbose: bool = True):
+    """A TorchTrainer for config's scaling that trains payload (default: config's one run);
+    curves: where rank 0 writes TensorBoard event files (run_payload); verbose: progress lines."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -169,7 +218,8 @@ def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), ma
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"payload": payload or {"config": config.to_dict()}, "extra": extra or {}},
+        train_loop_config={"payload": payload or {"config": config.to_dict()}, "extra": extra or {}, "curves": curves,
+                           "verbose": verbose},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
@@ -212,8 +262,9 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     check_resources([config])
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
+    curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],
-                           max_failures=max_failures)
+                           max_failures=max_failures, curves=curves)
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"the run failed: {result.error}")
@@ -250,7 +301,8 @@ def tune_direct(params: dict) -> None:
     import torch
 
     config, payload, extra = _trial_payload(params)
-    torch.set_num_threads(max(1, config.scaling.cpus_per_worker))
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    _quiet_ray_logs(params)
 
     def send(metrics, checkpoint_dir):
         checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -258,7 +310,25 @@ def tune_direct(params: dict) -> None:
 
     checkpoint = ray.tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
-        run_payload(payload, {**extra, "runner": "direct"}, send, directory)
+        run_payload(payload, {**extra, "runner": "direct"}, send, directory, curves=_trial_curves(params),
+                    log=print if params["run"].get("verbose", True) else _quiet)
+
+
+def _quiet_ray_logs(params: dict) -> None:
+    """In a trial of a study without --verbose: Ray's INFO line for every checkpoint saved
+    ("Checkpoint successfully created at ...") stays in the worker's log file."""
+    if not params["run"].get("verbose", True):
+        for name in ("ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _trial_curves(params: dict) -> dict | None:
+    """Where a trial writes its event files (None: the study writes none), and the name of a
+    single run's folder there: the trial's name, <variant>-seed<k>."""
+    import ray.tune
+
+    root = params["run"].get("curves")
+    return {"root": root, "name": ray.tune.get_context().get_trial_name()} if root else None
 
 
 def tune_train(params: dict) -> None:
@@ -267,11 +337,13 @@ def tune_train(params: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config, payload, extra = _trial_payload(params)
+    _quiet_ray_logs(params)
     trial_id = ray.tune.get_context().get_trial_id()
     # Named after the trial: a restarted trial re-opens the same Train run and resumes it.
     trainer = make_trainer(config, storage=params["run"]["train_storage"], name=f"train-{trial_id}",
                            callbacks=[TuneReportCallback()], max_failures=params["run"]["worker_failures"],
-                           extra=extra, payload=payload)
+                           extra=extra, payload=payload, curves=_trial_curves(params),
+                           verbose=params["run"].get("verbose", True))
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -303,7 +375,7 @@ def _trainable(runner: str, config: RunConfig):
 def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
               storage: str | Path = "results", address: str | None = None, resume: bool = False,
               runner: str = "auto", max_concurrent: int | None = None, max_failures: int = 1,
-              cohort: str = "auto", log=print) -> Path:
+              cohort: str = "auto", verbose: bool = False, log=print) -> Path:
     """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``."""
     from ray import tune
 
@@ -314,11 +386,15 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         _check_space(study, trials[0]["config"])
     check_resources(configs, address)
     results.claim_study(folder, p.info, resume)
-    ray = ensure_ray(address)
+    ray = ensure_ray(address, show_dashboard=False)
     check_resources(configs)
+    curves = results.tensorboard_available()
     for t in trials:
         t["train_storage"] = str(folder / "_train")
         t["worker_failures"] = max_failures
+        t["verbose"] = verbose  # the trials' own progress lines, off by default
+        if curves:
+            t["curves"] = str(folder / results.TENSORBOARD)
     trainable = _trainable(chosen, configs[0])
     if max_concurrent is None:
         per_trial = configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker
@@ -327,33 +403,155 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         # GPU machines for them.
         cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
                 else ray.cluster_resources().get("CPU", 1))
-        max_concurrent = max(1, int(cpus // per_trial))
+        max_concurrent = max(1, int(cpus / per_trial + 1e-6))  # 2 CPUs / 0.6 per trial: 3 at a time
     runs = f"{p.info['runs']} runs ({len(study.variants)} variants x {p.info['seeds']} seeds)"
     cohorts = sum("members" in t for t in trials)
     if cohorts:
         runs += f" in {len(trials)} trials ({cohorts} cohorts: one teacher forward per step for each)"
     count = f"{study.num_samples} sampled trials" if study.space else runs
-    log(f"study {study.name}: {count}, "
-        f"runner {chosen}, up to {max_concurrent} at a time -> {folder}")
+    dashboard = f"; dashboard {RAY_SESSION['dashboard']}" if RAY_SESSION["dashboard"] else ""
+    log(f"study {study.name}: {count}, runner {chosen}, up to {max_concurrent} at a time -> {folder}{dashboard}")
+    log(f"curves: tensorboard --logdir {folder}" if curves else
+        "curves: none (pip install -e '.[watch]' for TensorBoard event files)")
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # Tune's JSON and CSV rows (result.json is what results.load_study reads); not its own
+    # TensorBoard logger, whose flattened cohort rows would sit beside the readable curves above.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    console = [JsonLoggerCallback(), CSVLoggerCallback(), Heartbeat(folder)]
+    if not verbose:
+        console.append(StudyConsole(study.num_samples if study.space else len(trials), log=log))
+    tune_verbose = 1 if verbose else 0
+    if not verbose:
+        # Tune's newer console prints a configuration box and a TensorBoard path into Ray's
+        # temporary session folder even at verbose=0; its classic console is silent at 0. Its INFO
+        # lines ("Wrote the latest version of all result files ...") are kept for --verbose.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     start = time.time()
     if resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+        # The restored tuner brings back the console of the first attempt (Tune pickles its
+        # RunConfig, callbacks included); this attempt's console and verbosity replace it.
+        # Tuner.restore takes no RunConfig in Ray 2.60, hence the private attribute.
+        restored = tuner._local_tuner.get_run_config()
+        restored.callbacks, restored.verbose = console, tune_verbose
     elif study.space:
-        tuner = _search_tuner(study, trials, configs[0], trainable, storage, max_concurrent, max_failures)
+        tuner = _search_tuner(study, trials, configs[0], trainable, storage, max_concurrent, max_failures,
+                              console, tune_verbose)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"run": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=chosen == "direct",
                                         trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
-            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=max_failures)),
+            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=tune_verbose,
+                                      callbacks=console, failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
-    grid = tuner.fit()
+    results.write_heartbeat(folder, "running")
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        results.write_heartbeat(folder, "interrupted")
+        raise
     errors = [r.error for r in grid if r.error]
+    results.write_heartbeat(folder, "finished")
+    table, _ = results.study_status(folder)
+    if table["state"].isin(["pending", "interrupted"]).any():  # Tune stopped early (Ctrl-C)
+        results.write_heartbeat(folder, "interrupted")
     log(f"study {study.name}: {len(grid) - len(errors)}/{len(grid)} trials finished in {time.time() - start:.0f} s"
         + (f"; {len(errors)} errored (rerun with --resume): {errors[0]}" if errors else "") + f"\nresults: {folder}")
     return folder
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _trial_steps(trial) -> int:
+    run = trial.config["run"]
+    config = run["members"][0]["config"] if "members" in run else run["config"]
+    return int(config["train"]["steps"])
+
+
+def _final_fids(result: dict) -> str:
+    """'kd FID 12.3 | place K=16 FID 9.8' from a trial's last row (a cohort's, or one run's)."""
+    rows = result.get("members") or ({result.get("variant", "run"): result} if result else {})
+    parts = []
+    for variant, row in rows.items():
+        fid = row.get("fid")
+        state = "diverged" if row.get("diverged") else f"FID {fid:.2f}" if isinstance(fid, (int, float)) and fid == fid else "no FID"
+        parts.append(f"{variant} {state}")
+    return " | ".join(parts) or "no rows"
+
+
+class StudyConsole(Callback):
+    """What a study prints while it runs (instead of Ray Tune's tables, which --verbose keeps):
+    one line when a trial starts, one when it ends (its runs' final FIDs, its time), and at most
+    every ``every`` seconds a progress line: trials done/running/pending, training steps done of
+    the study's total, and the time left at the rate measured so far."""
+
+    def __init__(self, total_trials: int, *, every: float = 30.0, log=print):
+        self.total_trials, self.every, self.log = total_trials, every, log
+        self.start = time.time()
+        self.last_line = self.start
+        self.steps: dict[str, int] = {}  # trial id -> last reported step
+        self.first: dict[str, int] = {}  # trial id -> step when this session first saw it
+        self.started: dict[str, float] = {}
+
+    def _progress(self, trials) -> str:
+        done = sum(t.status == "TERMINATED" for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        pending = max(0, self.total_trials - done - failed - running)
+        total = sum(_trial_steps(t) for t in trials) + max(0, self.total_trials - len(trials)) * (
+            _trial_steps(trials[0]) if trials else 0)
+        finished = sum(self.steps.get(t.trial_id, 0) if t.status != "TERMINATED" else _trial_steps(t) for t in trials)
+        trained = sum(self.steps[i] - self.first[i] for i in self.steps)
+        elapsed = time.time() - self.start
+        eta = f"ETA {_duration((total - finished) * elapsed / trained)}" if trained > 0 else "ETA after the first rows"
+        return (f"[{_duration(elapsed)}] trials: {done} done, {running} running, {pending} pending"
+                + (f", {failed} failed" if failed else "")
+                + f"; steps {finished:,}/{total:,} ({100 * finished / max(total, 1):.0f}%); {eta}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.time()
+        run = trial.config["run"]
+        runs = ", ".join(m["variant"] for m in run["members"]) if "members" in run else run["variant"]
+        self.log(f"start  {trial}: {runs}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("step", 0))
+        self.first.setdefault(trial.trial_id, step - 1 if step > 0 else 0)
+        self.steps[trial.trial_id] = step
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        took = time.time() - self.started.get(trial.trial_id, self.start)
+        self.log(f"done   {trial} in {_duration(took)}: {_final_fids(trial.last_result or {})}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        step = (trial.last_result or {}).get("step", 0)
+        error = str(getattr(trial, "error_file", None) or Path(trial.local_path or "") / "error.txt")
+        self.log(f"failed {trial} at step {step}; the error: {error}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last_line >= self.every and trials:
+            self.last_line = time.time()
+            self.log(self._progress(trials))
+
+
+class Heartbeat(Callback):
+    """The driver's heartbeat in the study folder (results.DRIVER_FILE), which `liftplace
+    status` reads to tell a running study from an interrupted one."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.last = folder, 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last >= results.HEARTBEAT_S:
+            self.last = time.time()
+            results.write_heartbeat(self.folder, "running")
 
 
 class EvalOnlyOptuna(OptunaSearch):
@@ -364,7 +562,8 @@ class EvalOnlyOptuna(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, storage, max_concurrent, max_failures):
+def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, storage, max_concurrent, max_failures,
+                  callbacks, verbose: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -383,7 +582,7 @@ def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, 
                                     grace_period=base.train.eval_every or base.train.steps,
                                     reduction_factor=2 if evals > 1 else 4),
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
-        run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=1,
+        run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=verbose, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
 
@@ -393,9 +592,8 @@ def _trial_name(trial) -> str:
     its first variant and how many more it trains (kd+5-seed0)."""
     run = trial.config["run"]
     name = f"{run['members'][0]['variant']}+{len(run['members']) - 1}" if "members" in run else run["variant"]
-    label = "".join(ch if ch.isalnum() or ch == "+" else "-" for ch in name).strip("-")
     # Sampled trials of a search share variant and seed: their id tells them apart.
-    return f"{label}-seed{run['seed']}" + (f"-{trial.trial_id}" if "search" in trial.config else "")
+    return results.run_label(name, run["seed"]) + (f"-{trial.trial_id}" if "search" in trial.config else "")
 
 
 def _trial_dirname(trial) -> str:

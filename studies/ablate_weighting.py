@@ -8,7 +8,7 @@ Held fixed: PLACE with K = 16, the preset's teacher and pruned student (`cpu`: 5
 Cost: `cpu` preset, 9 variants x 2 seeds, about 45 minutes on a 2-core laptop (estimated); `paper`,
 18 GPU runs of 100k steps.
 
-    python studies/ablate_weighting.py [--preset smoke|cpu|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
+    python studies/ablate_weighting.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
 from liftplace.study import Study, study_main

@@ -8,7 +8,7 @@ parameters and MACs of each student.
 Cost: `cpu` preset, 18 variants x 2 seeds, about 80 minutes on a 2-core laptop (estimated); `paper`,
 36 GPU runs of 100k steps on the user's DDPM (the paper's table uses one seed).
 
-    python studies/compression.py [--preset smoke|cpu|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
+    python studies/compression.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
 from liftplace.study import Study, study_main

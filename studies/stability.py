@@ -9,7 +9,7 @@ lr. Varied: seeds 0..N-1.
 Cost: `cpu` preset, 3 methods x 5 seeds with 5 evaluations each, about 45 minutes (estimated) on a 2-core
 laptop; `paper`, 15 GPU runs of 100k steps.
 
-    python studies/stability.py [--preset smoke|cpu|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
+    python studies/stability.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
 from liftplace.study import Study, study_main

@@ -8,7 +8,7 @@ seed 0.
 Cost: `cpu` preset, 12 sampled trials (ASHA stops some at a third of the steps), about 35
 minutes on a 2-core laptop; `paper`, up to 12 GPU runs of 100k steps.
 
-    python studies/tune_hparams.py [--preset smoke|cpu|paper] [--storage DIR] [--set key=value ...]
+    python studies/tune_hparams.py [--preset smoke|cpu|cpu-50|paper] [--storage DIR] [--set key=value ...]
 """
 
 from ray import tune

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 
+import headline  # noqa: E402
 import stability  # noqa: E402
 
 from liftplace.results import NotAStudy, load_study, summarize  # noqa: E402
@@ -49,6 +50,29 @@ def test_statistics_match_hand_computation():
     assert np.isnan(kd["p_vs_kd"])
     # the bootstrap interval of the mean lies inside the data's range and around the mean
     assert 30 <= kd["ci95_low"] < 33 < kd["ci95_high"] <= 36
+
+
+def test_holm_adjusts_by_rank_and_keeps_order():
+    # Hand-computed: sorted p 0.01, 0.02, 0.04 times 3, 2, 1 = 0.03, 0.04, 0.04 (made monotone).
+    assert headline.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    adjusted = headline.holm([0.5, float("nan"), 0.001])
+    assert adjusted[0] == pytest.approx(0.5) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.002)
+
+
+def test_versus_kd_gives_welch_interval_and_an_honest_verdict():
+    table = headline.versus(fixed_summary()).set_index("variant")
+    place = table.loc["place"]  # 20, 22, 21 (the diverged run is left out) against 30, 32, 34, 36
+    assert place["seeds"] == 3 and place["kd_seeds"] == 4
+    assert place["difference"] == pytest.approx(21.0 - 33.0)
+    # Welch by hand: standard error and Welch-Satterthwaite degrees of freedom.
+    va, vb = np.var([20, 22, 21], ddof=1) / 3, np.var([30, 32, 34, 36], ddof=1) / 4
+    se, df = np.sqrt(va + vb), (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    from scipy.stats import t
+    assert place["ci95_high"] == pytest.approx(-12.0 + t.ppf(0.975, df) * se)
+    assert place["p"] == pytest.approx(2 * t.sf(12.0 / se, df))
+    assert place["verdict"].startswith("better than kd")
+    assert table.loc["lift", "verdict"].startswith("too few seeds")  # two seeds only
+    assert headline.best_variant(fixed_summary()) == "place"
 
 
 def test_bootstrap_interval_is_deterministic_and_degenerate_for_one_value():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from liftplace.results import load_study, summarize
+from liftplace.results import load_study, study_status, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "analysis"))
@@ -31,11 +31,18 @@ def load_script(name):
     ("ablate_k", "fid_vs_k.png"), ("ablate_weighting", "weighting.png"), ("compression", "compression.md"),
     ("stability", "stability.png"), ("teacher_scale", "teacher_scale.png"),
 ])
-def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure):
+def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure, capfd):
     module = load_script(name)
     make = importlib.import_module("make_all").make
     # The study builds its report itself, by running analysis/make_all.py on its folder.
     folder = module.study_main(module.STUDY, ["--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), *FAST])
+    console = capfd.readouterr().out.splitlines()
+    # A concise console: no Ray Tune tables or configuration box; a line per trial start and end.
+    assert not [line for line in console if "Trial status" in line or "Configuration for experiment" in line]
+    trials = json.loads((folder / "study.json").read_text())["trials"]
+    assert sum(line.startswith("start  ") for line in console) == trials
+    assert sum(line.startswith("done   ") for line in console) == trials
+    assert len(console) < 20 + 2 * trials, console
     summary = summarize(load_study(folder))
     assert sorted(summary["variant"]) == sorted(module.STUDY.variants)
     assert not summary["diverged"].any() and (summary["final_fid"] > 0).all()
@@ -50,6 +57,16 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure):
         report = (copy / "analysis" / "REPORT.md").read_text()
         assert "## Not built" in report and (copy / "analysis" / "fid_vs_k.png").is_file()
         assert all(f"`{s}` skipped" in report for s in ("linear_correction", "error_maps", "samples"))
+    if name == "ablate_k":  # live curves: one TensorBoard run per variant and seed, readable names
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == sorted(
+            f"{v.replace(' ', '-').replace('=', '-')}-seed0" for v in module.STUDY.variants)
+        events = EventAccumulator(str(folder / "tensorboard" / "place-K-16-seed0")).Reload()
+        assert [e.step for e in events.Scalars("loss/total")] == [5, 10]  # smoke: a row every 5 steps
+        assert [e.step for e in events.Scalars("eval/fid")] == [10]
+        fid = summarize(load_study(folder)).set_index("variant").loc["place K=16", "final_fid"]
+        assert events.Scalars("eval/fid")[0].value == pytest.approx(fid, rel=1e-6)
     if name == "stability":  # FID along training: evaluations before the end
         evals = load_study(folder).dropna(subset=["fid"])
         assert evals.groupby("run").size().min() >= 3
@@ -74,10 +91,18 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
 
     while len(terminated()) < 2 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
+    running, driver_then = study_status(folder)  # `liftplace status` on a running study
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     done = terminated()
-    assert 2 <= len(done) < 6, f"the driver should die mid-study ({len(done)} of 6 trials done)"
+    variants = len(load_script("ablate_k").STUDY.variants)
+    assert 2 <= len(done) < variants, f"the driver should die mid-study ({len(done)} of {variants} trials done)"
+    assert driver_then == "running" and len(running) == variants
+    assert set(running["state"]) <= {"done", "running", "pending"} and (running["state"] == "done").sum() >= 2
+    stopped, driver_now = study_status(folder)  # ... and once its driver was killed
+    assert driver_now == "interrupted"
+    assert (stopped["state"] == "done").sum() >= len(done) and "running" not in set(stopped["state"])
+    assert set(stopped["state"]) <= {"done", "interrupted", "pending"}
     before = {p.parent.name: p.read_text() for p in folder.glob("*/result.json") if p.parent.name.endswith(tuple(done))}
     module = load_script("ablate_k")
     module.study_main(module.STUDY, ["--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), "--resume",
@@ -87,6 +112,13 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
     assert (summary["steps"] == 40).all()
     for name, text in before.items():  # finished trials were not rerun
         assert (folder / name / "result.json").read_text() == text
+    finished, driver_end = study_status(folder)
+    assert driver_end == "finished" and (finished["state"] == "done").all()
+    copy = tmp_path / "elsewhere" / "ablate_k"  # a copy reads the same
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint_*"))
+    assert study_status(copy)[0].equals(finished)
+    text = subprocess.run([sys.executable, "-m", "liftplace.cli", "status", str(copy)], capture_output=True, text=True)
+    assert text.returncode == 0 and f"driver finished; {variants} runs: {variants} done" in text.stdout
 
 
 def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):

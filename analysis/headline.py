@@ -1,0 +1,177 @@
+"""The headline: kd against the best LIFT/PLACE variant, every seed, the teacher, and the test.
+
+    python analysis/headline.py RESULTS_DIR
+
+Figure ``headline``: final FID of every run of kd and of the LIFT/PLACE variant with the lowest
+mean final FID (every seed a point, the mean a bar), with the teacher's FID as a dashed line
+under the same protocol; beside it, sample grids of kd's and the best variant's seed-0 students
+and the teacher, all from the same noise. Table ``versus_kd``: for every variant, the difference
+of its mean final FID from kd's (negative: better than kd) with a Welch 95% confidence interval,
+the ratio of means, Welch's t-test p-value and Holm's correction over the variants, and a plain
+verdict (with fewer than 3 seeds on either side the study is too small to tell).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from common import cli, load, plt, protocol_line, save_figure, save_table
+
+REFERENCE = "kd"
+ALPHA = 0.05
+MIN_SEEDS = 3  # Welch's test on 2 vs 2 has one degree of freedom: its intervals say nothing useful
+
+
+def finals(summary: pd.DataFrame, variant: str) -> np.ndarray:
+    ok = summary[(summary["variant"] == variant) & ~summary["diverged"]]["final_fid"].dropna()
+    return ok.to_numpy(dtype=float)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN)."""
+    p = np.asarray(pvalues, dtype=float)
+    order = [i for i in np.argsort(p) if not np.isnan(p[i])]
+    adjusted = np.full(len(p), np.nan)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[i]))
+        adjusted[i] = running
+    return list(adjusted)
+
+
+def versus(summary: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
+    """One row per variant other than the reference: n, means, difference with its Welch 95%
+    interval, ratio, Welch p (raw and Holm-adjusted over the variants) and the verdict."""
+    ref = finals(summary, reference)
+    rows = []
+    for variant in summary["variant"].drop_duplicates():
+        if variant == reference:
+            continue
+        x = finals(summary, variant)
+        row = {"variant": variant, "seeds": len(x), f"{reference}_seeds": len(ref), "fid_mean": x.mean() if len(x) else np.nan,
+               f"{reference}_mean": ref.mean() if len(ref) else np.nan}
+        row["difference"] = row["fid_mean"] - row[f"{reference}_mean"]
+        row["ratio"] = row["fid_mean"] / row[f"{reference}_mean"]
+        row["ci95_low"] = row["ci95_high"] = row["p"] = np.nan
+        if len(x) >= 2 and len(ref) >= 2:
+            test = stats.ttest_ind(x, ref, equal_var=False)
+            interval = test.confidence_interval(0.95)
+            row.update(ci95_low=interval.low, ci95_high=interval.high, p=test.pvalue)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["p_holm"] = holm(list(table["p"]))
+    table["verdict"] = [verdict(r, reference) for _, r in table.iterrows()]
+    return table
+
+
+def verdict(row, reference: str) -> str:
+    if min(row["seeds"], row[f"{reference}_seeds"]) < MIN_SEEDS:
+        return f"too few seeds to tell (need {MIN_SEEDS} a side)"
+    if np.isnan(row["p_holm"]) or row["p_holm"] >= ALPHA:
+        return f"no difference shown (p_holm {row['p_holm']:.2g})"
+    return f"{'better' if row['difference'] < 0 else 'worse'} than {reference} (p_holm {row['p_holm']:.2g})"
+
+
+def best_variant(summary: pd.DataFrame, reference: str = REFERENCE) -> str | None:
+    """The non-reference variant with the lowest mean final FID (diverged runs excluded)."""
+    means = {v: finals(summary, v).mean() for v in summary["variant"].drop_duplicates()
+             if v != reference and len(finals(summary, v))}
+    return min(means, key=means.get) if means else None
+
+
+def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERENCE) -> str:
+    """The result in one paragraph, for the top of REPORT.md."""
+    best = best_variant(summary, reference)
+    ref = finals(summary, reference)
+    teacher = summary["teacher_fid"].dropna() if "teacher_fid" in summary else pd.Series(dtype=float)
+    teacher_text = f"; teacher {teacher.iloc[0]:.2f}" if len(teacher) else ""
+    if best is None or not len(ref):
+        return f"No comparison with {reference}: the study has no finished {reference} run or no other variant."
+    row = table[table["variant"] == best].iloc[0]
+    x = finals(summary, best)
+    parts = [f"Best LIFT/PLACE variant: **{best}**, final FID {x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f} "
+             f"over {len(x)} seeds, against {reference} {ref.mean():.2f} ± {ref.std(ddof=1) if len(ref) > 1 else 0:.2f} "
+             f"over {len(ref)}{teacher_text} (mean ± std)."]
+    if not np.isnan(row["ci95_low"]):
+        parts.append(f"Difference {row['difference']:+.2f} FID (95% CI {row['ci95_low']:+.2f} to {row['ci95_high']:+.2f}, "
+                     f"Welch p = {row['p']:.2g}, Holm-adjusted over {len(table)} variants {row['p_holm']:.2g}): "
+                     f"{row['verdict']}.")
+    else:
+        parts.append(f"Difference {row['difference']:+.2f} FID: {row['verdict']}.")
+    others = table[table["verdict"].str.startswith(("better", "worse"))]
+    if len(others):
+        parts.append("Differing from " + reference + " at p_holm < 0.05: "
+                     + ", ".join(f"{r.variant} ({r.verdict.split(' ')[0]}, {r.difference:+.2f})" for r in others.itertuples()) + ".")
+    else:
+        parts.append(f"No variant differs from {reference} at p_holm < 0.05.")
+    return " ".join(parts)
+
+
+def sample_panels(summary: pd.DataFrame, variants: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(title, image) for each variant's seed-0 student samples, then the teacher's, cut from
+    the samples.png grids (each row: four student samples, then four teacher samples from the
+    same noise; every run's grid uses the same noise, so the teacher half is shared)."""
+    panels, teacher = [], None
+    for variant in variants:
+        runs = summary[(summary["variant"] == variant) & ~summary["diverged"]].sort_values("seed")
+        for _, run in runs.iterrows():
+            path = Path(str(run.get("final_checkpoint"))) / "samples.png"
+            if path.is_file():
+                grid = mpimg.imread(path)
+                half = grid.shape[1] // 2
+                panels.append((f"{variant} (seed {int(run['seed'])})", grid[:, :half]))
+                teacher = grid[:, half:]
+                break
+    if teacher is not None:
+        panels.append(("teacher", teacher))
+    return panels
+
+
+def make(folder):
+    _, summary, info = load(folder)
+    table = versus(summary)
+    best = best_variant(summary)
+    shown = [v for v in (REFERENCE, best) if v is not None and v in set(summary["variant"])]
+    panels = sample_panels(summary, shown)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.6 + 2.4 * len(panels), 3.8),
+                             gridspec_kw={"width_ratios": [1.5] + [1] * len(panels)}, squeeze=False)
+    ax = axes[0, 0]
+    for i, variant in enumerate(shown):
+        x = finals(summary, variant)
+        ax.scatter(np.full(len(x), i) + np.linspace(-0.08, 0.08, len(x)), x, color=f"C{i}", s=30, zorder=3,
+                   label=f"{variant}: {len(x)} seeds")
+        if len(x):
+            ax.hlines(x.mean(), i - 0.25, i + 0.25, color=f"C{i}", lw=2)
+    teacher = summary["teacher_fid"].dropna() if "teacher_fid" in summary else pd.Series(dtype=float)
+    if len(teacher):
+        ax.axhline(teacher.iloc[0], color="k", ls="--", lw=1, label=f"teacher {teacher.iloc[0]:.2f}")
+    ax.set_xticks(range(len(shown)), shown, fontsize=9)
+    ax.set_xlim(-0.6, len(shown) - 0.4)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("final FID (lower is better)")
+    ax.set_title(f"{info['name']}: kd vs the best variant", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    for panel_ax, (title, image) in zip(axes[0, 1:], panels):
+        panel_ax.imshow(image, cmap="gray")
+        panel_ax.set_title(title, fontsize=9)
+        panel_ax.axis("off")
+    paths = save_figure(fig, folder, "headline", footer=protocol_line(summary) + "; samples: same noise in every grid")
+    caption = (f"{info['name']}: each variant's mean final FID against {REFERENCE}'s (difference < 0: better than "
+               f"{REFERENCE}), Welch's 95% interval of the difference and p-value, Holm-adjusted over the variants "
+               f"({protocol_line(summary)}).")
+    if not table.empty:
+        paths += save_table(table, folder, "versus_kd", caption)
+    text = Path(folder) / "analysis" / "headline.txt"
+    text.write_text(sentence(summary, table) + "\n")
+    return paths + [text]
+
+
+if __name__ == "__main__":
+    cli(make, __doc__.split("\n")[0])
