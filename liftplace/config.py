@@ -8,9 +8,8 @@ Presets:
 - ``smoke``: seconds; tests and CI. The smallest shipped teacher, 20 steps, 64 eval images.
 - ``cpu`` (the default): the paper's regime on a laptop. The built-in MNIST at 16x16, the
   shipped ``unet-m`` teacher (1.1M parameters, FID 2.98), a 90%-pruned student (10,801
-  parameters: 0.97% of the teacher, the paper's is 1.6%) trained 2,000 steps at batch 64; a
-  trial reserves 0.6 CPU, so three single-threaded trials share two cores. Chosen by measured
-  FID-vs-step curves (README, "Choosing the cpu preset").
+  parameters: 0.97% of the teacher, the paper's is 1.6%) trained 2,000 steps at batch 64.
+  Chosen by measured FID-vs-step curves (README, "Choosing the cpu preset").
 - ``cpu-50``: the earlier default, a 50%-pruned student of ``unet-xs`` (a quarter of its
   weights) trained 1,500 steps. Its students do not converge (FID 300-800); it shows how fast
   each objective leaves noise, where PLACE led KD by 2.5x.
@@ -108,7 +107,8 @@ class ScalingConfig:
     num_workers: int = 1  # Ray Train workers (DistributedDataParallel when > 1)
     use_gpu: bool = False
     # CPUs Ray reserves per worker; torch uses int(cpus) threads (at least one). A fraction lets
-    # trials share cores: the `cpu` preset's 0.6 runs 3 single-threaded trials on 2 cores.
+    # trials share cores (0.6: three trials on two cores), but measured at the `cpu` preset three
+    # time-sliced trials did ~25% less work per CPU-second than two: it pays only to fill a round.
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used when use_gpu
 
@@ -142,8 +142,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "teacher.name": "unet-xs", "train.steps": 20, "train.batch": 16, "train.log_every": 5,
         "train.checkpoint_every": 10, "eval.num_images": 64, "eval.sampler_steps": 5,
     },
-    "cpu": {"teacher.name": "unet-m", "student.prune_ratio": 0.9, "train.steps": 2000,
-            "scaling.cpus_per_worker": 0.6},
+    "cpu": {"teacher.name": "unet-m", "student.prune_ratio": 0.9, "train.steps": 2000},
     "cpu-50": {"student.prune_ratio": 0.5, "train.steps": 1500},
     "paper": {
         "teacher.name": "", "data.spec": "", "data.resolution": 64, "train.steps": 100_000, "train.batch": 96,

@@ -497,7 +497,7 @@ class StudyConsole(Callback):
         self.start = time.time()
         self.last_line = self.start
         self.steps: dict[str, int] = {}  # trial id -> last reported step
-        self.first: dict[str, int] = {}  # trial id -> step when this session first saw it
+        self.base: tuple[float, int] | None = None  # (time, steps done) at the first row seen
         self.started: dict[str, float] = {}
 
     def _progress(self, trials) -> str:
@@ -507,10 +507,12 @@ class StudyConsole(Callback):
         pending = max(0, self.total_trials - done - failed - running)
         total = sum(_trial_steps(t) for t in trials) + max(0, self.total_trials - len(trials)) * (
             _trial_steps(trials[0]) if trials else 0)
-        finished = sum(self.steps.get(t.trial_id, 0) if t.status != "TERMINATED" else _trial_steps(t) for t in trials)
-        trained = sum(self.steps[i] - self.first[i] for i in self.steps)
+        finished = self._done(trials)
         elapsed = time.time() - self.start
-        eta = f"ETA {_duration((total - finished) * elapsed / trained)}" if trained > 0 else "ETA after the first rows"
+        eta = "ETA after the first rows"
+        if self.base is not None and finished > self.base[1]:  # the study's rate since its first row
+            rate = (finished - self.base[1]) / max(time.time() - self.base[0], 1e-9)
+            eta = f"ETA {_duration((total - finished) / rate)}"
         return (f"[{_duration(elapsed)}] trials: {done} done, {running} running, {pending} pending"
                 + (f", {failed} failed" if failed else "")
                 + f"; steps {finished:,}/{total:,} ({100 * finished / max(total, 1):.0f}%); {eta}")
@@ -521,10 +523,13 @@ class StudyConsole(Callback):
         runs = ", ".join(m["variant"] for m in run["members"]) if "members" in run else run["variant"]
         self.log(f"start  {trial}: {runs}")
 
+    def _done(self, trials) -> int:
+        return sum(_trial_steps(t) if t.status == "TERMINATED" else self.steps.get(t.trial_id, 0) for t in trials)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        step = int(result.get("step", 0))
-        self.first.setdefault(trial.trial_id, step - 1 if step > 0 else 0)
-        self.steps[trial.trial_id] = step
+        self.steps[trial.trial_id] = int(result.get("step", 0))
+        if self.base is None:
+            self.base = (time.time(), self._done(trials))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         took = time.time() - self.started.get(trial.trial_id, self.start)

@@ -6,7 +6,7 @@ LIFT is one group per channel (K = 256 at 16x16); the paper's K = 16; K = 4 is t
 Held fixed: the preset's teacher and 90%-pruned student (`cpu`: unet-m, 10,801 parameters =
 0.97% of the teacher), steps, batch, lr, seeds 0..N-1 (the variants of a seed train as one
 cohort trial on one teacher forward per step).
-Cost: `cpu` preset, 4 variants x 3 seeds as 3 cohort trials, COST_CPU; `paper` preset, 3
+Cost: `cpu` preset, 4 variants x 4 seeds as 4 cohort trials, COST_CPU; `paper` preset, 4
 cohort trials of 100k steps of the user's DDPM and four 90% students each (README, GPU-hours).
 Result at `cpu`: RESULT_CPU
 
@@ -24,7 +24,7 @@ STUDY = Study(
         "lift": {"objective.name": "lift"},
         **{f"place K={k}": {"objective.name": "place", "objective.group_size": k} for k in (16, 4)},
     },
-    seeds=3,
+    seeds=4,
 )
 
 if __name__ == "__main__":

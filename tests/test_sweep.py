@@ -106,3 +106,39 @@ def test_bad_study_input_is_refused_before_ray(tiny_teacher_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no study to resume"):
         run_study(study, preset="smoke", storage=tmp_path / "new", resume=True)
     assert not (tmp_path / "tiny").exists()
+
+
+def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch):
+    from types import SimpleNamespace
+
+    from liftplace import sweep
+
+    clock = [1000.0]
+    monkeypatch.setattr(sweep.time, "time", lambda: clock[0])
+    lines = []
+    console = sweep.StudyConsole(3, every=30, log=lines.append)
+
+    def trial(i, status="RUNNING"):
+        members = [{"variant": "kd", "config": {"train": {"steps": 100}}},
+                   {"variant": "place", "config": {"train": {"steps": 100}}}]
+        return SimpleNamespace(trial_id=str(i), status=status, config={"run": {"members": members}},
+                               last_result={})
+
+    a, b = trial(0), trial(1)
+    trials = [a, b]  # a third trial planned, not created yet
+    console.on_trial_start(0, trials, a)
+    console.on_trial_start(0, trials, b)
+    assert len(lines) == 2 and lines[0].endswith(": kd, place")
+    console.on_trial_result(0, trials, a, {"step": 10})  # the rate is measured from here
+    clock[0] += 10
+    console.on_trial_result(0, trials, a, {"step": 20})
+    console.on_trial_result(0, trials, b, {"step": 10})
+    clock[0] += 25
+    console.on_step_end(0, trials)  # 35 s since the last line: a progress line
+    # 20 steps in the 35 s since the first row (10 steps then, 30 now); 270 left -> 472.5 s
+    assert lines[-1] == "[0m35s] trials: 0 done, 2 running, 1 pending; steps 30/300 (10%); ETA 7m52s"
+    console.on_step_end(0, trials)  # no second line within 30 s
+    assert len(lines) == 3
+    a.status, a.last_result = "TERMINATED", {"members": {"kd": {"fid": 12.345}, "place": {"diverged": True}}}
+    console.on_trial_complete(0, trials, a)
+    assert lines[-1].endswith("in 0m35s: kd FID 12.35 | place diverged")
