@@ -9,7 +9,7 @@ files (nothing is unpickled)::
     objective.safetensors    the objective's parameters ("_empty" when it has none)
     optimizer.pt             the optimizer's state_dict (rank 0)
     rng_rank{r}.pt           rank r's data/noise generator, torch's global and CUDA's RNG
-    state.json               {"step", "world_size", "ema_optimization_step"}: written last
+    state.json               {"step", "world_size", "ema_optimization_step", "config_digest"}: written last
 
 A cohort's checkpoint (several students trained on one stream) holds one such folder per
 student that has not diverged (``m0``, ``m1``, ...) and ``cohort.json`` (written last)::
@@ -23,6 +23,7 @@ loaded, so no module is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,10 +52,25 @@ def _tensors(named: dict) -> dict:
     return {k: v.contiguous() for k, v in named.items()}
 
 
-def save(directory: Path, step: int, student, ema, opt, objective, gen: torch.Generator, rank: int, world: int) -> None:
+def config_digest(config: dict) -> str:
+    """SHA-256 of a resolved config (RunConfig.to_dict()), kept in every checkpoint so that a
+    resume under another config is refused whatever a run folder's config.json says."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _check_digest(directory: Path, state: dict, digest: str | None) -> None:
+    saved = state.get("config_digest")
+    if digest is not None and saved is not None and saved != digest:
+        raise ValueError(f"the checkpoint {directory} was trained under a different config than the one given "
+                         f"(digest {saved[:12]} vs {digest[:12]}); resume with that run's own preset and --set values")
+
+
+def save(directory: Path, step: int, student, ema, opt, objective, gen: torch.Generator, rank: int, world: int,
+         digest: str | None = None) -> None:
     """Write one checkpoint into directory, all files or none (``files.write_all``): a write
     that fails (a full disk, an error) leaves a checkpoint already there whole. Rank 0 writes
-    the weights and the optimizer; every rank its own RNG state (its data stream is its own)."""
+    the weights and the optimizer; every rank its own RNG state (its data stream is its own).
+    ``digest``: config_digest of the run's config."""
     writers = {}
     if rank == 0:
         writers["student.safetensors"] = lambda p: save_file(_tensors(student.state_dict()), str(p))
@@ -63,7 +79,8 @@ def save(directory: Path, step: int, student, ema, opt, objective, gen: torch.Ge
         writers["optimizer.pt"] = lambda p: torch.save(opt.state_dict(), p)
     writers[f"rng_rank{rank}.pt"] = lambda p: torch.save(_rng_state(gen), p)
     if rank == 0:
-        state = {"step": step, "world_size": world, "ema_optimization_step": ema.optimization_step}
+        state = {"step": step, "world_size": world, "ema_optimization_step": ema.optimization_step,
+                 "config_digest": digest}
         writers[STATE_FILE] = lambda p: p.write_text(json.dumps(state))
     files.write_all(directory, writers)
 
@@ -100,9 +117,10 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def check(directory: str | Path) -> int:
+def check(directory: str | Path, digest: str | None = None) -> int:
     """Read every file of a checkpoint (a run's or a cohort's) without a model; returns its
-    step. Refuses a missing or corrupt checkpoint with one line, before a run starts."""
+    step. Refuses a missing or corrupt checkpoint, or (given the digest of the config a run is
+    about to resume under) one trained under another config, with one line, before a run starts."""
     directory = Path(directory)
     if (directory / MANIFEST).is_file():
         manifest = read_manifest(directory)
@@ -111,19 +129,25 @@ def check(directory: str | Path) -> int:
                 check(directory / member["folder"])
         return manifest["step"]
     with _reading(directory):
-        step = int(json.loads((directory / STATE_FILE).read_text())["step"])
+        state = json.loads((directory / STATE_FILE).read_text())
+        step = int(state["step"])
         for name in WEIGHT_FILES:
             load_file(str(directory / name))
         for path in [directory / "optimizer.pt", *sorted(directory.glob("rng_rank*.pt"))]:
             torch.load(path, weights_only=True)
+    _check_digest(directory, state, digest)
     return step
 
 
-def restore(directory: Path, student, ema, opt, objective, gen: torch.Generator, rank: int) -> int:
-    """Load a run's state into its live objects; returns the step the checkpoint was taken at."""
+def restore(directory: Path, student, ema, opt, objective, gen: torch.Generator, rank: int,
+            digest: str | None = None) -> int:
+    """Load a run's state into its live objects; returns the step the checkpoint was taken at.
+    A checkpoint of another config (``digest``) is refused."""
     directory = Path(directory)
     with _reading(directory):
         state = json.loads((directory / STATE_FILE).read_text())
+    _check_digest(directory, state, digest)
+    with _reading(directory):
         student.load_state_dict(load_file(str(directory / "student.safetensors")))
         ema.shadow_params = _ema_tensors(directory, student)
         ema.optimization_step = state["ema_optimization_step"]

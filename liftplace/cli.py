@@ -63,18 +63,21 @@ def cmd_distill(args) -> None:
 
 
 def status_text(folder: str) -> str:
-    """The table `liftplace status` prints: one line per run, then a count per state."""
+    """The table `liftplace status` prints: a summary line, then one line per run."""
     from liftplace.results import study_status
 
     table, driver = study_status(folder)
-    shown = table.copy()
-    shown["step"] = [f"{s}/{n}" if n else f"{s}" for s, n in zip(table["step"], table["steps"])]
-    shown["loss"] = table["loss"].map(lambda v: "" if v != v else f"{v:.4f}")
-    shown["fid"] = table["fid"].map(lambda v: "" if v != v else f"{v:.2f}")
-    shown["elapsed"] = table["elapsed_s"].map(lambda v: "" if v != v else f"{int(v) // 60}m{int(v) % 60:02d}s")
     counts = ", ".join(f"{n} {state}" for state, n in table["state"].value_counts().items())
-    body = shown[["variant", "seed", "state", "step", "loss", "fid", "elapsed"]].to_string(index=False)
-    return f"{Path(folder).resolve()}: driver {driver}; {len(table)} runs: {counts}\n{body}"
+    rows = [("variant", "seed", "state", "step", "loss", "FID", "elapsed")]
+    for r in table.itertuples():
+        steps = f"/{int(r.steps)}" if r.steps == r.steps and r.steps else ""
+        rows.append((str(r.variant), str(r.seed), r.state, f"{int(r.step)}{steps}",
+                     "" if r.loss != r.loss else f"{r.loss:.4f}", "" if r.fid != r.fid else f"{r.fid:.2f}",
+                     "" if r.elapsed_s != r.elapsed_s else f"{int(r.elapsed_s) // 60}m{int(r.elapsed_s) % 60:02d}s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return f"{Path(folder).resolve()}: driver {driver}; {len(table)} runs: {counts}\n" + "\n".join(lines)
 
 
 def cmd_status(args) -> None:

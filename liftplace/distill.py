@@ -336,7 +336,8 @@ def save_checkpoint(run: Run, directory: Path, step: int) -> None:
         if trainee.diverged_at is None:
             with trainee.own_rng():
                 checkpoints.save(directory / trainee.folder, step, trainee.student, trainee.ema, trainee.opt,
-                                 trainee.objective, run.stream.generator, run.rank, run.world)
+                                 trainee.objective, run.stream.generator, run.rank, run.world,
+                                 checkpoints.config_digest(trainee.config.to_dict()))
     if len(run.trainees) > 1 and run.rank == 0:
         checkpoints.save_manifest(directory, step, [(t.variant, t.folder, t.diverged_at) for t in run.trainees])
 
@@ -348,7 +349,7 @@ def restore_checkpoint(run: Run, directory: Path) -> int:
         trainee = run.trainees[0]
         with trainee.own_rng():
             return checkpoints.restore(directory, trainee.student, trainee.ema, trainee.opt, trainee.objective,
-                                       run.stream.generator, run.rank)
+                                       run.stream.generator, run.rank, checkpoints.config_digest(trainee.config.to_dict()))
     manifest = checkpoints.read_manifest(directory)
     saved = [(m["variant"], m["folder"]) for m in manifest["members"]]
     if saved != [(t.variant, t.folder) for t in run.trainees]:
@@ -359,7 +360,8 @@ def restore_checkpoint(run: Run, directory: Path) -> int:
         if trainee.diverged_at is None:
             with trainee.own_rng():
                 checkpoints.restore(directory / trainee.folder, trainee.student, trainee.ema, trainee.opt,
-                                    trainee.objective, run.stream.generator, run.rank)
+                                    trainee.objective, run.stream.generator, run.rank,
+                                    checkpoints.config_digest(trainee.config.to_dict()))
     return int(manifest["step"])
 
 

@@ -423,18 +423,26 @@ def study_status(path: str | Path, now: float | None = None) -> tuple[pd.DataFra
             else:  # started, not ended, and no driver at work on it
                 state = "unfinished" if driver == "unknown" else "interrupted"
             found[(variant, run.get("seed"))] = {
-                "variant": variant, "seed": run.get("seed"), "state": state, "step": last.get("step", 0), "steps": steps,
+                "trial": trial.name, "variant": variant, "seed": run.get("seed"), "state": state, "step": last.get("step", 0), "steps": steps,
                 "loss": last.get("loss", float("nan")), "fid": fids[-1] if fids else float("nan"),
                 "elapsed_s": last.get("elapsed_s", float("nan"))}
     planned = [] if info.get("space") else [(v, seed) for seed in range(int(info.get("seeds") or 0))
                                             for v in info.get("variants", {})]
     for key in planned:
-        found.setdefault(key, {"variant": key[0], "seed": key[1], "state": "pending", "step": 0, "steps": None,
+        found.setdefault(key, {"trial": None, "variant": key[0], "seed": key[1], "state": "pending", "step": 0, "steps": None,
                                "loss": float("nan"), "fid": float("nan"), "elapsed_s": float("nan")})
     order = {v: i for i, v in enumerate(info.get("variants", {}))}
-    table = pd.DataFrame(found.values(), columns=["variant", "seed", "state", "step", "steps", "loss", "fid", "elapsed_s"])
+    table = pd.DataFrame(found.values(),
+                         columns=["variant", "seed", "state", "step", "steps", "loss", "fid", "elapsed_s", "trial"])
     if not table.empty:
         table = table.sort_values(["variant", "seed"], key=lambda col: col.map(order).fillna(len(order)) if col.name == "variant"
                                   else col, ignore_index=True)
     return table, driver
+
+
+def trials_finished(table: pd.DataFrame) -> int:
+    """How many trials of a status table ended (every run of theirs done, diverged or stopped)."""
+    started = table.dropna(subset=["trial"])
+    ended = started["state"].isin(["done", "diverged", "stopped"])
+    return int(ended.groupby(started["trial"]).all().sum())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -185,6 +186,14 @@ def build_report(folder: Path) -> Path | None:
     return Path(folder) / "analysis" / "REPORT.md"
 
 
+def resume_command(argv=None) -> str:
+    """The command that continues this study: the same one, with --resume."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    script = sys.argv[0] if Path(sys.argv[0]).suffix == ".py" else "<study script>"
+    words = ["python", script, *args, *([] if "--resume" in args else ["--resume"])]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     """The command line every study script shares: run (or resume) the study, then its report."""
     parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
@@ -208,7 +217,7 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
     try:
-        from liftplace.sweep import run_study  # Ray's import (~1 s) after the command line is read
+        from liftplace.sweep import StudyInterrupted, run_study  # Ray's import (~1 s) after the command line is read
 
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
@@ -217,6 +226,9 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StudyInterrupted as stop:  # no report on a partial study
+        print(f"{Path(sys.argv[0]).name}: {stop}; continue it with: {resume_command(argv)}", file=sys.stderr)
+        raise SystemExit(128 + stop.signal) from None
     if report:
         path = build_report(folder)
         if path is not None:

@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from ray.tune import Callback
@@ -80,9 +81,10 @@ RAY_SESSION: dict = {"dashboard": None}  # what ensure_ray learnt, for a study's
 
 
 class _Swallow(logging.Filter):
-    """Drops the log records that start with ``prefix``, remembering that one came."""
+    """Drops the log records that start with ``prefix`` (a string or a tuple), remembering that
+    one came."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix):
         super().__init__()
         self.prefix, self.seen = prefix, False
 
@@ -256,7 +258,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         # in a worker.
         last = results.last_checkpoint(results.read_metrics(out / "metrics.jsonl"))
         if last is not None:
-            checkpoints.check(last)
+            checkpoints.check(last, checkpoints.config_digest(config.to_dict()))
     check_resources([config], address)  # before Ray starts, where that can be known
     ensure_ray(address)
     check_resources([config])
@@ -449,19 +451,63 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                                       callbacks=console, failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
     results.write_heartbeat(folder, "running")
-    try:
-        grid = tuner.fit()
-    except BaseException:
+    planned = study.num_samples if study.space else len(trials)
+
+    def interrupted(sig) -> StudyInterrupted:
         results.write_heartbeat(folder, "interrupted")
-        raise
+        return StudyInterrupted(results.trials_finished(results.study_status(folder)[0]), planned, sig)
+
+    with _sigterm_as_sigint() as received:
+        try:
+            grid = tuner.fit()  # Ctrl-C (or SIGTERM, made one): Tune saves its state and returns
+        except KeyboardInterrupt:  # a second Ctrl-C while Tune was stopping
+            raise interrupted(received.get("signal", signal.SIGINT)) from None
     errors = [r.error for r in grid if r.error]
     results.write_heartbeat(folder, "finished")
     table, _ = results.study_status(folder)
-    if table["state"].isin(["pending", "interrupted"]).any():  # Tune stopped early (Ctrl-C)
-        results.write_heartbeat(folder, "interrupted")
-    log(f"study {study.name}: {len(grid) - len(errors)}/{len(grid)} trials finished in {time.time() - start:.0f} s"
+    if received or table["state"].isin(["pending", "interrupted"]).any():  # stopped before the end
+        raise interrupted(received.get("signal", signal.SIGINT))
+    log(f"study {study.name}: {len(grid) - len(errors)}/{len(grid)} trials finished in {_duration(time.time() - start)}"
         + (f"; {len(errors)} errored (rerun with --resume): {errors[0]}" if errors else "") + f"\nresults: {folder}")
     return folder
+
+
+class StudyInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a study: how many of its trials had finished, and the signal
+    (the exit status is 128 + its number: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, finished: int, planned: int, sig: int):
+        super().__init__(f"interrupted: {finished} of {planned} trials finished")
+        self.finished, self.planned, self.signal = finished, planned, int(sig)
+
+
+@contextmanager
+def _sigterm_as_sigint():
+    """Within: SIGTERM does what a first Ctrl-C does (Tune stops the trials, saves its state and
+    returns), and Tune's own two warnings about it (with a Tuner.restore hint that does not
+    apply to a study) are dropped: the study says it in one line. Yields what was received."""
+    received: dict = {}
+
+    def on_term(sig, frame):
+        received["signal"] = signal.SIGTERM
+        signal.raise_signal(signal.SIGINT)
+
+    def on_int(sig, frame):  # only until Tune installs its own handler at the start of fit()
+        received["signal"] = signal.SIGINT
+        raise KeyboardInterrupt
+
+    notices = _Swallow(("Stop signal received", "Experiment has been interrupted"))
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(notices)
+    previous = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
+    try:
+        yield received
+    finally:
+        if notices.seen:
+            received.setdefault("signal", signal.SIGINT)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        tune_logger.removeFilter(notices)
 
 
 def _duration(seconds: float) -> str:
@@ -489,8 +535,9 @@ def _final_fids(result: dict) -> str:
 class StudyConsole(Callback):
     """What a study prints while it runs (instead of Ray Tune's tables, which --verbose keeps):
     one line when a trial starts, one when it ends (its runs' final FIDs, its time), and at most
-    every ``every`` seconds a progress line: trials done/running/pending, training steps done of
-    the study's total, and the time left at the rate measured so far."""
+    every ``every`` seconds (less often as the study ages) a progress line: trials
+    done/running/pending, training steps done of the study's total, and the time left at the
+    rate measured so far."""
 
     def __init__(self, total_trials: int, *, every: float = 30.0, log=print):
         self.total_trials, self.every, self.log = total_trials, every, log
@@ -541,7 +588,10 @@ class StudyConsole(Callback):
         self.log(f"failed {trial} at step {step}; the error: {error}")
 
     def on_step_end(self, iteration, trials, **info):
-        if time.time() - self.last_line >= self.every and trials:
+        # Every 30 s at first, then less often as the study ages (a tenth of its age, at most
+        # every 5 min), so that an hour's study prints a screenful, not 120 lines.
+        every = max(self.every, min(300.0, (time.time() - self.start) / 10))
+        if time.time() - self.last_line >= every and trials:
             self.last_line = time.time()
             self.log(self._progress(trials))
 

@@ -3,9 +3,10 @@
 Question: does the adaptive weight w = 1 - min(1, |beta0| + |beta1 - 1|) matter, or would any
 schedule (constant, linear, cosine, step over the first half of training) do? And does the
 coarse term's form (l1, l2, or "moments", which with w = 1 is exactly KD) matter?
-Held fixed: PLACE with K = 16, the preset's teacher and pruned student (`cpu`: 50%,
-`paper`: 90%), steps, seeds.
-Cost: `cpu` preset, 9 variants x 2 seeds, about 45 minutes on a 2-core laptop (estimated); `paper`,
+Held fixed: PLACE with K = 16, the preset's teacher and 90%-pruned student (`cpu`: unet-m,
+10,801 parameters), steps, seeds.
+Cost: `cpu` preset, 9 variants x 2 seeds as 2 cohort trials, about 40 minutes on a 2-core laptop
+(estimated from the default study's measured step cost, not run at this preset yet); `paper`,
 18 GPU runs of 100k steps.
 
     python studies/ablate_weighting.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]

@@ -5,7 +5,9 @@ pruned student on the data alone (w/o KD); kd matches the teacher's output; feat
 outputs (through 1x1 adapters); lift and place are this method.
 Held fixed: the preset's teacher, steps, batch, lr, seeds. Reported: FID, precision, recall,
 parameters and MACs of each student.
-Cost: `cpu` preset, 18 variants x 2 seeds, about 80 minutes on a 2-core laptop (estimated); `paper`,
+Cost: `cpu` preset (teacher unet-m), 18 variants x 2 seeds as 2 cohort trials of 18 students,
+about 2 hours on a 2-core laptop (estimated from measured step costs: the 50% students are 25x
+the 90% ones; not run at this preset yet); `paper`,
 36 GPU runs of 100k steps on the user's DDPM (the paper's table uses one seed).
 
     python studies/compression.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]

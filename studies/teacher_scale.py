@@ -2,13 +2,14 @@
 
 Question (the paper's Figure 1): distilling into one tiny student, conventional KD degrades as
 the teacher gets larger; PLACE is meant to hold up. The student is the preset's pruned version
-(`cpu`: 50%; `--set student.prune_ratio=0.9` for the paper's tiny students, which do not learn
-to draw at the `cpu` budget) of each teacher, so students grow with their teachers: the
-table reports both sizes.
+(90%: ~1% of each teacher) of each teacher, so students grow with their teachers: the table
+reports both sizes. At 90% the students of unet-xs and unet-s cannot learn: their GroupNorms
+are left with one channel per group (README, "Choosing the cpu preset").
 Held fixed: objective options, steps, batch, lr, seeds. Varied: the shipped teachers unet-xs,
 unet-s, unet-m, unet-l (0.28M to 2.5M parameters) x {kd, place K=16}.
-Cost: `cpu` preset, 8 variants x 2 seeds, about 2 hours on a 2-core laptop (estimated: the
-larger teachers are slower); at `paper`,
+Cost: `cpu` preset, 8 variants x 2 seeds as 8 cohort trials (one per teacher and seed), about
+55 minutes on a 2-core laptop (estimated from measured step costs, not run at this preset
+yet); at `paper`,
 pass your own teachers with --set (one run per teacher directory).
 
     python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--cohort auto|off] [--set key=value ...]

@@ -3,10 +3,11 @@
 Question: how much of PLACE's result depends on its knobs, and what is a good setting for a
 new teacher? Optuna (Ray Tune's OptunaSearch) samples the learning rate, group size, weighting
 and coarse form; ASHA stops trials whose FID lags at an intermediate evaluation.
-Held fixed: the preset's teacher and pruned student (`cpu`: 50%, `paper`: 90%), steps, batch,
-seed 0.
-Cost: `cpu` preset, 12 sampled trials (ASHA stops some at a third of the steps), about 35
-minutes on a 2-core laptop; `paper`, up to 12 GPU runs of 100k steps.
+Held fixed: the preset's teacher and 90%-pruned student (`cpu`: unet-m, 10,801 parameters),
+steps, batch, seed 0.
+Cost: `cpu` preset, 12 sampled trials (ASHA stops some at a third of the steps; searches never
+run as cohorts), about 40 minutes on a 2-core laptop (estimated from the default study's
+measured step cost, not run at this preset yet); `paper`, up to 12 GPU runs of 100k steps.
 
     python studies/tune_hparams.py [--preset smoke|cpu|cpu-50|paper] [--storage DIR] [--set key=value ...]
 """

@@ -73,6 +73,7 @@ def cases(tiny_teacher_dir, tmp_path_factory):
                                              f"eval.extractor_weights={tmp / 'pickled.pth'}", names="pickled.pth"),
         "GPUs this machine lacks": distill("gpu", "scaling.use_gpu=true", names="scaling.use_gpu"),
         "corrupt checkpoint": _corrupt_run(tmp / "corrupt", tiny_teacher_dir, base),
+        "checkpoint of another config": _other_config_run(tmp / "other-config", tiny_teacher_dir, base),
         "study: unknown key": study("study-key", "--set", "objective.stepz=1", names="'objective.stepz'"),
         "study: another study in storage": _other_study(tmp / "other", tiny_teacher_dir),
     }
@@ -99,7 +100,7 @@ def _pickle_that_writes(marker: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _corrupt_run(folder: Path, teacher, base) -> Case:
+def _corrupt_run(folder: Path, teacher, base, *, damage: bool = True) -> Case:
     """A run folder as `liftplace distill` leaves it, whose last checkpoint is damaged."""
     from liftplace import distill
     from liftplace.config import resolve
@@ -121,10 +122,22 @@ def _corrupt_run(folder: Path, teacher, base) -> Case:
     distill.run(config, report, log=lambda *_: None)
     config.save(out / "config.json")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (checkpoint / "student.safetensors").write_bytes(b"\0" * 40)
+    if damage:
+        (checkpoint / "student.safetensors").write_bytes(b"\0" * 40)
     sets = ["train.steps=5", "eval.num_images=32", "eval.sampler_steps=2"]
     return Case(liftplace("distill", *base, *[a for s in sets for a in ("--set", s)], "--out", str(out), "--resume"),
                 ("corrupt checkpoint", str(checkpoint)), out)
+
+
+def _other_config_run(folder: Path, teacher, base) -> Case:
+    """A run folder whose config.json was edited to another learning rate after training: the
+    checkpoint's own digest of the config it was trained under refuses the resume."""
+    case = _corrupt_run(folder, teacher, base, damage=False)
+    saved = json.loads((case.out / "config.json").read_text())
+    saved["train"]["lr"] = 0.003
+    (case.out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return Case([*case.cmd[:-3], "--set", "train.lr=0.003", *case.cmd[-3:]],
+                ("different config", str(case.out / "run" / "checkpoint_0")), case.out)
 
 
 def _other_study(folder: Path, teacher) -> Case:
@@ -142,7 +155,7 @@ def _other_study(folder: Path, teacher) -> Case:
 NAMES = [
     "unknown key", "wrong type", "group size", "prune ratio", "missing teacher", "missing data folder",
     "empty data folder", "missing inception weights", "pickled inception weights", "GPUs this machine lacks",
-    "corrupt checkpoint", "study: unknown key", "study: another study in storage",
+    "corrupt checkpoint", "checkpoint of another config", "study: unknown key", "study: another study in storage",
 ]
 
 

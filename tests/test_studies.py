@@ -134,3 +134,26 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     assert ((summary["config/train/lr"] >= 1e-4) & (summary["config/train/lr"] <= 3e-3)).all()
     # ASHA stops trials only at evaluations: each trial's last row carries a FID
     assert (df.groupby("run").tail(1)["fid"].notna()).all()
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_ends_a_study_with_one_line_and_the_resume_command(ray_session, tmp_path, sig, status):
+    address = ray_session.get_runtime_context().gcs_address
+    args = ["--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), "--address", address,
+            "--max-concurrent", "1", "--cohort", "off", *FAST, "--set", "train.steps=200"]
+    driver = subprocess.Popen([sys.executable, str(ROOT / "studies" / "ablate_k.py"), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in driver.stdout:  # the first trial has started: interrupt it mid-run
+        if line.startswith("start  "):
+            break
+    time.sleep(3)
+    driver.send_signal(sig)
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted: 0 of 4 trials finished; continue it with: python " in lines[0], err
+    assert lines[0].endswith(" --resume") and "ablate_k.py --preset smoke" in lines[0]
+    folder = tmp_path / "ablate_k"
+    assert not (folder / "analysis").exists()  # no report on a partial study
+    table, driver_state = study_status(folder)
+    assert driver_state == "interrupted" and set(table["state"]) <= {"interrupted", "pending"}
