@@ -140,7 +140,7 @@ def make(folder):
     best = best_variant(summary)
     shown = [v for v in (REFERENCE, best) if v is not None and v in set(summary["variant"])]
     panels = sample_panels(summary, shown)
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.6 + 2.4 * len(panels), 3.8),
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.6 + 2.4 * len(panels), 4.2),
                              gridspec_kw={"width_ratios": [1.5] + [1] * len(panels)}, squeeze=False)
     ax = axes[0, 0]
     for i, variant in enumerate(shown):
@@ -157,7 +157,8 @@ def make(folder):
     ax.set_ylim(bottom=0)
     ax.set_ylabel("final FID (lower is better)")
     ax.set_title(f"{info['name']}: kd vs the best variant", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    # Under the axes: inside, a legend can hide a seed's point.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     for panel_ax, (title, image) in zip(axes[0, 1:], panels):
         panel_ax.imshow(image, cmap="gray")
         panel_ax.set_title(title, fontsize=9)

@@ -570,6 +570,16 @@ class StudyConsole(Callback):
         runs = ", ".join(m["variant"] for m in run["members"]) if "members" in run else run["variant"]
         self.log(f"start  {trial}: {runs}")
 
+    def __getstate__(self):
+        # Tune pickles its RunConfig, callbacks included (tuner.pkl), and the console's log
+        # function need not pickle (a test's captured print does not); a restored study gets a
+        # new console anyway.
+        return {**self.__dict__, "log": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.log = self.log or print
+
     def _done(self, trials) -> int:
         return sum(_trial_steps(t) if t.status == "TERMINATED" else self.steps.get(t.trial_id, 0) for t in trials)
 
