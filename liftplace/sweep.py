@@ -65,8 +65,24 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
         if address:
             context = ray.init(address=address, **kwargs)
         else:
-            # The dashboard stays on localhost (Ray's default); reach it over an SSH tunnel.
-            context = ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, **kwargs)
+            # Some of Ray's own actors (Ray Train's placement-group cleaner) look their cluster
+            # up with no address, and fail with "Found multiple active Ray instances" when
+            # another Ray runs on the machine. The GCS port is chosen here, so that every
+            # worker of this cluster can be told its address (RAY_ADDRESS) from the start.
+            from ray._private.services import get_node_ip_address
+
+            port = _free_port()
+            kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+            previous = os.environ.get("RAY_GCS_SERVER_PORT")
+            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            try:
+                # The dashboard stays on localhost (Ray's default); reach it over an SSH tunnel.
+                context = ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, **kwargs)
+            finally:
+                if previous is None:
+                    os.environ.pop("RAY_GCS_SERVER_PORT", None)
+                else:
+                    os.environ["RAY_GCS_SERVER_PORT"] = previous
     finally:
         announcer.setLevel(level)
         token.removeFilter(token_notice)
@@ -75,6 +91,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
     dashboard = f"; dashboard {RAY_SESSION['dashboard']}" if RAY_SESSION["dashboard"] and show_dashboard else ""
     print(f"ray: {f'joined the cluster at {address}' if address else 'started a local instance'}{auth}{dashboard}")
     return ray
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 RAY_SESSION: dict = {"dashboard": None}  # what ensure_ray learnt, for a study's header line
