@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -343,10 +344,20 @@ def tune_direct(params: dict) -> None:
 
 def _quiet_ray_logs(params: dict) -> None:
     """In a trial of a study without --verbose: Ray's INFO line for every checkpoint saved
-    ("Checkpoint successfully created at ...") stays in the worker's log file."""
+    ("Checkpoint successfully created at ...") stays in the worker's log file. In every trial:
+    when a stopped study's trial is ended by Ray (SIGTERM), Ray's handler raises SystemExit,
+    and if that lands in a weakref callback Python prints "Exception ignored in ..." with a
+    traceback, which reached the driver's console: that one case is not printed."""
     if not params["run"].get("verbose", True):
         for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, SystemExit):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _trial_curves(params: dict) -> dict | None:
