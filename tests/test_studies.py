@@ -76,7 +76,9 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
     address = ray_session.get_runtime_context().gcs_address
     # One trial per variant (--cohort off, as before cohorts), long enough to kill the driver
     # between trials.
-    slower = [*FAST, "--set", "train.steps=40", "--cohort", "off"]
+    # 120 steps: ablate_k has 4 variants, and with 40 the last two trials could end before the
+    # kill once Tune's state file showed two finished.
+    slower = [*FAST, "--set", "train.steps=120", "--cohort", "off"]
     cmd = [sys.executable, str(ROOT / "studies" / "ablate_k.py"), "--preset", "smoke", "--seeds", "1",
            "--storage", str(tmp_path), "--address", address, "--max-concurrent", "1", *slower]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -109,7 +111,7 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
                                      *slower], report=False)
     summary = summarize(load_study(folder))
     assert sorted(summary["variant"]) == sorted(module.STUDY.variants)  # every trial, once
-    assert (summary["steps"] == 40).all()
+    assert (summary["steps"] == 120).all()
     for name, text in before.items():  # finished trials were not rerun
         assert (folder / name / "result.json").read_text() == text
     finished, driver_end = study_status(folder)
