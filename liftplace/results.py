@@ -26,6 +26,7 @@ its last report, so every trial has one row per step. Analysis reads nothing els
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -148,7 +149,7 @@ class Curves:
             value = row.get(column)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
                 writer.add_scalar(tag, value, int(row["step"]))
-        if row.get("fid") == row.get("fid") and row.get("fid") is not None:
+        if isinstance(row.get("fid"), float) and not math.isnan(row["fid"]):
             writer.flush()  # an evaluation is rare and worth seeing at once
 
     def close(self) -> None:

@@ -351,13 +351,14 @@ def _quiet_ray_logs(params: dict) -> None:
     if not params["run"].get("verbose", True):
         for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    previous = sys.unraisablehook
+    if sys.unraisablehook is not _unraisable:  # once per process: Tune reuses a trial's actor
+        _unraisable.previous = sys.unraisablehook
+        sys.unraisablehook = _unraisable
 
-    def hook(unraisable):
-        if not isinstance(unraisable.exc_value, SystemExit):
-            previous(unraisable)
 
-    sys.unraisablehook = hook
+def _unraisable(unraisable) -> None:
+    if not isinstance(unraisable.exc_value, SystemExit):
+        _unraisable.previous(unraisable)
 
 
 def _trial_curves(params: dict) -> dict | None:
