@@ -103,7 +103,7 @@ def make(folder):
     fig, axes = plt.subplots(rows, len(FRACTIONS), figsize=(2.3 * len(FRACTIONS), 2.35 * rows), squeeze=False)
     for block, (row, config) in enumerate(zip(picks, configs)):
         student, teacher, process = load_student(row["final_checkpoint"], config)
-        val = load_dataset(config.data.spec, config.data.resolution, "val")
+        val = load_dataset(config.data.spec, config.data.resolution, "val", models.in_channels(teacher))
         images, labels = stack_dataset(val)
         y = labels[:1] if val.num_classes else None
         n = images[0, 0].numel()

@@ -107,7 +107,7 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
         student, teacher, process = load_student(row["final_checkpoint"], config, device=device)
         protocol = config.eval.protocol()
         n = min(protocol.num_images, num_images or DEFAULT_FID_IMAGES)
-        val = load_dataset(config.data.spec, config.data.resolution, "val")
+        val = load_dataset(config.data.spec, config.data.resolution, "val", models.in_channels(teacher))
         images, labels = stack_dataset(val)
         k = min(PROBE_IMAGES, len(images))
         y = labels[:k].to(device) if val.num_classes else None

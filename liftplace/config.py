@@ -282,9 +282,20 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
                        ("scaling.cpus_per_worker", sc.cpus_per_worker)):
         if not (value > 0 and math.isfinite(value)):
             _refuse(key, f"must be a finite number > 0, got {value}")
+    for key, value in (("train.seed", tr.seed), ("eval.seed", e.seed)):
+        if not 0 <= value < 2**32:  # numpy's generators take seeds in [0, 2**32)
+            _refuse(key, f"must be in [0, 2**32), got {value}")
+    for key, value in (("objective.task_weight", o.task_weight), ("objective.distill_weight", o.distill_weight),
+                       ("objective.feat_weight", o.feat_weight), ("objective.w0", o.w0)):
+        if not (value >= 0 and math.isfinite(value)):
+            _refuse(key, f"must be a finite number >= 0, got {value}")
+    if not (o.eps > 0 and math.isfinite(o.eps)):
+        _refuse("objective.eps", f"must be a finite number > 0, got {o.eps}")
+    if o.warmup < 0:
+        _refuse("objective.warmup", f"must be >= 0, got {o.warmup}")
     if not 0.0 <= tr.ema_decay < 1.0:
         _refuse("train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
-    if sc.use_gpu and not sc.gpus_per_worker > 0:
+    if sc.use_gpu and not (sc.gpus_per_worker > 0 and math.isfinite(sc.gpus_per_worker)):
         _refuse("scaling.gpus_per_worker", f"must be > 0 when scaling.use_gpu, got {sc.gpus_per_worker}")
     if config.preset == "paper" and check_paths:
         if not teacher.name:
@@ -314,3 +325,50 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             make_objective(o.name, **config.objective_options(), shape=(channels, d.resolution, d.resolution))
         except ValueError as err:
             _refuse("objective", str(err))
+
+
+def check_inputs(configs: list[RunConfig], *, log=print) -> None:
+    """What ``validate`` cannot see without loading, checked once per distinct teacher and data
+    before Ray starts: the teacher's weights (they fit its config.json and are finite), its
+    channels against the data's, every image of a data folder (decoded), and the split sizes
+    (the validation split holds eval.num_images images, the training split a batch). Raises
+    ValueError or FileNotFoundError naming the key."""
+    from liftplace.data import check_images, load_dataset
+    from liftplace.teachers import MODEL_CLASSES, check_weights, teacher_path
+
+    checked_teachers: dict[str, int] = {}
+    checked_data: dict[tuple, tuple[int, int]] = {}
+    for config in configs:
+        name, d = config.teacher.name, config.data
+        if name not in checked_teachers:
+            path = teacher_path(name)
+            net = json.loads((path / "config.json").read_text())
+            cls = MODEL_CLASSES.get(net.get("_class_name"))
+            if cls is None:
+                _refuse("teacher.name", f"{path}: unsupported model class {net.get('_class_name')!r}; "
+                                        f"supported: {', '.join(MODEL_CLASSES)}")
+            try:
+                check_weights(path, cls, net)
+            except (ValueError, FileNotFoundError) as err:
+                _refuse("teacher.name", str(err), type(err))
+            checked_teachers[name] = int(net.get("in_channels", 1))
+        channels = checked_teachers[name]
+        key = (d.spec, d.resolution, channels)
+        if key not in checked_data:
+            if d.spec.startswith("folder:") and not any(k[0] == d.spec for k in checked_data):
+                root = d.spec.partition(":")[2]
+                try:
+                    check_images(root, progress=lambda done, total: log(f"data: decoded {done:,} of {total:,} images"))
+                except ValueError as err:
+                    _refuse("data.spec", str(err))
+            try:
+                sizes = tuple(len(load_dataset(d.spec, d.resolution, split, channels)) for split in ("train", "val"))
+            except ValueError as err:
+                _refuse("data.spec", f"{err} (teacher {name})")
+            checked_data[key] = sizes
+        train_size, val_size = checked_data[key]
+        if config.eval.num_images > val_size:
+            _refuse("eval.num_images", f"{config.eval.num_images} is more than the {val_size} validation images of "
+                                       f"{d.spec}; set eval.num_images={val_size} or fewer")
+        if config.train.batch > train_size:
+            _refuse("train.batch", f"{config.train.batch} is more than the {train_size} training images of {d.spec}")

@@ -23,6 +23,8 @@ from torch.utils.data import Dataset
 DATASET_CHOICES = ("mnist", "digits", "folder:PATH", "cifar10:PATH")
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# PIL modes of images with one channel of intensity (anything else loads as RGB).
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 _SPLIT_SEED = 0
 _MNIST_VAL = 1000  # of 5,000: 4,000 train / 1,000 val
@@ -50,13 +52,17 @@ def check_dataset_spec(spec: str) -> None:
         _require_cifar_files(path)
 
 
-def load_dataset(spec: str, resolution: int, split: str = "train") -> Dataset:
+def load_dataset(spec: str, resolution: int, split: str = "train", channels: int | None = None) -> Dataset:
     """Load the dataset named by ``spec`` at ``resolution`` x ``resolution``.
 
     Args:
         spec: one of ``DATASET_CHOICES``: "mnist", "digits", "folder:PATH", "cifar10:PATH".
         resolution: side of the square output images, an int >= 4.
         split: "train" or "val".
+        channels: the channels the model takes (1 or 3), or None for the data's own. A folder
+            of grayscale images loads as 1 channel (its own) or 3 (gray repeated); colour
+            images never load as 1, and MNIST, digits (1) and CIFAR-10 (3) only as their own:
+            a mismatch raises ValueError naming both sides.
 
     Returns:
         A Dataset of ``(image [C, resolution, resolution] float32 in [-1, 1], label int)``
@@ -70,13 +76,40 @@ def load_dataset(spec: str, resolution: int, split: str = "train") -> Dataset:
     resolution = int(resolution)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    if kind == "folder":
+        return ImageFolderDataset(path, resolution, split, channels)
+    own = 3 if kind == "cifar10" else 1
+    if channels not in (None, own):
+        raise ValueError(f"the data {spec} has {own} channel{'s' if own > 1 else ''}, the model takes {channels}")
     if kind == "mnist":
         return _load_mnist(resolution, split)
     if kind == "digits":
         return _load_digits(resolution, split)
-    if kind == "folder":
-        return ImageFolderDataset(path, resolution, split)
     return _load_cifar10(path, resolution, split)
+
+
+def check_images(root: str, *, progress=None) -> int:
+    """Decode every image under a folder, fully; returns how many there are. Raises ValueError
+    naming the first file that does not decode and how many do not (a truncated JPEG passes a
+    header check and fails only when its pixels are read, hours into a run).
+    ``progress(done, total)`` is called every 10,000 images."""
+    paths = sorted(_iter_images(root))
+    _require_two(root, paths)
+    bad = []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            bad.append((path, err))
+        if progress is not None and (i + 1) % 10_000 == 0:
+            progress(i + 1, len(paths))
+    if bad:
+        path, err = bad[0]
+        raise ValueError(f"{len(bad)} of the {len(paths)} images under {root} do not decode; the first: {path} ({err})")
+    return len(paths)
 
 
 class TensorImageDataset(Dataset):
@@ -102,26 +135,35 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Every image under a folder (recursively), RGB, resized on the shorter side and
-    center-cropped to [3, R, R], decoded lazily. Labels are -1.
+    """Every image under a folder (recursively), resized on the shorter side and center-cropped
+    to [C, R, R], decoded lazily. Labels are -1. C is 1 when every image is grayscale (a PIL
+    mode in GRAY_MODES) and 3 otherwise, unless ``channels`` asks for 3 (gray repeated); asking
+    for 1 when some image has colour raises ValueError naming one.
 
     The split is by sorted path: the last 10% of the files (at most 10,000, at least one)
     are "val", the rest "train". Every file's header is checked at construction so that a
     stray non-image fails now, naming the file, rather than hours into training.
     """
 
-    def __init__(self, root: str, resolution: int, split: str):
+    def __init__(self, root: str, resolution: int, split: str, channels: int | None = None):
         # Imported here: torchvision is slow to import and only folders need its transforms.
         from torchvision import transforms
 
         paths = sorted(_iter_images(root))
         _require_two(root, paths)
+        colour = None  # the first image that is not grayscale
         for path in paths:
             try:
-                with Image.open(path):  # reads the header only
-                    pass
+                with Image.open(path) as image:  # reads the header only
+                    if colour is None and image.mode not in GRAY_MODES:
+                        colour = (path, image.mode)
             except (OSError, SyntaxError) as err:  # PIL reports some broken headers as SyntaxError
                 raise ValueError(f"not a readable image: {path} ({err})") from None
+        if channels == 1 and colour is not None:
+            raise ValueError(f"the data folder:{root} has colour images ({colour[0]} is {colour[1]}), "
+                             "the model takes 1 channel")
+        self.channels = channels or (3 if colour is not None else 1)
+        self.mode = "RGB" if self.channels == 3 else "L"
         num_val = min(_FOLDER_VAL_MAX, max(1, int(len(paths) * _FOLDER_VAL_FRACTION)))
         self.paths = paths[:-num_val] if split == "train" else paths[-num_val:]
         self.transform = transforms.Compose(
@@ -129,15 +171,15 @@ class ImageFolderDataset(Dataset):
                 transforms.Resize(resolution, antialias=True),
                 transforms.CenterCrop(resolution),
                 transforms.ToTensor(),
-                transforms.Normalize([0.5] * 3, [0.5] * 3),
+                transforms.Normalize([0.5] * self.channels, [0.5] * self.channels),
             ]
         )
-        self.channels = 3
         self.num_classes = 0
         # Two folders with the same base name must not share a torch-fidelity cache entry.
         digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
         base = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(os.path.abspath(root)))
-        self.name = f"folder-{base}-{digest}-{split}-{resolution}px-{len(self.paths)}"
+        gray = "-gray" if self.channels == 1 else ""
+        self.name = f"folder-{base}-{digest}-{split}-{resolution}px{gray}-{len(self.paths)}"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -146,10 +188,10 @@ class ImageFolderDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                rgb = image.convert("RGB")
+                pixels = image.convert(self.mode)
         except (OSError, SyntaxError) as err:
             raise ValueError(f"cannot decode image {path} ({err})") from None
-        return self.transform(rgb), -1
+        return self.transform(pixels), -1
 
 
 class Cifar10Dataset(Dataset):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -63,6 +64,9 @@ def shared_settings(config: RunConfig) -> dict:
 def cohort_key(config: RunConfig) -> str:
     """Configs with equal keys can train as one cohort."""
     return json.dumps(shared_settings(config), sort_keys=True)
+
+
+FINAL_ROWS = "final_rows.json"  # in the final checkpoint: its rows before their evaluation
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -193,7 +197,7 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     np.random.seed(tr.seed)
     random.seed(tr.seed)
     teacher, card = load_teacher(config.teacher.name, device)
-    train_set = load_dataset(config.data.spec, config.data.resolution, "train")
+    train_set = load_dataset(config.data.spec, config.data.resolution, "train", models.in_channels(teacher))
     images, labels = stack_dataset(train_set)
     stream = Stream(images, labels, train_set.num_classes, make_process(config.teacher.prediction), tr.batch, device,
                     torch.Generator().manual_seed(tr.seed * 1000 + rank))
@@ -309,15 +313,12 @@ def report_row(trainee: Trainee, outcome: Outcome, step: int, images_per_s: floa
 
 
 def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, save: bool, final: bool) -> None:
-    """Evaluate each student that has a row and has not diverged (rank 0), checkpoint every
-    student still training (and, at the end, its sample grid), then report the rows."""
+    """Checkpoint every student still training (and, at the end, its sample grid), then
+    evaluate each student that has a row and has not diverged (rank 0), then report the rows.
+    The checkpoint comes first: an evaluation that fails (out of memory, a broken extractor)
+    still reports the rows (without their metrics) and the checkpoint before the error goes on,
+    so that a resume continues from here and evaluates again instead of training again."""
     by_variant = {t.variant: t for t in run.trainees}
-    for variant, row in rows.items():
-        trainee = by_variant[variant]
-        if run.rank == 0 and evaluate and not row["diverged"]:
-            with trainee.own_rng():
-                row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
-                                            run.stream.num_classes, run.device))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = None
         if save and any(t.diverged_at is None for t in run.trainees):
@@ -327,6 +328,19 @@ def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, sav
                 for trainee in run.trainees:
                     if trainee.diverged_at is None:
                         save_samples(run, trainee, ckpt_dir / trainee.folder)
+            if run.rank == 0 and final:  # what a resume from here reports once it has evaluated
+                (ckpt_dir / FINAL_ROWS).write_text(json.dumps([[v, r] for v, r in rows.items()]))
+        try:
+            for variant, row in rows.items():
+                trainee = by_variant[variant]
+                if run.rank == 0 and evaluate and not row["diverged"]:
+                    with trainee.own_rng():
+                        row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
+                                                    run.stream.num_classes, run.device))
+        except BaseException:
+            if ckpt_dir is not None:
+                report({v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}, ckpt_dir)
+            raise
         report(rows, ckpt_dir)
 
 
@@ -383,10 +397,17 @@ def _train(members: dict, report: Callable, checkpoint, log) -> dict:
     r = build(members)
     tr = r.config.train
     start = 0
+    last: dict = {}
     if checkpoint is not None:
         start = restore_checkpoint(r, Path(checkpoint))
         log(f"[rank {r.rank}] resumed from {checkpoint} at step {start}")
-    last: dict = {}
+        saved = Path(checkpoint) / FINAL_ROWS
+        if start >= tr.steps and saved.is_file():
+            # Training ended here and the final evaluation failed or was cut short: evaluate
+            # again (the checkpoint and sample grids are written again, identical).
+            rows = {v: row for v, row in json.loads(saved.read_text())}
+            finish_report(r, rows, report, evaluate=True, save=True, final=True)
+            return rows
     window_start, window_images = time.perf_counter(), 0
     run_start = time.perf_counter()
     try:
@@ -423,11 +444,36 @@ def _train(members: dict, report: Callable, checkpoint, log) -> dict:
                     log(divergence_line(trainee, rows[trainee.variant], alone=len(r.trainees) == 1))
             window_start, window_images = time.perf_counter(), 0
             last.update(rows)
+            if PAUSE_FILE:
+                _pause_point(step)
     finally:
         for tap in [r.teacher_taps, *(t.taps for t in r.trainees)]:
             if tap is not None:
                 tap.remove()
     return last
+
+
+# A test hook, set only by this project's fault tests: when the environment names a file
+# (LIFTPLACE_PAUSE_FILE) and that file exists holding {"step": N}, the training loop stops
+# right after reporting step N, writes "<file>.paused" with its process id, and waits until
+# the file is deleted: a kill lands at a known step, not in a timing window. With
+# {"step": N, "fail": MESSAGE} it raises RuntimeError(MESSAGE) there instead, as a bug would.
+PAUSE_FILE = os.environ.get("LIFTPLACE_PAUSE_FILE")
+
+
+def _pause_point(step: int) -> None:
+    path = Path(PAUSE_FILE)
+    try:
+        armed = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if armed.get("step") != step:
+        return
+    if "fail" in armed:
+        raise RuntimeError(armed["fail"])
+    Path(f"{path}.paused").write_text(str(os.getpid()))
+    while path.exists():
+        time.sleep(0.05)
 
 
 def divergence_line(trainee: Trainee, row: dict, *, alone: bool) -> str:
@@ -466,7 +512,7 @@ def ema_weights(student, ema: EMAModel):
 def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device) -> dict:
     """FID/KID/precision/recall of the EMA student."""
     protocol = config.eval.protocol()
-    val = load_dataset(config.data.spec, config.data.resolution, "val")
+    val = load_dataset(config.data.spec, config.data.resolution, "val", models.in_channels(student))
     with ema_weights(student, ema):
         fake = generate(student, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
                         num_classes=num_classes, device=device)

@@ -7,6 +7,7 @@ that fails removes its temporary file, so no debris is left for a later run to t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,3 +68,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def make_folder(path: str | Path, what: str) -> Path:
+    """Create a results folder (and its parents) and prove it writable with a probe file;
+    ValueError names the folder and why not (a file in the way, no permission, a full disk).
+    Called before Ray starts, so that a run never trains for nothing."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
+    return path

@@ -87,6 +87,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def in_channels(model: nn.Module) -> int:
+    """The image channels a diffusers model takes (its config's in_channels)."""
+    return int(_unwrap(model).config.in_channels)
+
+
 def _first_param(model: nn.Module) -> torch.Tensor:
     return next(model.parameters())
 

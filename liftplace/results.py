@@ -191,7 +191,7 @@ def claim_study(folder: Path, info: dict, resume: bool) -> None:
         raise FileExistsError(f"{folder} is not empty and holds no study: choose another --storage")
     if resume:
         raise FileNotFoundError(f"--resume: no study to resume at {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
+    files.make_folder(folder, "the study folder")
     files.write_text(info_file, json.dumps(info, indent=2) + "\n")
 
 

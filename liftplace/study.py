@@ -217,7 +217,7 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
     try:
-        from liftplace.sweep import StudyInterrupted, run_study  # Ray's import (~1 s) after the command line is read
+        from liftplace.sweep import RunFailed, StudyInterrupted, run_study  # Ray's import (~1 s) after the command line is read
 
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
@@ -229,6 +229,9 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     except StudyInterrupted as stop:  # no report on a partial study
         print(f"{Path(sys.argv[0]).name}: {stop}; continue it with: {resume_command(argv)}", file=sys.stderr)
         raise SystemExit(128 + stop.signal) from None
+    except RunFailed as err:  # a trial failed inside a worker: no report either
+        print(f"{Path(sys.argv[0]).name}: error: {err}; continue it with: {resume_command(argv)}", file=sys.stderr)
+        raise SystemExit(1) from None
     if report:
         path = build_report(folder)
         if path is not None:

@@ -30,8 +30,8 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from liftplace import checkpoints, distill, results
-from liftplace.config import RunConfig, from_dict, set_value, validate
+from liftplace import checkpoints, distill, files, results
+from liftplace.config import RunConfig, check_inputs, from_dict, set_value, validate
 from liftplace.results import MetricsFile
 from liftplace.study import Study, autoscaling_ceiling, plan
 
@@ -47,7 +47,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
 
     if ray.is_initialized():
         return ray
-    env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "LIFTPLACE_CACHE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    env = {k: v for k, v in os.environ.items()
+           if k == "HF_HUB_OFFLINE" or k.startswith(("LIFTPLACE_", "RAY_TRAIN_"))}
     env.setdefault("HF_HUB_OFFLINE", "1")
     # Train V2 routes print() through its logger and the console both: every line twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -64,6 +65,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
     token.addFilter(token_notice)
     try:
         if address:
+            if address != "auto" and "://" not in address:
+                # As for a local instance below: Ray's own actors that look the cluster up with no
+                # address must find this one, whatever other Ray runs on the machine.
+                kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"] = address
             context = ray.init(address=address, **kwargs)
         else:
             # Some of Ray's own actors (Ray Train's placement-group cleaner) look their cluster
@@ -74,6 +79,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
 
             port = _free_port()
             kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+            # Nothing preempts a local machine; Ray Train's preemption watcher only logs a
+            # core_worker error line ("... constructor arguments in the object store ...") per run.
+            kwargs["runtime_env"]["env_vars"].setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             previous = os.environ.get("RAY_GCS_SERVER_PORT")
             os.environ["RAY_GCS_SERVER_PORT"] = str(port)
             try:
@@ -200,8 +208,15 @@ def train_loop(loop_config: dict) -> None:
     Train's checkpoint."""
     import ray.train
 
-    # Ray Train logs every report at INFO, a screenful per row; our progress line suffices.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    from ray.train.v2._internal.execution import context
+
+    if not loop_config.get("ray_logs"):
+        # Ray Train logs every report at INFO, a screenful per row (from a logger named after
+        # its source file, outside "ray.train"), and an error's traceback in every worker: the
+        # progress lines suffice, and the driver says a failure in one line (the traceback goes
+        # to the run's error.txt, or the trial's).
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.CRITICAL)
 
     def send(metrics, checkpoint_dir):
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -236,9 +251,13 @@ def _row_log_callback(path: Path):
 
 
 def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None,
-                 payload: dict | None = None, curves: dict | None = None, verbose: bool = True):
+                 payload: dict | None = None, curves: dict | None = None, verbose: bool = True,
+                 ray_logs: bool = False):
     """A TorchTrainer for config's scaling that trains payload (default: config's one run);
-    curves: where rank 0 writes TensorBoard event files (run_payload); verbose: progress lines."""
+    curves: where rank 0 writes TensorBoard event files (run_payload); verbose: progress lines;
+    ray_logs: Ray Train's own INFO and WARNING lines on the console (every report, resource
+    requests, and under a loaded CPU a "safe to ignore" warning with a traceback); without,
+    only its errors (its log files keep everything)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -247,12 +266,27 @@ def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), ma
     return TorchTrainer(
         train_loop,
         train_loop_config={"payload": payload or {"config": config.to_dict()}, "extra": extra or {}, "curves": curves,
-                           "verbose": verbose},
+                           "verbose": verbose, "ray_logs": ray_logs},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                       logging_config=ray.train.LoggingConfig(log_level="INFO" if ray_logs else "ERROR")),
     )
+
+
+class RunFailed(Exception):
+    """A run or study that failed inside a worker, said in one line (cause, step, log file)."""
+
+
+def failure_cause(error: BaseException) -> str:
+    """One line for what failed inside Ray: the original exception of the first failed worker
+    (Ray wraps it, with its traceback, in its own errors), as "Type: first line"."""
+    failures = getattr(error, "worker_failures", None)
+    exc = next(iter(failures.values())) if failures else getattr(error, "controller_failure", error)
+    exc = getattr(exc, "cause", None) or exc  # ray.exceptions.RayTaskError keeps the original here
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def prepare_out_dir(out: Path, resume: bool) -> None:
@@ -285,17 +319,29 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         last = results.last_checkpoint(results.read_metrics(out / "metrics.jsonl"))
         if last is not None:
             checkpoints.check(last, checkpoints.config_digest(config.to_dict()))
+    check_inputs([config])
     check_resources([config], address)  # before Ray starts, where that can be known
+    files.make_folder(out, "--out")
     ensure_ray(address)
     check_resources([config])
-    out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],
                            max_failures=max_failures, curves=curves)
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"the run failed: {result.error}")
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+        error = result.error
+    except TrainingFailedError as err:  # Ray Train 2.60 raises it (older versions returned it)
+        error = err
+    if error:
+        log_file = out / "error.txt"
+        files.write_text(log_file, f"{error}\n")  # the workers' tracebacks, in full
+        rows = results.read_metrics(out / "metrics.jsonl")
+        step = rows[-1]["step"] if rows else 0
+        raise RunFailed(f"the run failed after step {step} of {config.train.steps}: {failure_cause(error)}; "
+                        f"the full error is in {log_file}; continue it with --resume")
     last = results.read_metrics(out / "metrics.jsonl")[-1]
     if last.get("checkpoint_path") and (Path(last["checkpoint_path"]) / "samples.png").is_file():
         shutil.copy(Path(last["checkpoint_path"]) / "samples.png", out / "samples.png")
@@ -382,7 +428,7 @@ def tune_train(params: dict) -> None:
     trainer = make_trainer(config, storage=params["run"]["train_storage"], name=f"train-{trial_id}",
                            callbacks=[TuneReportCallback()], max_failures=params["run"]["worker_failures"],
                            extra=extra, payload=payload, curves=_trial_curves(params),
-                           verbose=params["run"].get("verbose", True))
+                           verbose=params["run"].get("verbose", True), ray_logs=params["run"].get("verbose", True))
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -423,6 +469,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     storage = folder.parent
     if study.space:
         _check_space(study, trials[0]["config"])
+    check_inputs(configs, log=log)
     check_resources(configs, address)
     results.claim_study(folder, p.info, resume)
     ray = ensure_ray(address, show_dashboard=False)
@@ -467,6 +514,11 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         # lines ("Wrote the latest version of all result files ...") are kept for --verbose.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        # A failed trial is said by the console (one line, its error file) and, at the end, by
+        # the study; Tune's own ERROR record repeats it with the worker's traceback.
+        controller = logging.getLogger("ray.tune.execution.tune_controller")
+        if _TRIAL_FAILED not in controller.filters:
+            controller.addFilter(_TRIAL_FAILED)
     start = time.time()
     if resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
@@ -499,13 +551,19 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             grid = tuner.fit()  # Ctrl-C (or SIGTERM, made one): Tune saves its state and returns
         except KeyboardInterrupt:  # a second Ctrl-C while Tune was stopping
             raise interrupted(received.get("signal", signal.SIGINT)) from None
-    errors = [r.error for r in grid if r.error]
+    failed = [r for r in grid if r.error]
     results.write_heartbeat(folder, "finished")
     table, _ = results.study_status(folder)
-    if received or table["state"].isin(["pending", "interrupted"]).any():  # stopped before the end
-        raise interrupted(received.get("signal", signal.SIGINT))
-    log(f"study {study.name}: {len(grid) - len(errors)}/{len(grid)} trials finished in {_duration(time.time() - start)}"
-        + (f"; {len(errors)} errored (rerun with --resume): {errors[0]}" if errors else "") + f"\nresults: {folder}")
+    if received:
+        raise interrupted(received["signal"])
+    if failed:  # one line (the first failure's cause, step and error file); no report
+        first = failed[0]
+        step = (first.metrics or {}).get("step", 0)
+        raise RunFailed(f"{len(failed)} of {len(grid)} trials failed; the first, {Path(first.path).name}, after step "
+                        f"{step}: {failure_cause(first.error)}; its error: {Path(first.path) / 'error.txt'}")
+    if table["state"].isin(["pending", "interrupted"]).any():  # stopped before the end
+        raise interrupted(signal.SIGINT)
+    log(f"study {study.name}: {len(grid)}/{len(grid)} trials finished in {_duration(time.time() - start)}\nresults: {folder}")
     return folder
 
 
@@ -534,8 +592,11 @@ def _sigterm_as_sigint():
         raise KeyboardInterrupt
 
     notices = _Swallow(("Stop signal received", "Experiment has been interrupted"))
+    # (And Tune's "Trials did not complete: [...]": a failed study says which, with the cause.)
+    incomplete = _Swallow("Trials did not complete")
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(notices)
+    tune_logger.addFilter(incomplete)
     previous = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
     try:
         yield received
@@ -545,6 +606,7 @@ def _sigterm_as_sigint():
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
         tune_logger.removeFilter(notices)
+        tune_logger.removeFilter(incomplete)
 
 
 def _duration(seconds: float) -> str:
@@ -631,8 +693,11 @@ class StudyConsole(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step", 0)
-        error = str(getattr(trial, "error_file", None) or Path(trial.local_path or "") / "error.txt")
-        self.log(f"failed {trial} at step {step}; the error: {error}")
+        self.log(f"failed {trial} after step {step}; its error: {Path(trial.path or '') / 'error.txt'}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        step = (trial.last_result or {}).get("step", 0)
+        self.log(f"retry  {trial}: it failed after step {step} and starts again from its last checkpoint, if any")
 
     def on_step_end(self, iteration, trials, **info):
         # Every 30 s at first, then less often as the study ages (a tenth of its age, at most
@@ -641,6 +706,9 @@ class StudyConsole(Callback):
         if time.time() - self.last_line >= every and trials:
             self.last_line = time.time()
             self.log(self._progress(trials))
+
+
+_TRIAL_FAILED = _Swallow("Trial task failed")
 
 
 class Heartbeat(Callback):

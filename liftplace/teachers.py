@@ -66,12 +66,52 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
     if cls is None:
         raise ValueError(f"teacher {path}: unsupported model class {config.get('_class_name')!r}; "
                          f"supported: {', '.join(MODEL_CLASSES)}")
-    if not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"teacher {path} has no .safetensors weights (pickled weights are not loaded)")
+    check_weights(path, cls, config)
     model = cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     card_file = path / "card.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     return model.to(device).eval().requires_grad_(False), card
+
+
+def check_weights(path: Path, cls, config: dict) -> None:
+    """Refuse a teacher directory whose weights do not fit its config.json (diffusers would
+    initialise the missing tensors at random and only warn) or hold NaN or infinite values;
+    ValueError names the directory and the first offending tensor."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"teacher {path} has no .safetensors weights (pickled weights are not loaded)")
+    try:
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation
+            expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"teacher {path}: config.json does not build a {config.get('_class_name')} ({err})") from None
+    found = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                for key in weights.keys():
+                    tensor = weights.get_tensor(key)
+                    found[key] = tuple(tensor.shape)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        bad = int((~torch.isfinite(tensor)).sum())
+                        raise ValueError(f"teacher {path}: {file.name} holds {bad} NaN or infinite values in {key}")
+        except (OSError, RuntimeError) as err:  # safetensors reports a damaged header as either
+            raise ValueError(f"teacher {path}: {file.name} is not a readable safetensors file ({err})") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [k for k in expected if k in found and expected[k] != found[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]}: config {list(expected[shapes[0]])}, "
+                         f"weights {list(found[shapes[0]])})")
+        if missing:
+            parts.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in the config (e.g. {unexpected[0]})")
+        raise ValueError(f"teacher {path}: config.json does not match its weights: {'; '.join(parts)}")
 
 
 def build_teacher(arch: str, size: str, *, channels: int, resolution: int, num_classes: int):
@@ -106,7 +146,7 @@ def generate(model, process, n: int, *, steps: int, seed: int, num_classes: int 
 def evaluate(model, process, data: str, resolution: int, protocol: Protocol, *, num_classes: int = 0,
              device="cpu") -> dict:
     """FID/KID/precision/recall of a model's samples against the validation split."""
-    val = load_dataset(data, resolution, "val")
+    val = load_dataset(data, resolution, "val", models.in_channels(model))
     real = real_images(val, protocol.num_images)
     fake = generate(model, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
                     num_classes=num_classes, device=device)

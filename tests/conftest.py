@@ -11,6 +11,30 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # torch-fidelity's feature cache goes to a throwaway folder, not the user's cache.
 os.environ.setdefault("LIFTPLACE_CACHE", tempfile.mkdtemp(prefix="liftplace-test-cache-"))
+# The training loop's pause point (liftplace.distill._pause_point), for every process of the
+# session, Ray's workers included (ensure_ray passes LIFTPLACE_* on): a test arms it by writing
+# {"step": N} (or {"step": N, "fail": MESSAGE}) there, and must remove the file when done.
+PAUSE_FILE = os.environ.setdefault("LIFTPLACE_PAUSE_FILE",
+                                   os.path.join(tempfile.mkdtemp(prefix="liftplace-test-pause-"), "pause.json"))
+
+
+@pytest.fixture
+def pause_point():
+    """Arm the training loop's pause point: arm(step) or arm(step, fail=MESSAGE); returns the
+    file's path. Disarmed (the file removed) after the test."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(PAUSE_FILE)
+
+    def arm(step: int, fail: str | None = None) -> pathlib.Path:
+        pathlib.Path(f"{path}.paused").unlink(missing_ok=True)
+        path.write_text(json.dumps({"step": step, **({"fail": fail} if fail else {})}))
+        return path
+
+    yield arm
+    path.unlink(missing_ok=True)
+    pathlib.Path(f"{path}.paused").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

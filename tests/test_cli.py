@@ -46,6 +46,7 @@ def cases(tiny_teacher_dir, tmp_path_factory):
     diffusers and Ray, and well under a second refusing."""
     tmp = tmp_path_factory.mktemp("bad-input")
     (tmp / "empty").mkdir()
+    (tmp / "a-file").write_text("not a folder\n")
     (tmp / "pickled.pth").write_bytes(_pickle_that_writes(tmp / "PWNED"))
     base = ["--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}"]
 
@@ -74,6 +75,29 @@ def cases(tiny_teacher_dir, tmp_path_factory):
         "GPUs this machine lacks": distill("gpu", "scaling.use_gpu=true", names="scaling.use_gpu"),
         "corrupt checkpoint": _corrupt_run(tmp / "corrupt", tiny_teacher_dir, base),
         "checkpoint of another config": _other_config_run(tmp / "other-config", tiny_teacher_dir, base),
+        "teacher weights that do not fit its config": distill(
+            "teacher-shape", f"teacher.name={_teacher_copy(tmp / 'shape', tiny_teacher_dir, widen=True)}",
+            names=("does not match its weights", "shape")),
+        "teacher weights that are not finite": distill(
+            "teacher-nan", f"teacher.name={_teacher_copy(tmp / 'nan', tiny_teacher_dir, nan=True)}",
+            names=("NaN or infinite",)),
+        "colour images for a one-channel teacher": distill(
+            "colour", f"data.spec=folder:{_images(tmp / 'colour', 'RGB')}", names=("colour", "1 channel")),
+        "an image that does not decode": distill(
+            "truncated", f"data.spec=folder:{_images(tmp / 'truncated', 'L', truncate='img03.png')}",
+            names=("1 of the 12 images", "img03.png")),
+        "fewer validation images than eval.num_images": distill(
+            "val", "data.spec=digits", "eval.num_images=1000", names=("eval.num_images", "300 validation images")),
+        "a batch larger than the data": distill("batch", "train.batch=5000", names=("train.batch", "4000")),
+        "a negative seed": distill("seed", "train.seed=-1", names="train.seed"),
+        "a weight that is not a number": distill("weight", "objective.distill_weight=nan", names="objective.distill_weight"),
+        "an output folder that cannot be written": Case(
+            liftplace("distill", *base, "--out", str(tmp / "a-file" / "out")), ("--out", str(tmp / "a-file" / "out")),
+            tmp / "a-file" / "out"),
+        "study: a storage folder that cannot be written": Case(
+            ablate_k("--preset", "smoke", "--seeds", "1", "--storage", str(tmp / "a-file" / "storage"),
+                     "--set", f"teacher.name={tiny_teacher_dir}"), str(tmp / "a-file" / "storage"),
+            tmp / "a-file" / "storage"),
         "study: unknown key": study("study-key", "--set", "objective.stepz=1", names="'objective.stepz'"),
         "study: another study in storage": _other_study(tmp / "other", tiny_teacher_dir),
     }
@@ -83,6 +107,43 @@ def cases(tiny_teacher_dir, tmp_path_factory):
             lambda case: subprocess.run(case.cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT),
             found.values())))
     return {name: (found[name], done[name], before[name]) for name in found} | {"_tmp": tmp}
+
+
+def _teacher_copy(folder: Path, teacher: Path, *, widen: bool = False, nan: bool = False) -> Path:
+    """A copy of a teacher directory whose config.json no longer fits its weights (a wider
+    first block) or whose weights hold a NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(teacher, folder)
+    if widen:
+        config = json.loads((folder / "config.json").read_text())
+        config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]
+        (folder / "config.json").write_text(json.dumps(config))
+    if nan:
+        weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+        name = sorted(weights)[0]
+        weights[name].view(-1)[0] = float("nan")
+        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+def _images(folder: Path, mode: str, *, truncate: str | None = None) -> Path:
+    """A folder of 12 small images of a PIL mode; ``truncate``: that file is cut in half (its
+    header still reads, its pixels do not)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # noise: enough pixel data that half a file still holds the header
+        pixels = (rng.random((20, 20, len(mode))) * 255).astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(folder / f"img{i:02d}.png")
+    if truncate:
+        data = (folder / truncate).read_bytes()
+        (folder / truncate).write_bytes(data[: len(data) // 2])
+    return folder
 
 
 def _pickle_that_writes(marker: Path) -> bytes:
@@ -156,6 +217,11 @@ NAMES = [
     "unknown key", "wrong type", "group size", "prune ratio", "missing teacher", "missing data folder",
     "empty data folder", "missing inception weights", "pickled inception weights", "GPUs this machine lacks",
     "corrupt checkpoint", "checkpoint of another config", "study: unknown key", "study: another study in storage",
+    "teacher weights that do not fit its config", "teacher weights that are not finite",
+    "colour images for a one-channel teacher", "an image that does not decode",
+    "fewer validation images than eval.num_images", "a batch larger than the data", "a negative seed",
+    "a weight that is not a number", "an output folder that cannot be written",
+    "study: a storage folder that cannot be written",
 ]
 
 
@@ -192,3 +258,51 @@ def test_gpus_a_joined_cluster_lacks_are_refused_with_one_line(ray_session, tiny
     assert len(lines) == 1 and "the Ray cluster has 0" in lines[0], proc.stderr
     assert f"ray: joined the cluster at {address}" in proc.stdout  # refused after joining, still one line
     assert not out.exists()
+
+
+def test_a_failure_inside_a_worker_ends_with_one_line_and_resume_finishes_the_run(ray_session, tiny_teacher_dir,
+                                                                                  tmp_path, pause_point):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    cmd = liftplace("distill", "--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}", "--set",
+                    "eval.num_images=32", "--set", "eval.sampler_steps=2", "--out", str(out), "--address", address)
+    # This test's own choice, forwarded to the job like every RAY_TRAIN_* setting: a joined
+    # cluster keeps Ray Train's preemption watcher, whose start logs a core_worker error line.
+    quiet = {**env(), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    armed = pause_point(5, fail="simulated bug in the training loop")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=quiet, cwd=ROOT)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith("liftplace: error: the run failed after step 5 of 20: RuntimeError: simulated bug"), line
+    assert str(out / "error.txt") in line and "--resume" in line
+    error = (out / "error.txt").read_text()
+    assert "Traceback" in error and "simulated bug in the training loop" in error
+    armed.unlink()
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=quiet, cwd=ROOT)
+    assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and rows[-1]["fid"] > 0
+
+
+def test_a_failed_trial_ends_its_study_with_one_line_and_no_report(ray_session, tiny_teacher_dir, tmp_path,
+                                                                   pause_point):
+    address = ray_session.get_runtime_context().gcs_address
+    storage = tmp_path / "storage"
+    cmd = ablate_k("--preset", "smoke", "--seeds", "1", "--storage", str(storage), "--address", address,
+                   "--set", f"teacher.name={tiny_teacher_dir}", "--set", "train.steps=10",
+                   "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2")
+    pause_point(5, fail="simulated bug in the training loop")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    (trial,) = [p for p in (storage / "ablate_k").iterdir() if (p / "params.json").is_file()]
+    assert lines[0].startswith("ablate_k.py: error: 1 of 1 trials failed; the first, ") and "after step 5" in lines[0]
+    assert "RuntimeError: simulated bug in the training loop" in lines[0]
+    assert str(trial / "error.txt") in lines[0] and lines[0].endswith("--resume")
+    assert (trial / "error.txt").is_file()
+    # The console said it too (a retry, then the failure), and no report was built.
+    assert "retry  " in proc.stdout and f"failed " in proc.stdout
+    assert not (storage / "ablate_k" / "analysis").exists()

@@ -72,6 +72,36 @@ def test_resume_gives_the_same_losses(tiny_teacher_dir, tmp_path):
     assert full.rows[-1]["fid"] == resumed.rows[-1]["fid"]
 
 
+def test_a_failing_final_evaluation_keeps_the_training_and_a_resume_only_evaluates(tiny_teacher_dir, tmp_path,
+                                                                                   monkeypatch):
+    config = smoke(tiny_teacher_dir, **{"train.steps": 12, "train.checkpoint_every": 100})
+    full = Recorder()
+    distill.run(config, full, log=lambda *_: None)
+    evaluate = distill.evaluate_student
+
+    def broken(*args, **kwargs):
+        raise MemoryError("simulated: out of memory while sampling")
+
+    monkeypatch.setattr(distill, "evaluate_student", broken)
+    failed = Recorder(keep_checkpoints_in=tmp_path)
+    with pytest.raises(MemoryError):
+        distill.run(config, failed, log=lambda *_: None)
+    # The final checkpoint (the only one) was reported before the error, with the row.
+    assert [r["step"] for r in failed.rows] == [5, 10, 12] and math.isnan(failed.rows[-1]["fid"])
+    assert failed.rows[-1]["loss"] == full.rows[-1]["loss"]
+    assert "samples.png" in failed.checkpoints[-1] and distill.FINAL_ROWS in failed.checkpoints[-1]
+    monkeypatch.setattr(distill, "evaluate_student", evaluate)
+    calls = []
+
+    def counted(row, checkpoint):
+        calls.append(row)
+
+    distill.run(config, counted, checkpoint=tmp_path / "step12", log=lambda *_: None)
+    # No training step again: one row, the final one, now with its metrics.
+    assert [r["step"] for r in calls] == [12]
+    assert calls[0]["loss"] == full.rows[-1]["loss"] and calls[0]["fid"] == full.rows[-1]["fid"]
+
+
 def test_a_diverging_run_is_recorded_not_raised(tiny_teacher_dir):
     rec = Recorder()
     last = distill.run(smoke(tiny_teacher_dir, **{"train.lr": 1e6, "train.grad_clip": 1e9, "train.loss_bound": 50.0,

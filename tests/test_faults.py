@@ -41,8 +41,8 @@ def _train_workers(address):
     return {a.actor_id: a for a in actors}
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint_with_one_row_per_step(ray_session, tiny_teacher_dir, tmp_path):
-
+def test_a_killed_worker_resumes_from_its_checkpoint_with_one_row_per_step(ray_session, tiny_teacher_dir, tmp_path,
+                                                                           pause_point):
     steps = 30
     config = smoke(tiny_teacher_dir, **{"train.steps": steps, "train.checkpoint_every": 5, "train.log_every": 1})
     out = tmp_path / "run"
@@ -57,27 +57,25 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_one_row_per_step(ray_s
         except BaseException as err:  # reported by the assertions below
             outcome["error"] = err
 
+    # The worker stops right after reporting step 12 (a checkpoint was saved at 10): it is
+    # killed there, and steps 11 and 12 are lost and reported again by its replacement.
+    armed = pause_point(12)
+    paused = pathlib.Path(f"{armed}.paused")
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    killed = None
     deadline = time.time() + 180
-    while thread.is_alive() and killed is None and time.time() < deadline:
-        rows = read_metrics(out / "metrics.jsonl")
-        saved = [r["step"] for r in rows if r["checkpoint_path"]]
-        # Kill once a checkpoint exists and steps after it were reported: those are lost and
-        # will be reported again by the restarted worker.
-        if saved and rows[-1]["step"] > saved[-1]:
-            alive = [a for i, a in _train_workers(address).items() if i not in before and a.state == "ALIVE"]
-            if alive:
-                os.kill(alive[0].pid, signal.SIGKILL)
-                killed = (alive[0], rows[-1]["step"], saved[-1])
+    while thread.is_alive() and not paused.exists() and time.time() < deadline:
         time.sleep(0.05)
+    assert paused.exists(), "the worker never reached its pause point"
+    victim_pid = int(paused.read_text())
+    while read_metrics(out / "metrics.jsonl")[-1]["step"] < 12 and time.time() < deadline:
+        time.sleep(0.05)  # the controller writes the row of step 12 a moment after the report
+    os.kill(victim_pid, signal.SIGKILL)
+    armed.unlink()  # the replacement passes step 12
+    checkpoint_step = 10
     thread.join(timeout=max(1.0, deadline - time.time()))
     assert not thread.is_alive(), "the run did not finish after its worker was killed"
-    assert killed is not None, "the run ended before its worker could be killed"
     assert "error" not in outcome, f"the run failed after one worker kill: {outcome.get('error')}"
-    victim, killed_at, checkpoint_step = killed
-    assert checkpoint_step < killed_at < steps
 
     # One row per step, no gap, no duplicate, ending at the last step with its FID.
     rows = read_metrics(out / "metrics.jsonl")
@@ -86,9 +84,10 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_one_row_per_step(ray_s
 
     # A second worker process replaced the killed one...
     workers = {i: a for i, a in _train_workers(address).items() if i not in before}
-    assert len(workers) == 2 and workers[victim.actor_id].state == "DEAD"
-    (replacement,) = [a for i, a in workers.items() if i != victim.actor_id]
-    assert replacement.pid != victim.pid
+    assert len(workers) == 2
+    (victim,) = [a for a in workers.values() if a.pid == victim_pid]
+    (replacement,) = [a for a in workers.values() if a.pid != victim_pid]
+    assert victim.state == "DEAD"
     # ...and resumed from a checkpoint of the first one, not from step 0: the replacement's
     # clock starts again, so the rows' elapsed time drops once, right after the step it resumed
     # from, which must be a step with a checkpoint, not before the first one. (Read from the
@@ -98,7 +97,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_one_row_per_step(ray_s
     drops = [s for s in range(1, steps) if elapsed[s + 1] < elapsed[s]]
     assert len(drops) == 1, elapsed
     resumed = drops[0]
-    assert checkpoint_step <= resumed < steps and rows[resumed - 1]["checkpoint_path"]
+    assert resumed == checkpoint_step and rows[resumed - 1]["checkpoint_path"]
 
 
 # --- metrics.jsonl -------------------------------------------------------------------------
