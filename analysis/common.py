@@ -16,13 +16,38 @@ from liftplace.results import load_study, read_study_info, summarize  # noqa: E4
 
 
 def load(folder):
-    """(rows, per-trial summary, study info) of a finished study."""
-    df = load_study(folder)
-    return df, summarize(df), read_study_info(folder)
+    """(rows, per-run summary, study info) of a study, finished or not.
+
+    The rows are every run's (a partial run's too: curves along training can use them). The
+    summary holds the runs of a grid study that finished (trained every step and evaluated, or
+    diverged); ``summary.attrs["missing"]`` lists, one line each, the planned runs that did
+    not: stopped part way (with the step they reached) or never started. A search study's runs
+    are all kept: its scheduler stops trials on purpose."""
+    df = load_study(folder, allow_unfinished=True)
+    info = read_study_info(folder)
+    summary = summarize(df)
+    missing = []
+    if not info.get("space"):
+        planned = summary["config/train/steps"] if "config/train/steps" in summary else summary["steps"]
+        done = summary["diverged"] | ((summary["steps"] >= planned) & summary["final_fid"].notna())
+        for row in summary[~done].itertuples():
+            missing.append(f"{row.variant} seed {row.seed}: stopped at step {row.steps} of {int(planned[row.Index])}"
+                           + ("" if row.steps < planned[row.Index] else " before its final evaluation"))
+        present = set(zip(summary["variant"], summary["seed"]))
+        for variant in info.get("variants", {}):
+            for seed in range(int(info.get("seeds", 0))):
+                if (variant, seed) not in present:
+                    missing.append(f"{variant} seed {seed}: no rows (never started)")
+        summary = summary[done].reset_index(drop=True)
+    summary.attrs["missing"] = missing
+    return df, summary, info
 
 
 def protocol_line(summary: pd.DataFrame) -> str:
-    """The FID protocol, stated once: extractor, image count, sampler steps."""
+    """The FID protocol, stated once: extractor, image count, sampler steps (from a summary or,
+    when no run finished, the rows)."""
+    if summary.empty:
+        return "FID protocol unknown (no run has finished)"
     first = summary.iloc[0]
     return (f"FID/KID/precision/recall: {first.get('eval_extractor')} features, {int(first.get('eval_num_images'))} "
             f"generated vs {int(first.get('eval_num_images'))} validation images, "

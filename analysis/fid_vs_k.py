@@ -32,6 +32,8 @@ def make(folder):
     summary["K"] = summary.apply(group_size, axis=1)
     fig, ax = plt.subplots(figsize=(6, 4))
     grouped = summary[summary["K"].notna() & ~summary["diverged"]]
+    if grouped.empty:
+        raise ValueError("no finished LIFT or PLACE run to place on the K axis")
     means = grouped.groupby("K")["final_fid"].mean().sort_index()
     ax.plot(means.index, means.values, "-o", color="C0", label="LIFT / PLACE, mean")
     ax.scatter(grouped["K"], grouped["final_fid"], color="C0", alpha=0.4, s=18, label="one seed")

@@ -158,7 +158,8 @@ def make(folder):
     ax.set_ylabel("final FID (lower is better)")
     ax.set_title(f"{info['name']}: kd vs the best variant", fontsize=10)
     # Under the axes: inside, a legend can hide a seed's point.
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # (a partial study may have nothing to plot yet)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     for panel_ax, (title, image) in zip(axes[0, 1:], panels):
         panel_ax.imshow(image, cmap="gray")
         panel_ax.set_title(title, fontsize=9)

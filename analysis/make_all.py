@@ -34,6 +34,11 @@ NEEDS_CHECKPOINTS = (linear_correction, error_maps, samples)
 
 def make(folder):
     df, summary, info = load(folder)
+    missing = summary.attrs["missing"]
+    (out_dir(folder) / "headline.txt").unlink(missing_ok=True)  # an earlier build's, if any
+    if missing:
+        print(f"make_all: a partial study: {len(missing)} planned runs did not finish; the report covers the "
+              f"{len(summary)} that did")
     # The headline first: REPORT.md opens with kd against the best variant (figure, test, samples).
     scripts = [headline] + BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
     paths, skipped = [], []
@@ -44,17 +49,27 @@ def make(folder):
                        f"`python analysis/linear_correction.py {folder}` on a machine with a GPU")
         print(f"make_all: {skipped[-1][2:]}")
     for script in dict.fromkeys(scripts):
+        name = script.__name__
         try:
             paths += script.make(folder)
         except FileNotFoundError as err:
             if script not in NEEDS_CHECKPOINTS:
                 raise
-            name = script.__name__
             print(f"make_all: skipped {name}: {err}")
             skipped.append(f"- `{name}` skipped: {err} (it reads the trials' checkpoints; run it where the "
                            "checkpoints, teacher and data are)")
-    lines = [f"# {info['name']}", "", info.get("description", "").strip().split("\n\n")[0], "",
-             f"**Protocol.** {protocol_line(summary)}. Preset `{info['preset']}`, {info['seeds']} seeds per variant, "
+        except Exception as err:  # noqa: BLE001 -- one figure's failure must not cost the others
+            if not missing and len(summary) > 1:  # a whole study: a failing figure is a bug to see
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"make_all: not built: {name} ({type(err).__name__}: {first})")
+            skipped.append(f"- `{name}` not built from these rows: {type(err).__name__}: {first}")
+    lines = [f"# {info['name']}", "", info.get("description", "").strip().split("\n\n")[0], ""]
+    if missing:
+        lines += [f"**Partial study.** {len(summary)} runs finished; {len(missing)} planned runs did not, and "
+                  "nothing below counts them (continue the study with `--resume`):", "",
+                  *[f"- {line}" for line in missing], ""]
+    lines += [f"**Protocol.** {protocol_line(summary if len(summary) else df)}. Preset `{info['preset']}`, {info['seeds']} seeds per variant, "
              f"runner `{info['runner']}`, {len(summary)} runs ({int(summary['diverged'].sum())} diverged)"
              + (f" in {info['trials']} cohort trials (one teacher forward per step for the runs of a seed)"
                 if info.get("trials", len(summary)) < len(summary) else "") + ".", ""]

@@ -52,7 +52,7 @@ def cmd_distill(args) -> None:
     from liftplace.config import resolve
 
     config = resolve(args.preset, args.set)
-    from liftplace.sweep import RunFailed, prepare_out_dir, run_single  # Ray's import (~1 s) after the config is checked
+    from liftplace.sweep import RunFailed, RunInterrupted, prepare_out_dir, run_single  # Ray's import (~1 s) after the config is checked
 
     prepare_out_dir(Path(args.out), args.resume)  # before Ray starts
     try:
@@ -60,6 +60,9 @@ def cmd_distill(args) -> None:
     except RunFailed as err:
         print(f"liftplace: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except RunInterrupted as stop:
+        print(f"liftplace: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signal) from None
     verdict = "DIVERGED at step %d" % last["step"] if last.get("diverged") else f"FID {last['fid']:.2f}"
     print(f"done: {verdict} ({last['eval_extractor']}, {last['eval_num_images']} images, "
           f"{last['eval_sampler_steps']} sampler steps); student {last['student_params']:,} params "

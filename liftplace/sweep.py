@@ -20,9 +20,11 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -328,13 +330,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],
                            max_failures=max_failures, curves=curves)
-    from ray.train import TrainingFailedError
-
-    try:
-        result = trainer.fit()
-        error = result.error
-    except TrainingFailedError as err:  # Ray Train 2.60 raises it (older versions returned it)
-        error = err
+    error = _fit_interruptibly(trainer, out, config.train.steps)
     if error:
         log_file = out / "error.txt"
         files.write_text(log_file, f"{error}\n")  # the workers' tracebacks, in full
@@ -346,6 +342,60 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     if last.get("checkpoint_path") and (Path(last["checkpoint_path"]) / "samples.png").is_file():
         shutil.copy(Path(last["checkpoint_path"]) / "samples.png", out / "samples.png")
     return last
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped `liftplace distill`; the exit status is 128 + the signal."""
+
+    def __init__(self, message: str, sig: int):
+        super().__init__(message)
+        self.signal = int(sig)
+
+
+def _fit_interruptibly(trainer, out: Path, steps: int):
+    """Run trainer.fit() and return its error (None when it finished). The fit runs in a thread
+    of its own, so that Ray Train does not take over Ctrl-C (in the main thread it installs a
+    handler that aborts the run and exits with status 0, saying nothing); here Ctrl-C or SIGTERM
+    raises RunInterrupted, naming the last step and checkpoint that --resume continues from.
+    Ray's own shutdown at exit ends the run's workers."""
+    from ray.train import TrainingFailedError
+
+    outcome: dict = {}
+
+    def fit():
+        try:
+            result = trainer.fit()
+            outcome["error"] = result.error
+        except TrainingFailedError as err:  # Ray Train 2.60 raises it (older versions returned it)
+            outcome["error"] = err
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread
+            outcome["raised"] = err
+
+    received: dict = {}
+
+    def on_term(sig, frame):
+        received["signal"] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    thread = threading.Thread(target=fit, name="liftplace-fit", daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        rows = results.read_metrics(out / "metrics.jsonl")
+        step = rows[-1]["step"] if rows else 0
+        saved = [r["step"] for r in rows if r.get("checkpoint_path")]
+        resume = shlex.join(["liftplace", *sys.argv[1:], *([] if "--resume" in sys.argv else ["--resume"])])
+        where = f"from its checkpoint at step {saved[-1]}" if saved else "from the start (no checkpoint yet)"
+        raise RunInterrupted(f"interrupted after step {step} of {steps}; continue it {where} with: {resume}",
+                             received.get("signal", signal.SIGINT)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if "raised" in outcome:
+        raise outcome["raised"]
+    return outcome.get("error")
 
 
 # --- Ray Tune studies --------------------------------------------------------------------

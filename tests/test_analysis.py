@@ -235,3 +235,47 @@ def test_error_maps_use_the_place_variants_group_size():
     assert k(resolve("cpu", ["objective.name=place", "objective.group_size=64"])) == 64
     assert k(resolve("cpu", ["objective.name=place", "objective.num_groups=8"])) == 32  # 16x16 / 8
     assert k(resolve("cpu", ["objective.name=kd"])) == 16
+
+
+def test_make_all_reports_a_partial_study_and_lists_what_is_missing(tmp_path):
+    """Two variants x two seeds planned: kd seed 0 and place seed 0 finished, kd seed 1 stopped at
+    step 5 of 10 (interrupted), place seed 1 never started. The report covers the two finished
+    runs (one seed each), lists the other two, and no figure fails the build."""
+    import subprocess
+
+    study = tmp_path / "ablate_k"
+    variants = {"kd": {"objective.name": "kd"}, "place K=16": {"objective.name": "place"}}
+    (study).mkdir()
+    (study / "study.json").write_text(json.dumps({
+        "name": "ablate_k", "description": "A hand-made partial study.", "preset": "smoke", "seeds": 2,
+        "variants": variants, "runner": "direct", "trials": 4, "space": {}}))
+    # As a trial writes them: every row has the evaluation columns (NaN between evaluations).
+    protocol = {"eval_extractor": "digits-cnn", "eval_num_images": 64, "eval_sampler_steps": 5, "teacher_fid": 3.0,
+                "fid": None, "precision": None, "recall": None}
+
+    def trial(name, variant, seed, rows):
+        folder = study / name
+        folder.mkdir()
+        from liftplace.config import resolve
+
+        config = resolve("smoke", {**variants[variant], "train.seed": seed, "train.steps": 10}, check_paths=False).to_dict()
+        (folder / "params.json").write_text(json.dumps({"run": {"variant": variant, "seed": seed, "config": config}}))
+        (folder / "result.json").write_text("".join(json.dumps({**protocol, "diverged": False, **r}) + "\n" for r in rows))
+
+    trial("kd-seed0", "kd", 0, [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.5, "fid": 30.0, "precision": 0.5, "recall": 0.4}])
+    trial("place-seed0", "place K=16", 0, [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.4, "fid": 20.0, "precision": 0.6, "recall": 0.5}])
+    trial("kd-seed1", "kd", 1, [{"step": 5, "loss": 1.1}])
+    script = Path(__file__).resolve().parents[1] / "analysis" / "make_all.py"
+    proc = subprocess.run([sys.executable, str(script), str(study)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "a partial study: 2 planned runs did not finish" in proc.stdout
+    report = (study / "analysis" / "REPORT.md").read_text()
+    assert "**Partial study.** 2 runs finished" in report
+    assert "- kd seed 1: stopped at step 5 of 10" in report
+    assert "- place K=16 seed 1: no rows (never started)" in report
+    table = report.split("## Final FID by variant")[1]
+    kd_row = next(line for line in table.splitlines() if line.startswith("| kd"))
+    assert "30" in kd_row and "| 1 " in kd_row.replace("|       1 ", "| 1 ")  # one finished seed, FID 30
+    assert "too few seeds" in report  # one seed each: no verdict
+    for figure in ("headline.png", "stability.png", "fid_vs_k.png"):
+        assert (study / "analysis" / figure).is_file(), figure

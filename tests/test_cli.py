@@ -306,3 +306,51 @@ def test_a_failed_trial_ends_its_study_with_one_line_and_no_report(ray_session, 
     # The console said it too (a retry, then the failure), and no report was built.
     assert "retry  " in proc.stdout and f"failed " in proc.stdout
     assert not (storage / "ablate_k" / "analysis").exists()
+
+
+def test_ctrl_c_or_sigterm_ends_liftplace_distill_with_one_line_and_the_resume_command(ray_session, tiny_teacher_dir,
+                                                                                      tmp_path, pause_point):
+    """SIGTERM at step 10, then (resumed) Ctrl-C at step 15, then a resume that finishes: each
+    stop is one stderr line with the command that continues it, exit 143 / 130; nothing lost."""
+    import signal
+    import time
+
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    args = ["distill", "--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}", "--set", "eval.num_images=32",
+            "--set", "eval.sampler_steps=2", "--out", str(out), "--address", address]
+    quiet = {**env(), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+    def stopped_at(step, sig, resume):
+        armed = pause_point(step)
+        paused = Path(f"{armed}.paused")
+        proc = subprocess.Popen([*liftplace(*args), *(["--resume"] if resume else [])], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=quiet, cwd=ROOT)
+        deadline = time.time() + 240
+        while not paused.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), proc.communicate()
+        def last_row():
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+            return json.loads(lines[-1]) if lines else {}
+
+        while last_row().get("step") != step and time.time() < deadline:
+            time.sleep(0.05)  # the controller writes the row of the step a moment after the report
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        armed.unlink()
+        return proc.returncode, [line for line in stderr.splitlines() if line.strip()]
+
+    code, lines = stopped_at(10, signal.SIGTERM, resume=False)
+    assert code == 143 and len(lines) == 1, lines
+    assert lines[0].startswith("liftplace: interrupted after step 10 of 20; continue it from its checkpoint at step 10 "
+                               "with: liftplace distill --preset smoke"), lines[0]
+    assert lines[0].endswith(f"--address {address} --resume")
+    code, lines = stopped_at(15, signal.SIGINT, resume=True)
+    assert code == 130 and len(lines) == 1 and "after step 15 of 20" in lines[0], lines
+    assert "from its checkpoint at step 10" in lines[0] and lines[0].count("--resume") == 1
+    proc = subprocess.run([*liftplace(*args), "--resume"], capture_output=True, text=True, timeout=300, env=quiet,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
