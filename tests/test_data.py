@@ -188,3 +188,36 @@ def test_bad_resolution_is_refused(resolution):
 def test_bad_split_is_refused(split):
     with pytest.raises(ValueError, match="split"):
         load_dataset("digits", 8, split)
+
+
+def test_a_grayscale_folder_loads_as_one_channel_or_three_and_colour_never_as_one(tmp_path):
+    gray, colour = tmp_path / "gray", tmp_path / "colour"
+    gray.mkdir()
+    colour.mkdir()
+    for i in range(4):
+        Image.new("L", (10, 10), 40 * i).save(gray / f"g{i}.png")
+        Image.new("RGB", (10, 10), (40 * i, 0, 200)).save(colour / f"c{i}.png")
+    own = load_dataset(f"folder:{gray}", 8, "train")
+    assert own.channels == 1 and own[0][0].shape == (1, 8, 8)
+    assert own[1][0][0, 0, 0].item() == pytest.approx(40 / 127.5 - 1)  # the gray level, in [-1, 1]
+    three = load_dataset(f"folder:{gray}", 8, "train", channels=3)
+    assert three.channels == 3 and torch.equal(three[1][0], own[1][0].expand(3, 8, 8))  # gray repeated
+    assert own.name != three.name  # one torch-fidelity cache entry each
+    assert load_dataset(f"folder:{colour}", 8, "train").channels == 3
+    with pytest.raises(ValueError, match=r"colour images .*c0.png is RGB.*1 channel"):
+        load_dataset(f"folder:{colour}", 8, "train", channels=1)
+    with pytest.raises(ValueError, match="mnist has 1 channel, the model takes 3"):
+        load_dataset("mnist", 16, "val", channels=3)
+
+
+def test_check_images_decodes_every_file_and_names_the_first_bad_one(image_folder):
+    from liftplace.data import check_images
+
+    assert check_images(str(image_folder)) == 12
+    for name in ("a2.png", "a4.png"):
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(image_folder / name)
+        with open(image_folder / name, "r+b") as handle:
+            handle.truncate(os.path.getsize(image_folder / name) // 2)
+    with pytest.raises(ValueError, match=r"2 of the 12 images .* do not decode; the first: .*a2.png"):
+        check_images(str(image_folder))
