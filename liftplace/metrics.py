@@ -55,6 +55,9 @@ def private_cache_root() -> Path:
     return root
 
 
+PRC_NEIGHBOURS = 3  # torch-fidelity's default k for precision and recall
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How a number was measured. Recorded beside every metric."""
@@ -69,6 +72,11 @@ class Protocol:
     def __post_init__(self):
         if not (isinstance(self.num_images, int) and self.num_images >= 2):
             raise ValueError(f"eval num_images must be an integer >= 2, got {self.num_images!r}")
+        if self.prc and self.num_images < PRC_NEIGHBOURS + 1:
+            # torch-fidelity takes each image's k-th nearest neighbour among the others: it fails
+            # (kthvalue out of range) at the end of a run, after the training, with fewer images.
+            raise ValueError(f"eval num_images must be >= {PRC_NEIGHBOURS + 1} for precision and recall "
+                             f"({PRC_NEIGHBOURS} nearest neighbours), got {self.num_images}; or set eval.prc=false")
         if self.extractor not in (DEFAULT_EXTRACTOR, INCEPTION):
             raise ValueError(f"unknown feature extractor {self.extractor!r}; choose {DEFAULT_EXTRACTOR} or {INCEPTION}")
         if self.extractor == INCEPTION and not self.extractor_weights:

@@ -214,6 +214,9 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     parser.add_argument("--verbose", action="store_true",
                         help="Ray Tune's status tables and every trial's per-step progress lines")
     args = parser.parse_args(argv)
+    for flag, value in (("--max-concurrent", args.max_concurrent), ("--samples", getattr(args, "samples", 1))):
+        if value is not None and value < 1:
+            parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
     try:

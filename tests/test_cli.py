@@ -90,6 +90,8 @@ def cases(tiny_teacher_dir, tmp_path_factory):
             "val", "data.spec=digits", "eval.num_images=1000", names=("eval.num_images", "300 validation images")),
         "a batch larger than the data": distill("batch", "train.batch=5000", names=("train.batch", "4000")),
         "a negative seed": distill("seed", "train.seed=-1", names="train.seed"),
+        "too few images for precision and recall": distill("prc", "eval.num_images=3", names=("num_images", "got 3")),
+        "study: no trial may run at once": study("concurrent", "--max-concurrent", "0", names="--max-concurrent"),
         "a weight that is not a number": distill("weight", "objective.distill_weight=nan", names="objective.distill_weight"),
         "an output folder that cannot be written": Case(
             liftplace("distill", *base, "--out", str(tmp / "a-file" / "out")), ("--out", str(tmp / "a-file" / "out")),
@@ -221,6 +223,7 @@ NAMES = [
     "colour images for a one-channel teacher", "an image that does not decode",
     "fewer validation images than eval.num_images", "a batch larger than the data", "a negative seed",
     "a weight that is not a number", "an output folder that cannot be written",
+    "too few images for precision and recall", "study: no trial may run at once",
     "study: a storage folder that cannot be written",
 ]
 

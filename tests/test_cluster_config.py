@@ -2,8 +2,10 @@
 
 Each is checked by Ray's own validator (what `ray up` runs first), and for what matters here:
 pinned versions (the AWS defaults would install a nightly Ray), GPU workers that autoscale from
-zero, no credentials, a dashboard that stays on localhost. The end-to-end `ray up` run of
-scripts/ray_up_local.sh is opt-in (LIFTPLACE_CLUSTER_TEST=1): it takes minutes and root.
+zero, no credentials, a dashboard that stays on localhost, and commands that run the interpreter
+holding the project by its path (commands over SSH run in a login shell whose `python` and `ray`
+are not the virtual environment's). The end-to-end `ray up` run of scripts/ray_up_local.sh is
+opt-in (LIFTPLACE_CLUSTER_TEST=1): it takes minutes and root.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -39,6 +43,63 @@ def prepared(path: Path) -> dict:
 
 def commands(config: dict, keys=COMMAND_KEYS) -> str:
     return "\n".join(cmd for key in keys for cmd in config.get(key) or [])
+
+
+# The interpreter each file's commands must name: cluster/local.yaml's placeholder (the script
+# fills in the absolute path of the one that holds the project), and the virtual environment
+# that cluster.yaml creates and installs into on every node.
+PLACEHOLDER = "__PYTHON__"
+CLUSTER_ENV = "~/liftplace-env/bin/"
+# What a login shell would look up on its PATH: python, python3, python3.11, pip, pip3, ray.
+PATH_LOOKUP = re.compile(r"(python|pip)[\d.]*|ray")
+SEPARATORS = set("();|&")
+REDIRECTIONS = {"<", ">", ">>", ">&", "<&", "&>", "&>>", "<<<"}
+WRAPPERS = {"sudo", "env", "exec", "nice", "nohup", "time", "timeout"}
+
+
+def command_words(command: str) -> list[str]:
+    """The word each simple command of a shell command line runs (after `VAR=value`s and
+    wrappers such as sudo, env, timeout; `bash -c CODE` is read too, and the command after a
+    bare `--`, as in `ray job submit -- CMD`)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words, start, skip, shell = [], True, False, None
+    for token in lexer:
+        if skip:
+            skip = False
+        elif token in REDIRECTIONS:
+            skip = True  # a file name follows
+        elif set(token) <= SEPARATORS or token == "--":
+            start, shell = True, None
+        elif shell is not None:  # bash's arguments: after -c, the code
+            if token == "-c":
+                shell = "code"
+            elif not token.startswith("-"):
+                words += command_words(token) if shell == "code" else []
+                shell = None
+        elif start:
+            if re.match(r"[A-Za-z_]\w*=", token):
+                continue
+            if token in WRAPPERS:
+                continue
+            if token.startswith("-") or re.fullmatch(r"\d+[smhd]?", token):
+                continue  # a wrapper's option (sudo -E, nice -n 19, timeout 300)
+            words.append(token)
+            start = False
+            shell = "options" if os.path.basename(token) in ("bash", "sh") else None
+    return words
+
+
+def path_lookups(command: str, allowed=()) -> list[str]:
+    """The commands in `command` that run a python, pip or ray found on PATH, not one of `allowed`
+    (an exact word, or a prefix ending with /)."""
+    found = []
+    for word in command_words(command):
+        if word in allowed or any(a.endswith("/") and word.startswith(a) for a in allowed):
+            continue
+        if PATH_LOOKUP.fullmatch(os.path.basename(word)):
+            found.append(word)
+    return found
 
 
 def pyproject_pins() -> dict:
@@ -108,7 +169,7 @@ def test_no_credentials_in_it(path):
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=IDS)
 def test_the_dashboard_stays_on_localhost(path):
     started = commands(prepared(path), ("head_start_ray_commands", "worker_start_ray_commands"))
-    assert "ray start --head" in started
+    assert re.search(r"(/ray|-m ray\.scripts\.scripts) start --head", started)
     assert "0.0.0.0" not in started and "--dashboard-host" not in started
     assert "RAY_USAGE_STATS_ENABLED=0" in started and "RAY_AUTH_MODE=disabled" in started
 
@@ -121,8 +182,107 @@ def test_the_local_script_matches_the_local_cluster_file():
     temp_dir = re.search(r"--temp-dir=(\S+)", started).group(1)
     assert f"GCS=127.0.0.1:{port}" in script and f"DASHBOARD=127.0.0.1:{dashboard}" in script
     assert f"RAY_TMP={temp_dir}" in script
-    assert "ray stop" not in started  # it would end every Ray process of the SSH user on the machine
+    # It would end every Ray process of the SSH user on the machine.
+    assert not re.search(r"(\bray|ray\.scripts\.scripts) stop", started)
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_the_path_lookup_check_finds_a_bare_python_pip_or_ray():
+    """The check below, on commands it must refuse and on ones it must let through."""
+    bare = {
+        "python -m pip install x": ["python"],
+        "RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1\nray start --head --port=6390": ["ray"],
+        "ray stop": ["ray"],
+        "ulimit -n 65536; A=1 ray start --address=$RAY_HEAD_IP:6379": ["ray"],
+        "cd ~/liftplace && python3 studies/ablate_k.py": ["python3"],
+        "test -x x || sudo -E pip install boto3": ["pip"],
+        "bash --login -c -i 'python -c \"import ray\"'": ["python"],
+        "timeout 300 ray job submit -- python -c 'import ray'": ["ray", "python"],
+        "(true && python3.11 -V) >/dev/null": ["python3.11"],
+    }
+    for command, words in bare.items():
+        assert path_lookups(command) == words, command
+    fine = [
+        f"{PLACEHOLDER} -c \"import ray, torch; print(ray.__version__)\"",
+        f"RAY_AUTH_MODE=disabled {PLACEHOLDER} -m ray.scripts.scripts start --head",
+        f"ulimit -n 65536; A=1 {CLUSTER_ENV}ray start --address=$RAY_HEAD_IP:6379",
+        f"~/.local/bin/uv pip install --python {CLUSTER_ENV}python -e ~/liftplace",
+        "grep -q x ~/.bashrc || printf '%s\\n' 'export PATH=\"$HOME/x/bin:$PATH\"' >> ~/.bashrc",
+    ]
+    for command in fine:
+        assert path_lookups(command, (PLACEHOLDER, CLUSTER_ENV)) == [], command
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=IDS)
+def test_setup_and_start_commands_name_the_projects_interpreter(path):
+    """No command `ray up` runs (the provider's defaults merged in) looks up python, pip or ray
+    on the SSH login shell's PATH, where a user's virtual environment is not: cluster/local.yaml's
+    name the placeholder the script fills in, cluster.yaml's the environment it installs into."""
+    config = prepared(path)
+    local = config["provider"]["type"] == "local"
+    allowed = (PLACEHOLDER,) if local else (CLUSTER_ENV,)
+    for key in COMMAND_KEYS:
+        for command in config.get(key) or []:
+            found = path_lookups(command, allowed)
+            assert not found, f"{key}: {command!r} runs {found} from PATH"
+    started = commands(config, ("head_start_ray_commands", "worker_start_ray_commands"))
+    if local:
+        assert CLUSTER_ENV not in commands(config)
+        assert f"{PLACEHOLDER} -m ray.scripts.scripts start" in started
+        assert f"{PLACEHOLDER} -c" in commands(config, ("setup_commands",))
+    else:
+        assert PLACEHOLDER not in path.read_text()
+        setup = commands(config, ("setup_commands",))
+        # The environment the start commands use is the one created and installed into.
+        assert re.search(r"uv venv --python 3\.11 ~/liftplace-env\b", setup)
+        assert re.search(rf"pip install --python {re.escape(CLUSTER_ENV)}python -e ~/liftplace", setup)
+        assert f"{CLUSTER_ENV}ray start --head" in started and f"{CLUSTER_ENV}ray start --address" in started
+
+
+def script_heredoc(marker: str) -> str:
+    """The body of the script's quoted heredoc (<<'EOF') that contains `marker`."""
+    bodies = [b for b in re.findall(r"<<'EOF'\n(.*?)\nEOF\n", SCRIPT.read_text(), re.S) if marker in b]
+    assert len(bodies) == 1, f"{len(bodies)} heredocs of {SCRIPT.name} contain {marker!r}"
+    return bodies[0]
+
+
+def test_the_local_script_fills_in_the_interpreter(tmp_path):
+    """The script's own config step, run on cluster/local.yaml with an interpreter path that
+    needs quoting: every placeholder is replaced, and each Python or Ray command runs that path."""
+    python = "/opt/my env/bin/python"
+    out = tmp_path / "cluster-local.yaml"
+    env = {**os.environ, "KEY": str(tmp_path / "key"), "PORT": "2222", "PROJECT": str(tmp_path / "project"),
+           "ROOT": str(ROOT), "PYTHON": python}
+    subprocess.run([sys.executable, "-", str(ROOT / "cluster" / "local.yaml"), str(out)],
+                   input=script_heredoc(PLACEHOLDER), text=True, env=env, check=True)
+    assert PLACEHOLDER not in out.read_text()
+    config = prepare_config(load(out))
+    validate_config(config)
+    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config[key]:
+            assert command_words(command)[-1] == python, f"{key}: {command!r}"
+            assert not path_lookups(command, (python,)), f"{key}: {command!r}"
+    assert config["auth"]["ssh_proxy_command"] == "nc 127.0.0.1 2222"
+
+
+def test_the_local_script_runs_the_projects_interpreter_here_and_over_ssh():
+    """The script resolves the interpreter (LIFTPLACE_PYTHON first) and runs Ray and Python,
+    here and in what it sends with `ray exec`, through it: no python or ray from PATH."""
+    text = SCRIPT.read_text()
+    assert re.search(r'^PYTHON="\$\{LIFTPLACE_PYTHON:-', text, re.M), "LIFTPLACE_PYTHON is not honoured first"
+    assert "import sys; print(sys.executable)" in text and "import liftplace, ray" in text
+    # The shell code outside heredocs and comments.
+    code = re.sub(r"<<-?'?(\w+)'?([^\n]*)\n.*?\n\1\n", r"\2\n", text, flags=re.S)
+    code = "\n; ".join(code.replace("\\\n", " ").splitlines())
+    assert not path_lookups(code), f"{SCRIPT.name} runs {path_lookups(code)} from PATH"
+    remote = {"$REMOTE_RAY": "/venv/bin/python -m ray.scripts.scripts", "$REMOTE_PYTHON": "/venv/bin/python"}
+    sent = re.findall(r'exec "\$CFG" "((?:[^"\\]|\\.)*)"', text, re.S)
+    assert len(sent) >= 4, sent  # ray status, the study, ray stop (and again in the teardown)
+    for command in sent:
+        command = re.sub(r"\$REMOTE_\w+", lambda m: remote[m.group(0)], command.replace("\\\n", ""))
+        assert not path_lookups(command, ("/venv/bin/python",)), f"ray exec {command!r}"
+    # `ray down` sends a bare `ray stop` of its own: the interpreter's comes first.
+    assert re.search(r'exec "\$CFG" "\$REMOTE_RAY stop"\n.*\n.*\n.*down -y "\$CFG"', text)
 
 
 def test_a_uri_storage_is_refused_before_ray_starts():
@@ -155,4 +315,4 @@ def test_a_study_on_an_autoscaling_cluster_is_checked_against_its_ceiling(ray_se
 def test_ray_up_on_this_machine_end_to_end():
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    assert "PASSED" in result.stdout and "OK: 6 trials" in result.stdout
+    assert "PASSED" in result.stdout and re.search(r"OK: \d+ runs, every variant", result.stdout)
