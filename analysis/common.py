@@ -28,7 +28,9 @@ def load(folder):
     summary = summarize(df)
     missing = []
     if not info.get("space"):
-        planned = summary["config/train/steps"] if "config/train/steps" in summary else summary["steps"]
+        # A run's planned steps (its config's); where a row lacks them, its own last step.
+        planned = summary["config/train/steps"].fillna(summary["steps"]) if "config/train/steps" in summary \
+            else summary["steps"]
         done = summary["diverged"] | ((summary["steps"] >= planned) & summary["final_fid"].notna())
         for row in summary[~done].itertuples():
             missing.append(f"{row.variant} seed {row.seed}: stopped at step {row.steps} of {int(planned[row.Index])}"
@@ -49,8 +51,11 @@ def protocol_line(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "FID protocol unknown (no run has finished)"
     first = summary.iloc[0]
-    return (f"FID/KID/precision/recall: {first.get('eval_extractor')} features, {int(first.get('eval_num_images'))} "
-            f"generated vs {int(first.get('eval_num_images'))} validation images, "
+    generated = int(first.get("eval_num_images"))
+    reference = first.get("eval_reference_images")  # fewer when the validation split is smaller
+    reference = generated if reference is None or pd.isna(reference) else int(reference)
+    return (f"FID/KID/precision/recall: {first.get('eval_extractor')} features, {generated} "
+            f"generated vs {reference} validation images, "
             f"{int(first.get('eval_sampler_steps'))} sampler steps (EMA student)")
 
 

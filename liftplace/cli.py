@@ -64,7 +64,9 @@ def cmd_distill(args) -> None:
         print(f"liftplace: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signal) from None
     verdict = "DIVERGED at step %d" % last["step"] if last.get("diverged") else f"FID {last['fid']:.2f}"
-    print(f"done: {verdict} ({last['eval_extractor']}, {last['eval_num_images']} images, "
+    reference = last.get("eval_reference_images", last["eval_num_images"])
+    vs = "" if reference in (None, last["eval_num_images"]) else f" vs {reference} real"
+    print(f"done: {verdict} ({last['eval_extractor']}, {last['eval_num_images']} images{vs}, "
           f"{last['eval_sampler_steps']} sampler steps); student {last['student_params']:,} params "
           f"({last['compression']:.2%} of the teacher); run directory {Path(args.out).resolve()}")
 

@@ -147,7 +147,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "paper": {
         "teacher.name": "", "data.spec": "", "data.resolution": 64, "train.steps": 100_000, "train.batch": 96,
         "train.lr": 2e-4, "train.ema_decay": 0.9999, "train.log_every": 100, "train.eval_every": 10_000,
-        "train.checkpoint_every": 5_000, "eval.num_images": 50_000, "eval.sampler_steps": 100,
+        "train.checkpoint_every": 5_000, "eval.num_images": 10_000, "eval.sampler_steps": 100,
         "eval.extractor": "inception-v3-compat", "scaling.use_gpu": True,
     },
 }
@@ -289,8 +289,8 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
                        ("objective.feat_weight", o.feat_weight), ("objective.w0", o.w0)):
         if not (value >= 0 and math.isfinite(value)):
             _refuse(key, f"must be a finite number >= 0, got {value}")
-    if not (o.eps > 0 and math.isfinite(o.eps)):
-        _refuse("objective.eps", f"must be a finite number > 0, got {o.eps}")
+    if not (o.eps >= 0 and math.isfinite(o.eps)):
+        _refuse("objective.eps", f"must be a finite number >= 0, got {o.eps}")
     if o.warmup < 0:
         _refuse("objective.warmup", f"must be >= 0, got {o.warmup}")
     if not 0.0 <= tr.ema_decay < 1.0:
@@ -334,24 +334,20 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
     (the validation split holds eval.num_images images, the training split a batch). Raises
     ValueError or FileNotFoundError naming the key."""
     from liftplace.data import check_images, load_dataset
-    from liftplace.teachers import MODEL_CLASSES, check_weights, teacher_path
+    from liftplace.teachers import load_teacher
 
     checked_teachers: dict[str, int] = {}
     checked_data: dict[tuple, tuple[int, int]] = {}
+    said: set = set()
     for config in configs:
         name, d = config.teacher.name, config.data
         if name not in checked_teachers:
-            path = teacher_path(name)
-            net = json.loads((path / "config.json").read_text())
-            cls = MODEL_CLASSES.get(net.get("_class_name"))
-            if cls is None:
-                _refuse("teacher.name", f"{path}: unsupported model class {net.get('_class_name')!r}; "
-                                        f"supported: {', '.join(MODEL_CLASSES)}")
             try:
-                check_weights(path, cls, net)
+                teacher, _ = load_teacher(name)  # its weights read and checked, on this machine's CPU
             except (ValueError, FileNotFoundError) as err:
                 _refuse("teacher.name", str(err), type(err))
-            checked_teachers[name] = int(net.get("in_channels", 1))
+            checked_teachers[name] = int(teacher.config.in_channels)
+            del teacher
         channels = checked_teachers[name]
         key = (d.spec, d.resolution, channels)
         if key not in checked_data:
@@ -367,8 +363,10 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
                 _refuse("data.spec", f"{err} (teacher {name})")
             checked_data[key] = sizes
         train_size, val_size = checked_data[key]
-        if config.eval.num_images > val_size:
-            _refuse("eval.num_images", f"{config.eval.num_images} is more than the {val_size} validation images of "
-                                       f"{d.spec}; set eval.num_images={val_size} or fewer")
+        if config.eval.num_images > val_size and (key, config.eval.num_images) not in said:
+            said.add((key, config.eval.num_images))
+            log(f"eval: {d.spec} has {val_size:,} validation images, fewer than eval.num_images="
+                f"{config.eval.num_images:,}: FID, KID, precision and recall compare {config.eval.num_images:,} "
+                f"generated images with those {val_size:,} (rows: eval_reference_images)")
         if config.train.batch > train_size:
             _refuse("train.batch", f"{config.train.batch} is more than the {train_size} training images of {d.spec}")

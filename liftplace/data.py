@@ -102,7 +102,7 @@ def check_images(root: str, *, progress=None) -> int:
         try:
             with Image.open(path) as image:
                 image.load()
-        except (OSError, SyntaxError, ValueError) as err:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             bad.append((path, err))
         if progress is not None and (i + 1) % 10_000 == 0:
             progress(i + 1, len(paths))

@@ -337,10 +337,15 @@ def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, sav
                     with trainee.own_rng():
                         row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
                                                     run.stream.num_classes, run.device))
-        except BaseException:
+        except Exception:
             if ckpt_dir is not None:
                 report({v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}, ckpt_dir)
             raise
+        if ckpt_dir is not None and evaluate and run.rank == 0:
+            # The evaluation drew from each student's stream of torch's global RNG (torch-fidelity's
+            # data loader seeds itself from it): the checkpoint takes the state training goes on
+            # with, so that a resume from here continues as an uninterrupted run does.
+            save_checkpoint(run, ckpt_dir, next(iter(rows.values()))["step"])
         report(rows, ckpt_dir)
 
 

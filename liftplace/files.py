@@ -83,3 +83,21 @@ def make_folder(path: str | Path, what: str) -> Path:
     except OSError as err:
         raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
     return path
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Prove that a folder could be created and written, writing nothing that stays: the
+    nearest existing ancestor must be a folder in which a probe file can be created (and is
+    removed). ValueError names the folder and why not."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} cannot be written: {existing} is not a folder")
+    probe = existing / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None

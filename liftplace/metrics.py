@@ -208,10 +208,10 @@ class ImageTensors(torch.utils.data.Dataset):
 
 
 def real_images(dataset, n: int) -> Tensor:
-    """The first n images of a dataset, [n, C, H, W] in [-1, 1]."""
-    if len(dataset) < n:
-        raise ValueError(f"the reference split has {len(dataset)} images, fewer than eval num_images={n}")
-    return torch.stack([dataset[i][0] for i in range(n)])
+    """The first n images of a dataset (all of them when it holds fewer: the reference set of
+    a split smaller than eval num_images, which a run states before it starts), [n, C, H, W]
+    in [-1, 1]."""
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
 def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cache_key: str | None = None) -> dict:
@@ -244,6 +244,7 @@ def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cach
         kwargs["input2_cache_name"] = f"{real_cache_key}-n{len(real)}-{protocol.extractor}-{Path(protocol.weights_path()).stem}"
     out = torch_fidelity.calculate_metrics(**kwargs)
     result = {
+        "eval_reference_images": len(real),  # the real images compared with (eval num_images, or all of a smaller split)
         "fid": float(out["frechet_inception_distance"]),
         "kid": float(out["kernel_inception_distance_mean"]),
         "kid_std": float(out["kernel_inception_distance_std"]),

@@ -302,7 +302,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         )
         for col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1", "student_params", "teacher_params",
                     "compression", "student_macs", "teacher_macs", "images_per_s", "teacher_fid", "elapsed_s",
-                    "eval_extractor", "eval_num_images", "eval_sampler_steps", "runner", "final_checkpoint"):
+                    "eval_extractor", "eval_num_images", "eval_sampler_steps", "eval_reference_images", "runner",
+                    "final_checkpoint"):
             if col in group:
                 row[f"final_{col}" if col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1") else col] = last[col]
         out.append(row)

@@ -318,14 +318,20 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
                              "resume with the same preset and --set values")
         # What Ray Train would resume from (the last checkpoint the rows name): refused now, not
         # in a worker.
-        last = results.last_checkpoint(results.read_metrics(out / "metrics.jsonl"))
+        rows = results.read_metrics(out / "metrics.jsonl")
+        if rows and rows[-1]["step"] >= config.train.steps and (
+                rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
+            print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")
+            return rows[-1]
+        last = results.last_checkpoint(rows)
         if last is not None:
             checkpoints.check(last, checkpoints.config_digest(config.to_dict()))
     check_inputs([config])
     check_resources([config], address)  # before Ray starts, where that can be known
-    files.make_folder(out, "--out")
+    files.check_writable(out, "--out")
     ensure_ray(address)
     check_resources([config])
+    files.make_folder(out, "--out")
     config.save(out / "config.json")
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],

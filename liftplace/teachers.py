@@ -11,6 +11,7 @@ DiTTransformer2DModel directory (a user's own DDPM for CIFAR-10 or CelebA works 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shlex
 import sys
@@ -59,6 +60,11 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
     """(model, card) for a shipped name or a local diffusers directory; model in eval mode.
 
     Weights load from safetensors only: a directory with only a pickled checkpoint is refused.
+    A directory whose weights do not fit its config.json, or hold NaN or infinite values, is
+    refused too (ValueError naming the directory and the first offending tensor): diffusers
+    itself would initialise the missing tensors at random and only warn. What fits is decided
+    by diffusers' own loader (its loading info: missing, unexpected and mismatched keys, after
+    its renaming of older checkpoints' keys, shards included).
     """
     path = teacher_path(name_or_path)
     config = json.loads((path / "config.json").read_text())
@@ -66,52 +72,42 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
     if cls is None:
         raise ValueError(f"teacher {path}: unsupported model class {config.get('_class_name')!r}; "
                          f"supported: {', '.join(MODEL_CLASSES)}")
-    check_weights(path, cls, config)
-    model = cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"teacher {path} has no .safetensors weights (pickled weights are not loaded)")
+    from safetensors import SafetensorError
+
+    # Its warning about weights "newly initialized" would be a second line: the check says it.
+    loader = logging.getLogger("diffusers.models.modeling_utils")
+    level = loader.level
+    loader.setLevel(logging.ERROR)
+    try:
+        model, info = cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
+                                          low_cpu_mem_usage=False, output_loading_info=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        # A size mismatch, a damaged or missing file: diffusers' own message, on one line (torch's
+        # "Error(s) in loading state_dict" says what differs on its second line).
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        raise ValueError(f"teacher {path}: its weights do not load: {' '.join(lines[:2])}") from None
+    finally:
+        loader.setLevel(level)
+    problems = [f"{len(info[key])} {what} (e.g. {_key_name(info[key][0])})"
+                for key, what in (("mismatched_keys", "tensors differ in shape"),
+                                  ("missing_keys", "tensors of config.json missing from the weights"),
+                                  ("unexpected_keys", "weights not in config.json")) if info.get(key)]
+    if problems:
+        raise ValueError(f"teacher {path}: config.json does not match its weights: {'; '.join(problems)}")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"teacher {path}: its weights hold {bad} NaN or infinite values in {name}")
     card_file = path / "card.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     return model.to(device).eval().requires_grad_(False), card
 
 
-def check_weights(path: Path, cls, config: dict) -> None:
-    """Refuse a teacher directory whose weights do not fit its config.json (diffusers would
-    initialise the missing tensors at random and only warn) or hold NaN or infinite values;
-    ValueError names the directory and the first offending tensor."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"teacher {path} has no .safetensors weights (pickled weights are not loaded)")
-    try:
-        with torch.device("meta"):  # the architecture only: no memory, no initialisation
-            expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
-    except (TypeError, ValueError, KeyError) as err:
-        raise ValueError(f"teacher {path}: config.json does not build a {config.get('_class_name')} ({err})") from None
-    found = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as weights:
-                for key in weights.keys():
-                    tensor = weights.get_tensor(key)
-                    found[key] = tuple(tensor.shape)
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        bad = int((~torch.isfinite(tensor)).sum())
-                        raise ValueError(f"teacher {path}: {file.name} holds {bad} NaN or infinite values in {key}")
-        except (OSError, RuntimeError) as err:  # safetensors reports a damaged header as either
-            raise ValueError(f"teacher {path}: {file.name} is not a readable safetensors file ({err})") from None
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [k for k in expected if k in found and expected[k] != found[k]]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} tensors differ in shape (e.g. {shapes[0]}: config {list(expected[shapes[0]])}, "
-                         f"weights {list(found[shapes[0]])})")
-        if missing:
-            parts.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} not in the config (e.g. {unexpected[0]})")
-        raise ValueError(f"teacher {path}: config.json does not match its weights: {'; '.join(parts)}")
+def _key_name(entry) -> str:
+    """A loading-info entry's tensor name (mismatched keys come as (name, shapes...) tuples)."""
+    return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
 
 
 def build_teacher(arch: str, size: str, *, channels: int, resolution: int, num_classes: int):

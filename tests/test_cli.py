@@ -77,7 +77,13 @@ def cases(tiny_teacher_dir, tmp_path_factory):
         "checkpoint of another config": _other_config_run(tmp / "other-config", tiny_teacher_dir, base),
         "teacher weights that do not fit its config": distill(
             "teacher-shape", f"teacher.name={_teacher_copy(tmp / 'shape', tiny_teacher_dir, widen=True)}",
-            names=("does not match its weights", "shape")),
+            names=("teacher.name", "size mismatch")),
+        "teacher weights that lack a tensor of its config": distill(
+            "teacher-drop", f"teacher.name={_teacher_copy(tmp / 'drop', tiny_teacher_dir, drop=True)}",
+            names=("does not match its weights", "missing from the weights")),
+        "a damaged teacher weights file": distill(
+            "teacher-cut", f"teacher.name={_teacher_copy(tmp / 'cut', tiny_teacher_dir, cut=True)}",
+            names=("teacher.name", "do not load")),
         "teacher weights that are not finite": distill(
             "teacher-nan", f"teacher.name={_teacher_copy(tmp / 'nan', tiny_teacher_dir, nan=True)}",
             names=("NaN or infinite",)),
@@ -86,8 +92,6 @@ def cases(tiny_teacher_dir, tmp_path_factory):
         "an image that does not decode": distill(
             "truncated", f"data.spec=folder:{_images(tmp / 'truncated', 'L', truncate='img03.png')}",
             names=("1 of the 12 images", "img03.png")),
-        "fewer validation images than eval.num_images": distill(
-            "val", "data.spec=digits", "eval.num_images=1000", names=("eval.num_images", "300 validation images")),
         "a batch larger than the data": distill("batch", "train.batch=5000", names=("train.batch", "4000")),
         "a negative seed": distill("seed", "train.seed=-1", names="train.seed"),
         "too few images for precision and recall": distill("prc", "eval.num_images=3", names=("num_images", "got 3")),
@@ -111,9 +115,11 @@ def cases(tiny_teacher_dir, tmp_path_factory):
     return {name: (found[name], done[name], before[name]) for name in found} | {"_tmp": tmp}
 
 
-def _teacher_copy(folder: Path, teacher: Path, *, widen: bool = False, nan: bool = False) -> Path:
+def _teacher_copy(folder: Path, teacher: Path, *, widen: bool = False, nan: bool = False, drop: bool = False,
+                  cut: bool = False) -> Path:
     """A copy of a teacher directory whose config.json no longer fits its weights (a wider
-    first block) or whose weights hold a NaN."""
+    first block), whose weights hold a NaN, lack a tensor (diffusers would initialise it at
+    random and only warn) or are cut short."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -128,6 +134,13 @@ def _teacher_copy(folder: Path, teacher: Path, *, widen: bool = False, nan: bool
         name = sorted(weights)[0]
         weights[name].view(-1)[0] = float("nan")
         save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    if drop:
+        weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+        del weights[sorted(weights)[0]]
+        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    if cut:
+        data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(data[: len(data) // 2])
     return folder
 
 
@@ -220,8 +233,9 @@ NAMES = [
     "empty data folder", "missing inception weights", "pickled inception weights", "GPUs this machine lacks",
     "corrupt checkpoint", "checkpoint of another config", "study: unknown key", "study: another study in storage",
     "teacher weights that do not fit its config", "teacher weights that are not finite",
+    "teacher weights that lack a tensor of its config", "a damaged teacher weights file",
     "colour images for a one-channel teacher", "an image that does not decode",
-    "fewer validation images than eval.num_images", "a batch larger than the data", "a negative seed",
+    "a batch larger than the data", "a negative seed",
     "a weight that is not a number", "an output folder that cannot be written",
     "too few images for precision and recall", "study: no trial may run at once",
     "study: a storage folder that cannot be written",

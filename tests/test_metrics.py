@@ -60,7 +60,7 @@ def test_fid_equals_an_independent_frechet_distance(val):
         f_real = extractor(to_uint8_rgb(real))[0].double().numpy()
     ours = compute_metrics(fake, real, Protocol(num_images=500, prc=False))
     assert ours["fid"] == pytest.approx(frechet(f_fake, f_real), rel=1e-3)
-    assert set(ours) == {"fid", "kid", "kid_std"}
+    assert set(ours) == {"fid", "kid", "kid_std", "eval_reference_images"} and ours["eval_reference_images"] == 500
 
 
 def test_reference_features_are_cached_by_key(val, tmp_path, monkeypatch):
@@ -81,3 +81,21 @@ def test_protocol_refuses_bad_input(tmp_path):
         Protocol(extractor="clip")
     with pytest.raises(ValueError, match="num_images"):
         Protocol(num_images=1)
+    with pytest.raises(ValueError, match=">= 4 for precision and recall"):
+        Protocol(num_images=3)
+    assert Protocol(num_images=3, prc=False).num_images == 3
+
+
+def test_a_validation_split_smaller_than_num_images_is_said_and_used_whole(val):
+    from liftplace.config import check_inputs, resolve
+    from liftplace.metrics import real_images
+
+    said = []
+    config = resolve("smoke", {"data.spec": "digits", "eval.num_images": 1000})
+    check_inputs([config, config], log=said.append)  # two runs of one study: said once
+    assert len(said) == 1 and "digits has 300 validation images, fewer than eval.num_images=1,000" in said[0]
+    digits_val = load_dataset("digits", 16, "val")
+    assert len(real_images(digits_val, 1000)) == 300
+    fake = val[0][:40]
+    metrics = compute_metrics(fake, real_images(digits_val, 1000)[:20], Protocol(num_images=40, prc=False))
+    assert metrics["eval_reference_images"] == 20 and np.isfinite(metrics["fid"])
