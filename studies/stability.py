@@ -7,15 +7,20 @@ place against kd.
 Held fixed: the preset's teacher and 90%-pruned student (`cpu`: unet-m, 10,801 parameters),
 steps, batch, lr. Varied: seeds 0..N-1.
 Six seeds: on two cores five cohort trials take three rounds, as six do.
-Cost: `cpu` preset, 3 methods x 6 seeds as 6 cohort trials with 5 evaluations each: about
-55 minutes on a quiet 2-core laptop (estimated: three rounds of ~18 min), over the 45 aimed
-for; not yet measured whole (a first run was stopped after 2 of 6 trials, 33 min under the
-load of the test suite); `paper`, 6 cohort trials of 100k steps (README, GPU-hours).
-Result at `cpu` (partial, seeds 0 and 1; FID at steps 400 / 800 / 1,200 / 1,600 / 2,000):
-kd 208 / 122 / 49 / 19.5 / 11.0 and 254 / 117 / 42 / 20.3 / 12.4; lift 313 / 115 / 93 / 62 /
-54.7 and 258 / 129 / 84 / 63 / 50.6; place 225 / 106 / 60 / 29 / 15.6 and 262 / 135 / 76 /
-47 / 32.7. Final FIDs equal ablate_k's for the same seeds (evaluating along the way changes
-nothing).
+Cost: `cpu` preset, 3 methods x 6 seeds as 6 cohort trials with 5 evaluations each: measured
+1 h 52 min 47 s on this 2-core machine under heavy load (load average 5-10: a test suite and
+other benchmarks ran beside it at a higher priority; its trials took 22-48 min each), so over
+the 45 minutes aimed for; quiet, three rounds of ~18 min make ~55 min, still over: five or six
+seeds on two cores are three rounds of two-at-a-time trials, and each trial is ~1,000 s of one
+core (2,000 steps of 0.44 s plus 15 FID evaluations of ~13 s). Four seeds would fit in two
+rounds (~37 min). `paper`: 6 cohort trials of 100k steps (README, GPU-hours).
+Result at `cpu` (6 seeds; mean FID at steps 400 / 800 / 1,200 / 1,600 / 2,000):
+kd 223 / 116 / 47 / 19.6 / 12.0; lift 299 / 144 / 102 / 74 / 62.3; place K=16 260 / 166 / 93 /
+57.5 / 35.7. Final FID: kd 12.00 +- 0.60 (95% bootstrap CI 11.6-12.4), place 35.7 +- 21.7
+(21.0-52.6), lift 62.3 +- 32.3 (46.3-89.4); both differ from kd (Mann-Whitney p 0.002; Welch,
+Holm-adjusted: place p 0.044, +23.7 FID, CI +0.9..+46.5). KD is better here and far more
+stable across seeds (place's finals range 13.8-72.5, kd's 11.0-12.8). Seeds 0-3 equal
+ablate_k's for the same seeds (evaluating along the way changes nothing).
 
     python studies/stability.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
