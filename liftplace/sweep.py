@@ -383,7 +383,10 @@ def _fit_interruptibly(trainer, out: Path, steps: int):
         received["signal"] = signal.SIGTERM
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # SIGINT too, explicitly: a process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Ctrl-C (or `kill -INT`) must still stop it, as it stops a study
+    # (Tune installs its own handler).
+    previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=fit, name="liftplace-fit", daemon=True)
     try:
         thread.start()
@@ -398,7 +401,8 @@ def _fit_interruptibly(trainer, out: Path, steps: int):
         raise RunInterrupted(f"interrupted after step {step} of {steps}; continue it {where} with: {resume}",
                              received.get("signal", signal.SIGINT)) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     if "raised" in outcome:
         raise outcome["raised"]
     return outcome.get("error")

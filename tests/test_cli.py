@@ -354,7 +354,11 @@ def test_ctrl_c_or_sigterm_ends_liftplace_distill_with_one_line_and_the_resume_c
         while last_row().get("step") != step and time.time() < deadline:
             time.sleep(0.05)  # the controller writes the row of the step a moment after the report
         proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=120)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left holding the session cluster's CPUs for the tests after this one
+            raise
         armed.unlink()
         return proc.returncode, [line for line in stderr.splitlines() if line.strip()]
 
