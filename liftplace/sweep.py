@@ -319,13 +319,13 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         # What Ray Train would resume from (the last checkpoint the rows name): refused now, not
         # in a worker.
         rows = results.read_metrics(out / "metrics.jsonl")
+        last = results.last_checkpoint(rows)
+        if last is not None:
+            checkpoints.check(last, checkpoints.config_digest(config.to_dict()))
         if rows and rows[-1]["step"] >= config.train.steps and (
                 rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
             print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")
             return rows[-1]
-        last = results.last_checkpoint(rows)
-        if last is not None:
-            checkpoints.check(last, checkpoints.config_digest(config.to_dict()))
     check_inputs([config])
     check_resources([config], address)  # before Ray starts, where that can be known
     files.check_writable(out, "--out")
