@@ -375,3 +375,14 @@ def test_ctrl_c_or_sigterm_ends_liftplace_distill_with_one_line_and_the_resume_c
     assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
+
+
+def test_resuming_a_finished_run_does_nothing(tiny_teacher_dir, tmp_path):
+    base = ["--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}"]
+    case = _corrupt_run(tmp_path / "finished", tiny_teacher_dir, base, damage=False)
+    before = snapshot(case.out)
+    proc = subprocess.run(case.cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    assert "the run finished at step 5; nothing to resume" in proc.stdout and "done: FID" in proc.stdout
+    assert "ray: " not in proc.stdout  # no Ray started
+    assert snapshot(case.out) == before
