@@ -377,6 +377,11 @@ def _fit_interruptibly(trainer, out: Path, steps: int):
         except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread
             outcome["raised"] = err
 
+    if threading.current_thread() is not threading.main_thread():
+        fit()  # signal handlers belong to the main thread; a caller's thread keeps its own ways
+        if "raised" in outcome:
+            raise outcome["raised"]
+        return outcome.get("error")
     received: dict = {}
 
     def on_term(sig, frame):
