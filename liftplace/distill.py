@@ -313,23 +313,27 @@ def report_row(trainee: Trainee, outcome: Outcome, step: int, images_per_s: floa
 
 
 def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, save: bool, final: bool) -> None:
-    """Checkpoint every student still training (and, at the end, its sample grid), then
-    evaluate each student that has a row and has not diverged (rank 0), then report the rows.
-    The checkpoint comes first: an evaluation that fails (out of memory, a broken extractor)
-    still reports the rows (without their metrics) and the checkpoint before the error goes on,
-    so that a resume continues from here and evaluates again instead of training again."""
+    """Evaluate each student that has a row and has not diverged (rank 0), checkpoint every
+    student still training (and, at the end, its sample grid and the rows), then report the
+    rows. The checkpoint follows the evaluation, so that it keeps the RNG state training goes on
+    with (torch-fidelity's data loader draws from torch's global RNG). An evaluation that fails
+    (out of memory, a broken extractor) still writes and reports the checkpoint, with the rows
+    (metrics NaN), before the error goes on: a resume evaluates again instead of training again."""
     by_variant = {t.variant: t for t in run.trainees}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt_dir = None
-        if save and any(t.diverged_at is None for t in run.trainees):
-            ckpt_dir = Path(tmp)
+        ckpt_dir = Path(tmp) if save and any(t.diverged_at is None for t in run.trainees) else None
+
+        def checkpoint(reported: dict) -> None:
+            if ckpt_dir is None:
+                return
             save_checkpoint(run, ckpt_dir, next(iter(rows.values()))["step"])
             if run.rank == 0 and final:
                 for trainee in run.trainees:
                     if trainee.diverged_at is None:
                         save_samples(run, trainee, ckpt_dir / trainee.folder)
-            if run.rank == 0 and final:  # what a resume from here reports once it has evaluated
-                (ckpt_dir / FINAL_ROWS).write_text(json.dumps([[v, r] for v, r in rows.items()]))
+                # What a resume from here reports once it has evaluated.
+                (ckpt_dir / FINAL_ROWS).write_text(json.dumps([[v, r] for v, r in reported.items()]))
+
         try:
             for variant, row in rows.items():
                 trainee = by_variant[variant]
@@ -338,14 +342,12 @@ def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, sav
                         row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
                                                     run.stream.num_classes, run.device))
         except Exception:
+            unevaluated = {v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}
             if ckpt_dir is not None:
-                report({v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}, ckpt_dir)
+                checkpoint(unevaluated)
+                report(unevaluated, ckpt_dir)
             raise
-        if ckpt_dir is not None and evaluate and run.rank == 0:
-            # The evaluation drew from each student's stream of torch's global RNG (torch-fidelity's
-            # data loader seeds itself from it): the checkpoint takes the state training goes on
-            # with, so that a resume from here continues as an uninterrupted run does.
-            save_checkpoint(run, ckpt_dir, next(iter(rows.values()))["step"])
+        checkpoint(rows)
         report(rows, ckpt_dir)
 
 

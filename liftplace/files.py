@@ -71,17 +71,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def make_folder(path: str | Path, what: str) -> Path:
-    """Create a results folder (and its parents) and prove it writable with a probe file;
-    ValueError names the folder and why not (a file in the way, no permission, a full disk).
-    Called before Ray starts, so that a run never trains for nothing."""
+    """Create a results folder (and its parents) and prove it writable (check_writable);
+    ValueError names the folder and why not (a file in the way, no permission, a full disk)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as err:
         raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
+    check_writable(path, what)
     return path
 
 

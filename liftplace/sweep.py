@@ -379,9 +379,16 @@ def _fit_interruptibly(trainer, out: Path, steps: int):
 
     if threading.current_thread() is not threading.main_thread():
         fit()  # signal handlers belong to the main thread; a caller's thread keeps its own ways
-        if "raised" in outcome:
-            raise outcome["raised"]
-        return outcome.get("error")
+    else:
+        _fit_in_thread(fit, out, steps)
+    if "raised" in outcome:
+        raise outcome["raised"]
+    return outcome.get("error")
+
+
+def _fit_in_thread(fit, out: Path, steps: int) -> None:
+    """Run fit in a thread of its own while the main thread turns Ctrl-C or SIGTERM into
+    RunInterrupted."""
     received: dict = {}
 
     def on_term(sig, frame):
@@ -408,9 +415,6 @@ def _fit_interruptibly(trainer, out: Path, steps: int):
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
-    if "raised" in outcome:
-        raise outcome["raised"]
-    return outcome.get("error")
 
 
 # --- Ray Tune studies --------------------------------------------------------------------
