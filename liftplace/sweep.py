@@ -167,6 +167,107 @@ def check_resources(configs: list[RunConfig], address: str | None = None) -> Non
                              f"{sc.cpus_per_worker}); {where} has {have['CPU']:g}")
 
 
+# What a training step needs beyond ``models.step_memory``'s estimate, all measured on this
+# project's 2-core machine: a Ray Train worker process with torch, the teacher and the data
+# loaded holds ~1.0 GiB resident before its first step; a local Ray's own processes (GCS,
+# raylet, dashboard, log monitor) ~0.7 GiB; and real CPU steps held 1.1 to 1.3 times the
+# estimate (allocator and kernel workspaces it does not see).
+WORKER_BASE_BYTES = 2**30
+RAY_BASE_BYTES = 2**30
+STEP_MARGIN = 1.5
+GIB = 2**30
+
+
+def _memory_budget(configs: list[RunConfig], address: str | None) -> tuple[str, float, str] | None:
+    """What a run's step must fit in: ("cpu" | "gpu", bytes, where), or None where it cannot
+    be known (a cluster not yet joined; GPU memory on a cluster, which Ray does not report)."""
+    import ray
+
+    use_gpu = any(c.scaling.use_gpu for c in configs)
+    if ray.is_initialized():
+        if address is None or use_gpu:
+            return None  # a local Ray was checked before it started
+        have = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        return ("cpu", have, "the largest node of the Ray cluster has") if have else None
+    if address is not None:
+        return None  # a cluster to join: checked once connected
+    if use_gpu:
+        import torch
+
+        free = min((torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())), default=0)
+        return ("gpu", free, "this machine's GPU has") if free else None
+    import psutil
+
+    return "cpu", psutil.virtual_memory().available - RAY_BASE_BYTES, "this machine has"
+
+
+def check_memory(configs: list[RunConfig], address: str | None = None, *, wanted: int = 1,
+                 max_concurrent: int | None = None) -> int | None:
+    """Refuse a run whose training step cannot fit in memory, before it starts, and return how
+    many of its trials fit at once (None where that cannot be known).
+
+    Without a cluster to join, a step is held against this machine's available memory (its
+    GPUs' free memory for GPU runs); on a joined cluster, once connected, against the largest
+    node's Ray "memory" resource (CPU runs; Ray does not report GPU memory). The step is
+    ``models.step_memory`` times a margin, first with the teacher standing in for each student
+    (no student built); only where that bound does not fit ``wanted`` trials at once are the
+    students pruned for the exact estimate. ``max_concurrent`` (a study's --max-concurrent) is
+    refused when that many trials do not fit; ``wanted`` is what the caller would run at once."""
+    from liftplace import models
+    from liftplace.teachers import load_teacher
+
+    budget = _memory_budget(configs, address)
+    if budget is None:
+        return None
+    kind, available, where = budget
+    wanted = max(wanted, max_concurrent or 0)
+    teachers: dict = {}
+    cache: dict = {}
+
+    def step(config: RunConfig, exact: bool) -> float:
+        name, d = config.teacher.name, config.data
+        if name not in teachers:
+            teachers[name] = load_teacher(name)[0]
+        teacher = teachers[name]
+        shape = (config.train.batch, int(teacher.config.in_channels), d.resolution, d.resolution)
+        key = (name, shape, str(config.student) if exact else None)
+        if key not in cache:
+            student = None
+            if exact:
+                student = models.build_student(teacher, config.student, seed=config.train.seed,
+                                               example_shape=(2, *shape[1:]))
+            cache[key] = models.step_memory(teacher, shape, student) * STEP_MARGIN
+        return cache[key]
+
+    def per_trial(config: RunConfig, exact: bool) -> float:
+        workers = config.scaling.num_workers
+        return step(config, exact) if kind == "gpu" else (WORKER_BASE_BYTES + step(config, exact)) * workers
+
+    for exact in (False, True):
+        worst = max(configs, key=lambda c: per_trial(c, exact))
+        need = per_trial(worst, exact)
+        fits = int(max(available, 0) // need)
+        if fits >= wanted:
+            break
+    config, sc = worst, worst.scaling
+    what = (f"train.batch: {config.train.batch} needs about {step(config, exact) / GIB:.1f} GiB "
+            f"{'of GPU memory ' if kind == 'gpu' else ''}per worker for a training step "
+            f"(teacher {config.teacher.name}, {config.data.resolution}x{config.data.resolution}, estimated)")
+    if fits < 1:
+        if kind == "gpu":
+            raise ValueError(f"{what}; {where} {available / GIB:.1f} GiB free; lower train.batch")
+        base = RAY_BASE_BYTES if where == "this machine has" else 0
+        workers = f" x {sc.num_workers} workers" if sc.num_workers > 1 else ""
+        raise ValueError(f"{what}; with its worker process{workers}"
+                         f"{' and Ray' if base else ''} that is {(need + base) / GIB:.1f} GiB and {where} "
+                         f"{(available + base) / GIB:.1f} GiB; lower train.batch")
+    if max_concurrent is not None and max_concurrent > fits:
+        raise ValueError(f"--max-concurrent: {max_concurrent} trials at a time need about "
+                         f"{(max_concurrent * need) / GIB:.1f} GiB and {where} {available / GIB:.1f} GiB "
+                         f"available for them; at most {fits} fit")
+    return fits
+
+
 # --- Ray Train ---------------------------------------------------------------------------
 
 
@@ -328,9 +429,11 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
             return rows[-1]
     check_inputs([config])
     check_resources([config], address)  # before Ray starts, where that can be known
+    check_memory([config], address)
     files.check_writable(out, "--out")
     ensure_ray(address)
     check_resources([config])
+    check_memory([config], address)
     files.make_folder(out, "--out")
     config.save(out / "config.json")
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
@@ -540,9 +643,14 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         _check_space(study, trials[0]["config"])
     check_inputs(configs, log=log)
     check_resources(configs, address)
+    # As many trials at once as the CPUs allow (the default below), within the memory.
+    by_cpus = int((os.cpu_count() or 1) / (configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker) + 1e-6)
+    memory_fits = check_memory(configs, address, wanted=min(len(trials), max(1, by_cpus)),
+                               max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
     results.claim_study(folder, p.info, resume)
     ray = ensure_ray(address, show_dashboard=False)
     check_resources(configs)
+    check_memory(configs, address)  # a joined cluster's nodes, now known
     curves = results.tensorboard_available()
     for t in trials:
         t["train_storage"] = str(folder / "_train")
@@ -559,6 +667,10 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
                 else ray.cluster_resources().get("CPU", 1))
         max_concurrent = max(1, int(cpus / per_trial + 1e-6))  # 2 CPUs / 0.6 per trial: 3 at a time
+        if memory_fits is not None and memory_fits < max_concurrent:
+            log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in this machine's available memory "
+                f"({max_concurrent} would by CPUs)")
+            max_concurrent = memory_fits
     runs = f"{p.info['runs']} runs ({len(study.variants)} variants x {p.info['seeds']} seeds)"
     cohorts = sum("members" in t for t in trials)
     if cohorts:

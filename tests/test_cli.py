@@ -35,9 +35,21 @@ def snapshot(folder: Path) -> dict:
 
 
 class Case:
-    def __init__(self, cmd, names, out):
+    def __init__(self, cmd, names, out, env=None):
         self.cmd, self.out = cmd, out  # out: a folder that must stay as it was (or stay absent)
         self.names = (names,) if isinstance(names, str) else names  # what the error line must say
+        self.env = env or {}  # extra environment variables
+
+
+def _small_memory(folder: Path, gib: float) -> dict:
+    """Environment that makes psutil report ``gib`` GiB of available memory in the subprocess
+    (a sitecustomize module ahead on its path), so that a batch is too large on any machine."""
+    folder.mkdir(parents=True)
+    (folder / "sitecustomize.py").write_text(
+        "import psutil\n"
+        "_real = psutil.virtual_memory\n"
+        f"psutil.virtual_memory = lambda: _real()._replace(available={int(gib * 2**30)})\n")
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(folder)])}
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +62,15 @@ def cases(tiny_teacher_dir, tmp_path_factory):
     (tmp / "pickled.pth").write_bytes(_pickle_that_writes(tmp / "PWNED"))
     base = ["--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}"]
 
-    def distill(name, *sets, names):
+    def distill(name, *sets, names, env=None):
         out = tmp / name / "out"
-        return Case(liftplace("distill", *base, *[a for s in sets for a in ("--set", s)], "--out", str(out)), names, out)
+        return Case(liftplace("distill", *base, *[a for s in sets for a in ("--set", s)], "--out", str(out)), names, out,
+                    env)
 
-    def study(name, *args, names):
+    def study(name, *args, names, env=None):
         storage = tmp / name / "storage"
         return Case(ablate_k("--preset", "smoke", "--seeds", "1", "--storage", str(storage),
-                             "--set", f"teacher.name={tiny_teacher_dir}", *args), names, storage)
+                             "--set", f"teacher.name={tiny_teacher_dir}", *args), names, storage, env)
 
     found = {
         "unknown key": distill("unknown-key", "train.stepz=5", names="'train.stepz'"),
@@ -93,6 +106,13 @@ def cases(tiny_teacher_dir, tmp_path_factory):
             "truncated", f"data.spec=folder:{_images(tmp / 'truncated', 'L', truncate='img03.png')}",
             names=("1 of the 12 images", "img03.png")),
         "a batch larger than the data": distill("batch", "train.batch=5000", names=("train.batch", "4000")),
+        # 2.2 GiB available: a worker (1 GiB) and Ray's processes (1 GiB) leave ~0.2 GiB for a
+        # step, which a batch of 16 fits (the preset's) and one of 4,000 does not (~0.7 GiB).
+        "a batch larger than memory allows": distill("memory", "train.batch=4000", names=("train.batch", "4000", "GiB"),
+                                                     env=_small_memory(tmp / "memory-2.2", 2.2)),
+        "study: more trials at once than memory allows": study(
+            "memory-study", "--cohort", "off", "--max-concurrent", "2", names=("--max-concurrent", "at most 1 fit"),
+            env=_small_memory(tmp / "memory-study-2.2", 2.2)),
         "a negative seed": distill("seed", "train.seed=-1", names="train.seed"),
         "too few images for precision and recall": distill("prc", "eval.num_images=3", names=("num_images", "got 3")),
         "study: no trial may run at once": study("concurrent", "--max-concurrent", "0", names="--max-concurrent"),
@@ -110,7 +130,8 @@ def cases(tiny_teacher_dir, tmp_path_factory):
     before = {name: snapshot(case.out) if case.out.exists() else None for name, case in found.items()}
     with ThreadPoolExecutor(max_workers=3) as pool:
         done = dict(zip(found, pool.map(
-            lambda case: subprocess.run(case.cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT),
+            lambda case: subprocess.run(case.cmd, capture_output=True, text=True, timeout=180, env=env() | case.env,
+                                        cwd=ROOT),
             found.values())))
     return {name: (found[name], done[name], before[name]) for name in found} | {"_tmp": tmp}
 
@@ -238,7 +259,8 @@ NAMES = [
     "a batch larger than the data", "a negative seed",
     "a weight that is not a number", "an output folder that cannot be written",
     "too few images for precision and recall", "study: no trial may run at once",
-    "study: a storage folder that cannot be written",
+    "study: a storage folder that cannot be written", "a batch larger than memory allows",
+    "study: more trials at once than memory allows",
 ]
 
 

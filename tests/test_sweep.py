@@ -99,6 +99,61 @@ def test_a_study_through_ray_train(ray_session, tiny_teacher_dir, tmp_path):
     assert summarize(df)["final_checkpoint"].map(lambda p: (Path(p) / "student.safetensors").is_file()).all()
 
 
+def test_a_step_that_cannot_fit_in_memory_is_refused(tiny_teacher_dir, monkeypatch):
+    """check_memory holds a step's estimate (models.step_memory times the margin, plus a worker
+    process) against the available memory: first with the teacher standing in for the student
+    (a bound), then, only where the bound does not fit, with the pruned student itself."""
+    import psutil
+    import ray
+    import torch
+
+    from liftplace import models, sweep
+    from liftplace.teachers import load_teacher
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as before Ray starts, whatever ran before
+    config = smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9})
+    teacher = load_teacher(str(tiny_teacher_dir))[0]
+    shape = (1000, 1, 16, 16)
+    bound = models.step_memory(teacher, shape) * sweep.STEP_MARGIN
+    student = models.build_student(teacher, config.student, seed=0, example_shape=(2, 1, 16, 16))
+    exact = models.step_memory(teacher, shape, student) * sweep.STEP_MARGIN
+    assert 0 < exact < bound  # the 90%-pruned student keeps far fewer activations than the teacher would
+    worker = sweep.WORKER_BASE_BYTES
+    real = psutil.virtual_memory
+
+    def available(nbytes):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=int(nbytes + sweep.RAY_BASE_BYTES)))
+
+    built = []
+    monkeypatch.setattr(models, "build_student", lambda *a, **k: built.append(1) or student)
+    available(3.5 * (worker + bound))
+    assert sweep.check_memory([config], wanted=3) == 3 and not built  # the bound was enough
+    available(worker + (exact + bound) / 2)
+    assert sweep.check_memory([config]) == 1 and built  # the bound did not fit, the student did
+    available(worker + 0.9 * exact)
+    with pytest.raises(ValueError, match=r"^train\.batch: 1000 needs about .* GiB per worker"):
+        sweep.check_memory([config])
+    available(2.5 * (worker + exact))
+    with pytest.raises(ValueError, match=r"^--max-concurrent: 3 trials at a time .* at most 2 fit"):
+        sweep.check_memory([config], max_concurrent=3)
+    # Two workers of one run need two worker processes and two steps.
+    available(1.5 * (worker + exact))
+    with pytest.raises(ValueError, match="x 2 workers"):
+        sweep.check_memory([smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9,
+                                                        "scaling.num_workers": 2})])
+    # A GPU run: the step against the GPU's free memory.
+    gpu = smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9})
+    gpu.scaling.use_gpu = True
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(0.5 * exact), 80 * 2**30))
+    with pytest.raises(ValueError, match="of GPU memory per worker.*GPU has"):
+        sweep.check_memory([gpu])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(2 * exact), 80 * 2**30))
+    assert sweep.check_memory([gpu]) >= 1
+    # A cluster still to join: nothing known, nothing estimated.
+    assert sweep.check_memory([config], "ray://head:10001") is None
+
+
 def test_bad_study_input_is_refused_before_ray(tiny_teacher_dir, tmp_path):
     study = tiny_study(tiny_teacher_dir)
     with pytest.raises(ValueError, match="variant 'place K=16'.*group_size 24"):
