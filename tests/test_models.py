@@ -271,3 +271,32 @@ def test_pruning_a_frozen_teacher_still_prunes():
     student = prune_student(teacher, 0.5)
     assert count_params(student) < 0.4 * count_params(teacher)
     assert not any(p.requires_grad for p in student.parameters())
+
+
+@pytest.mark.parametrize("channels, teacher_groups, least, expected", [
+    (4, 8, 1, 4), (12, 8, 1, 4), (9, 8, 1, 1),  # 1: the gcd, as every measured preset's student
+    (4, 8, 3, 1), (8, 8, 3, 2), (16, 8, 3, 4), (12, 8, 3, 4), (6, 8, 3, 2), (2, 8, 3, 1), (1, 8, 3, 1), (9, 8, 3, 1),
+])
+def test_student_group_counts(channels, teacher_groups, least, expected):
+    from liftplace.models import student_groups
+
+    groups = student_groups(channels, teacher_groups, least)
+    assert groups == expected
+    assert channels % groups == 0 and groups <= teacher_groups
+    assert channels // groups >= min(least, channels)
+
+
+def test_min_group_channels_keeps_groups_wide_enough_and_changes_nothing_else():
+    from torch import nn
+
+    torch.manual_seed(0)
+    teacher = build_unet("xs")  # 90% pruned, the gcd rule leaves norms of 4 channels in 4 groups
+    narrow, wide = (prune_student(teacher, 0.9, min_group_channels=k) for k in (1, 3))
+    norms = [(a, b) for a, b in zip(narrow.modules(), wide.modules()) if isinstance(a, nn.GroupNorm)]
+    assert any(a.num_channels // a.num_groups == 1 and a.num_channels > 1 for a, _ in norms)
+    for a, b in norms:
+        assert a.num_channels == b.num_channels  # the same channels are kept
+        assert b.num_channels // b.num_groups >= min(3, b.num_channels)
+    assert all(torch.equal(p, q) for p, q in zip(narrow.parameters(), wide.parameters()))
+    x, t = torch.randn(SHAPE), torch.tensor([10, 500])
+    assert predict(wide, x, t).shape == SHAPE
