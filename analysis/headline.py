@@ -109,8 +109,13 @@ def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERE
     if len(others):
         parts.append("Differing from " + reference + " at p_holm < 0.05: "
                      + ", ".join(f"{r.variant} ({r.verdict.split(' ')[0]}, {r.difference:+.2f})" for r in others.itertuples()) + ".")
+    elif table["verdict"].str.startswith("too few").all():
+        # p_holm may still fall under 0.05 by chance with 2 seeds a side; no verdict is drawn from it.
+        parts.append(f"No variant is called better or worse than {reference}: every one has fewer than "
+                     f"{MIN_SEEDS} seeds a side.")
     else:
-        parts.append(f"No variant differs from {reference} at p_holm < 0.05.")
+        parts.append(f"No variant differs from {reference} at p_holm < 0.05 (where there are at least "
+                     f"{MIN_SEEDS} seeds a side).")
     return " ".join(parts)
 
 
