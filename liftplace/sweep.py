@@ -257,10 +257,14 @@ def check_memory(configs: list[RunConfig], address: str | None = None, *, wanted
         if kind == "gpu":
             raise ValueError(f"{what}; {where} {available / GIB:.1f} GiB free; lower train.batch")
         base = RAY_BASE_BYTES if where == "this machine has" else 0
-        workers = f" x {sc.num_workers} workers" if sc.num_workers > 1 else ""
-        raise ValueError(f"{what}; with its worker process{workers}"
-                         f"{' and Ray' if base else ''} that is {(need + base) / GIB:.1f} GiB and {where} "
-                         f"{(available + base) / GIB:.1f} GiB; lower train.batch")
+        ray_too = " and Ray's own" if base else ""
+        if sc.num_workers > 1:
+            total = f"{sc.num_workers} workers with their processes{ray_too} need"
+            lower = "lower train.batch or scaling.num_workers"
+        else:
+            total, lower = f"with its worker process{ray_too} that is", "lower train.batch"
+        raise ValueError(f"{what}; {total} {(need + base) / GIB:.1f} GiB, and {where} "
+                         f"{(available + base) / GIB:.1f} GiB available; {lower}")
     if max_concurrent is not None and max_concurrent > fits:
         raise ValueError(f"--max-concurrent: {max_concurrent} trials at a time need about "
                          f"{(max_concurrent * need) / GIB:.1f} GiB and {where} {available / GIB:.1f} GiB "

@@ -138,7 +138,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(tiny_teacher_dir, monkeypat
         sweep.check_memory([config], max_concurrent=3)
     # Two workers of one run need two worker processes and two steps.
     available(1.5 * (worker + exact))
-    with pytest.raises(ValueError, match="x 2 workers"):
+    with pytest.raises(ValueError, match="2 workers with their processes and Ray's own need .* or scaling.num_workers"):
         sweep.check_memory([smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9,
                                                         "scaling.num_workers": 2})])
     # A GPU run: the step against the GPU's free memory.
