@@ -54,8 +54,11 @@ def _tensors(named: dict) -> dict:
 
 def config_digest(config: dict) -> str:
     """SHA-256 of a resolved config (RunConfig.to_dict()), kept in every checkpoint so that a
-    resume under another config is refused whatever a run folder's config.json says."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    resume under another config is refused whatever a run folder's config.json says. Keys added
+    since (config.ADDED_KEYS) count only where they change what runs, so older checkpoints match."""
+    from liftplace.config import comparable
+
+    return hashlib.sha256(json.dumps(comparable(config), sort_keys=True).encode()).hexdigest()
 
 
 def _check_digest(directory: Path, state: dict, digest: str | None) -> None:

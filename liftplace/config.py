@@ -173,6 +173,22 @@ def resolve(preset: str = "cpu", overrides: list[str] | dict | None = None, *, c
     return config
 
 
+# Keys added after configs were first saved, with the value that reproduces what a config
+# saved without them ran: a run folder's config.json and a checkpoint's digest from before a key
+# existed still match a config that leaves it at this value (``comparable``).
+ADDED_KEYS = {("student", "min_group_channels"): 1}
+
+
+def comparable(config: dict) -> dict:
+    """A saved or resolved config (RunConfig.to_dict()) without the ADDED_KEYS left at their
+    old-behaviour values: what resume checks and checkpoint digests compare."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(out.get(section), dict) and out[section].get(key, value) == value:
+            out[section].pop(key, None)
+    return out
+
+
 def from_dict(data: dict, overrides: dict | None = None, *, check_paths: bool = True) -> RunConfig:
     """Rebuild a config saved with RunConfig.to_dict (e.g. from a run directory's config.json),
     with dotted-key overrides on top (a search trial's sampled values)."""

@@ -33,7 +33,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from liftplace import checkpoints, distill, files, results
-from liftplace.config import RunConfig, check_inputs, from_dict, set_value, validate
+from liftplace.config import RunConfig, check_inputs, comparable, from_dict, set_value, validate
 from liftplace.results import MetricsFile
 from liftplace.study import Study, autoscaling_ceiling, plan
 
@@ -178,97 +178,135 @@ STEP_MARGIN = 1.5
 GIB = 2**30
 
 
-def _memory_budget(configs: list[RunConfig], address: str | None) -> tuple[str, float, str] | None:
-    """What a run's step must fit in: ("cpu" | "gpu", bytes, where), or None where it cannot
-    be known (a cluster not yet joined; GPU memory on a cluster, which Ray does not report)."""
+def _gpu_free_bytes() -> list[int]:
+    """Free memory of each GPU this machine's CUDA sees, asked in a short subprocess: the driver
+    itself never opens a CUDA context (one holds ~0.3-0.5 GiB of every GPU for the whole run)."""
+    import subprocess
+
+    code = "import torch; print([torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
+
+
+def _memory_budget(configs: list[RunConfig], address: str | None) -> tuple[str, float, str, int] | None:
+    """What a run's steps must fit in: (kind, bytes, where, count). kind "cpu": this machine's
+    available memory (count 1); "gpu": the least free memory of one of this machine's count GPUs;
+    "node": a joined Ray's largest node's "memory" resource, for one worker. None where it
+    cannot be known: a cluster not yet joined, or GPU memory on a running Ray (not reported)."""
     import ray
 
     use_gpu = any(c.scaling.use_gpu for c in configs)
     if ray.is_initialized():
-        if address is None or use_gpu:
-            return None  # a local Ray was checked before it started
+        if use_gpu:
+            return None
         have = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        return ("cpu", have, "the largest node of the Ray cluster has") if have else None
+        return ("node", have, "the largest node of the Ray cluster has", 1) if have else None
     if address is not None:
         return None  # a cluster to join: checked once connected
     if use_gpu:
-        import torch
-
-        free = min((torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())), default=0)
-        return ("gpu", free, "this machine's GPU has") if free else None
+        free = _gpu_free_bytes()
+        return ("gpu", min(free), "this machine's GPUs have (the least free one)", len(free)) if free else None
     import psutil
 
-    return "cpu", psutil.virtual_memory().available - RAY_BASE_BYTES, "this machine has"
+    return "cpu", psutil.virtual_memory().available - RAY_BASE_BYTES, "this machine has", 1
 
 
-def check_memory(configs: list[RunConfig], address: str | None = None, *, wanted: int = 1,
-                 max_concurrent: int | None = None) -> int | None:
-    """Refuse a run whose training step cannot fit in memory, before it starts, and return how
-    many of its trials fit at once (None where that cannot be known).
+_STEPS: dict = {}  # (teacher, shape, student settings or None) -> (step bytes x margin, student weight bytes)
 
-    Without a cluster to join, a step is held against this machine's available memory (its
-    GPUs' free memory for GPU runs); on a joined cluster, once connected, against the largest
-    node's Ray "memory" resource (CPU runs; Ray does not report GPU memory). The step is
-    ``models.step_memory`` times a margin, first with the teacher standing in for each student
-    (no student built); only where that bound does not fit ``wanted`` trials at once are the
-    students pruned for the exact estimate. ``max_concurrent`` (a study's --max-concurrent) is
-    refused when that many trials do not fit; ``wanted`` is what the caller would run at once."""
+
+def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
+    """A step's bytes (times STEP_MARGIN) and the student's weight bytes: with the teacher as
+    its own student (a bound, nothing built), or, ``exact``, with the config's student."""
     from liftplace import models
     from liftplace.teachers import load_teacher
 
+    name, d = config.teacher.name, config.data
+    teacher = load_teacher(name)[0]
+    shape = (config.train.batch, int(teacher.config.in_channels), d.resolution, d.resolution)
+    key = (name, shape, str(config.student) if exact else None)
+    if key not in _STEPS:
+        student = teacher
+        if exact:
+            student = models.build_student(teacher, config.student, seed=config.train.seed,
+                                           example_shape=(2, *shape[1:]))
+        weights = sum(p.numel() * p.element_size() for p in student.parameters())
+        _STEPS[key] = models.step_memory(teacher, shape, student if exact else None) * STEP_MARGIN, weights
+    return _STEPS[key]
+
+
+def check_memory(configs: list[RunConfig], address: str | None = None, *, wanted: int = 1, members: int = 1,
+                 max_concurrent: int | None = None, log=print) -> int | None:
+    """Refuse a run whose training step cannot fit in memory, before it starts, and return how
+    many of its trials fit at once (None where that is not decided here).
+
+    Without a cluster to join, a trial's steps are held against this machine's available memory
+    (its GPUs' free memory for GPU runs); on a running Ray (joined, or started by someone else
+    in this process), one worker's against its largest node's Ray "memory" resource (CPU runs;
+    Ray does not report GPU memory). The step is ``models.step_memory`` times a margin, first
+    with the teacher standing in for each student (nothing built); only where that bound does
+    not fit ``wanted`` trials at once are the students pruned for the exact estimate. A cohort
+    trial of ``members`` students also holds every other student's weights, gradients, Adam
+    moments and EMA (5 copies). ``max_concurrent`` (a study's --max-concurrent) is refused
+    when that many trials do not fit; ``wanted`` is what the caller would run at once."""
     budget = _memory_budget(configs, address)
     if budget is None:
         return None
-    kind, available, where = budget
+    kind, available, where, gpus = budget
     wanted = max(wanted, max_concurrent or 0)
-    teachers: dict = {}
-    cache: dict = {}
-
-    def step(config: RunConfig, exact: bool) -> float:
-        name, d = config.teacher.name, config.data
-        if name not in teachers:
-            teachers[name] = load_teacher(name)[0]
-        teacher = teachers[name]
-        shape = (config.train.batch, int(teacher.config.in_channels), d.resolution, d.resolution)
-        key = (name, shape, str(config.student) if exact else None)
-        if key not in cache:
-            student = None
-            if exact:
-                student = models.build_student(teacher, config.student, seed=config.train.seed,
-                                               example_shape=(2, *shape[1:]))
-            cache[key] = models.step_memory(teacher, shape, student) * STEP_MARGIN
-        return cache[key]
 
     def per_trial(config: RunConfig, exact: bool) -> float:
-        workers = config.scaling.num_workers
-        return step(config, exact) if kind == "gpu" else (WORKER_BASE_BYTES + step(config, exact)) * workers
+        """Bytes of one trial of config (one worker's, for "node"; one GPU's, for "gpu")."""
+        step, weights = _step_estimate(config, exact)
+        step += (members - 1) * 5 * weights
+        if kind == "gpu":
+            return step
+        return WORKER_BASE_BYTES + step if kind == "node" else (WORKER_BASE_BYTES + step) * config.scaling.num_workers
 
-    for exact in (False, True):
-        worst = max(configs, key=lambda c: per_trial(c, exact))
-        need = per_trial(worst, exact)
-        fits = int(max(available, 0) // need)
-        if fits >= wanted:
-            break
+    def trials_at_once(need: float, config: RunConfig) -> int:
+        if kind != "gpu":
+            return int(max(available, 0) // need)
+        sc = config.scaling
+        per_gpu = int(available // need)  # workers whose steps fit one GPU's memory
+        if sc.gpus_per_worker < 1:
+            slots = gpus * min(per_gpu, int(1 / sc.gpus_per_worker + 1e-6))
+        else:
+            slots = gpus // math.ceil(sc.gpus_per_worker) if per_gpu >= 1 else 0
+        return slots // sc.num_workers
+
+    try:
+        for exact in (False, True):
+            worst = max(configs, key=lambda c: per_trial(c, exact))
+            need = per_trial(worst, exact)
+            fits = trials_at_once(need, worst)
+            if fits >= wanted:
+                break
+    except (ImportError, AttributeError) as err:  # MemTracker is torch's, under a private module
+        log(f"memory: not checked: this torch cannot estimate a step ({err})")
+        return None
     config, sc = worst, worst.scaling
-    what = (f"train.batch: {config.train.batch} needs about {step(config, exact) / GIB:.1f} GiB "
+    what = (f"train.batch: {config.train.batch} needs about {_step_estimate(config, exact)[0] / GIB:.1f} GiB "
             f"{'of GPU memory ' if kind == 'gpu' else ''}per worker for a training step "
             f"(teacher {config.teacher.name}, {config.data.resolution}x{config.data.resolution}, estimated)")
     if fits < 1:
         if kind == "gpu":
             raise ValueError(f"{what}; {where} {available / GIB:.1f} GiB free; lower train.batch")
-        base = RAY_BASE_BYTES if where == "this machine has" else 0
-        ray_too = " and Ray's own" if base else ""
+        if kind == "node":
+            raise ValueError(f"{what}; with its worker process that is {need / GIB:.1f} GiB, and {where} "
+                             f"{available / GIB:.1f} GiB (its Ray 'memory' resource); lower train.batch")
+        ray_too = " and Ray's own"
         if sc.num_workers > 1:
             total = f"{sc.num_workers} workers with their processes{ray_too} need"
             lower = "lower train.batch or scaling.num_workers"
         else:
             total, lower = f"with its worker process{ray_too} that is", "lower train.batch"
-        raise ValueError(f"{what}; {total} {(need + base) / GIB:.1f} GiB, and {where} "
-                         f"{(available + base) / GIB:.1f} GiB available; {lower}")
+        raise ValueError(f"{what}; {total} {(need + RAY_BASE_BYTES) / GIB:.1f} GiB, and {where} "
+                         f"{(available + RAY_BASE_BYTES) / GIB:.1f} GiB available; {lower}")
+    if kind == "node":
+        return None  # how many trials a cluster runs at once is its scheduler's to say
     if max_concurrent is not None and max_concurrent > fits:
-        raise ValueError(f"--max-concurrent: {max_concurrent} trials at a time need about "
-                         f"{(max_concurrent * need) / GIB:.1f} GiB and {where} {available / GIB:.1f} GiB "
-                         f"available for them; at most {fits} fit")
+        raise ValueError(f"--max-concurrent: {max_concurrent} trials at a time do not fit in the memory "
+                         f"{where} ({available / GIB:.1f} GiB for them, about {need / GIB:.1f} GiB each"
+                         f"{' per GPU' if kind == 'gpu' else ''}); at most {fits} fit")
     return fits
 
 
@@ -418,7 +456,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
             saved = json.loads((out / "config.json").read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"--resume: {out / 'config.json'} is not valid JSON ({err})") from None
-        if saved != config.to_dict():
+        if comparable(saved) != comparable(config.to_dict()):
             raise ValueError(f"--resume: the config differs from the one saved in {out / 'config.json'}; "
                              "resume with the same preset and --set values")
         # What Ray Train would resume from (the last checkpoint the rows name): refused now, not
@@ -633,6 +671,11 @@ def _trainable(runner: str, config: RunConfig):
     return tune.with_resources(tune_train, {"cpu": 0, "memory": 64 * 2**20})
 
 
+def _trials_by_cpus(config: RunConfig, cpus: float) -> int:
+    """Trials at once that ``cpus`` CPUs hold: 2 CPUs / 0.6 per trial: 3 at a time."""
+    return max(1, int(cpus / (config.scaling.num_workers * config.scaling.cpus_per_worker) + 1e-6))
+
+
 def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
               storage: str | Path = "results", address: str | None = None, resume: bool = False,
               runner: str = "auto", max_concurrent: int | None = None, max_failures: int = 1,
@@ -647,14 +690,15 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         _check_space(study, trials[0]["config"])
     check_inputs(configs, log=log)
     check_resources(configs, address)
-    # As many trials at once as the CPUs allow (the default below), within the memory.
-    by_cpus = int((os.cpu_count() or 1) / (configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker) + 1e-6)
-    memory_fits = check_memory(configs, address, wanted=min(len(trials), max(1, by_cpus)),
+    # As many trials at once as this machine's CPUs allow (the default below), within the memory.
+    members = max((len(t["members"]) for t in trials if "members" in t), default=1)
+    memory_fits = check_memory(configs, address, members=members, log=log,
+                               wanted=min(len(trials), _trials_by_cpus(configs[0], os.cpu_count() or 1)),
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
     results.claim_study(folder, p.info, resume)
     ray = ensure_ray(address, show_dashboard=False)
     check_resources(configs)
-    check_memory(configs, address)  # a joined cluster's nodes, now known
+    check_memory(configs, address, members=members, log=log)  # a joined cluster's nodes, now known
     curves = results.tensorboard_available()
     for t in trials:
         t["train_storage"] = str(folder / "_train")
@@ -664,15 +708,14 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             t["curves"] = str(folder / results.TENSORBOARD)
     trainable = _trainable(chosen, configs[0])
     if max_concurrent is None:
-        per_trial = configs[0].scaling.num_workers * configs[0].scaling.cpus_per_worker
         # GPU trials: an autoscaling cluster's ceiling (GPU workers start from zero); CPU
         # trials: the CPUs up now, so that queued CPU trials never make the autoscaler start
         # GPU machines for them.
         cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
                 else ray.cluster_resources().get("CPU", 1))
-        max_concurrent = max(1, int(cpus / per_trial + 1e-6))  # 2 CPUs / 0.6 per trial: 3 at a time
-        if memory_fits is not None and memory_fits < max_concurrent:
-            log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in this machine's available memory "
+        max_concurrent = _trials_by_cpus(configs[0], cpus)
+        if memory_fits is not None and memory_fits < min(max_concurrent, len(trials)):
+            log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in memory "
                 f"({max_concurrent} would by CPUs)")
             max_concurrent = memory_fits
     runs = f"{p.info['runs']} runs ({len(study.variants)} variants x {p.info['seeds']} seeds)"

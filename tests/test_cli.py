@@ -49,7 +49,7 @@ def _small_memory(folder: Path, gib: float) -> dict:
         "import psutil\n"
         "_real = psutil.virtual_memory\n"
         f"psutil.virtual_memory = lambda: _real()._replace(available={int(gib * 2**30)})\n")
-    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(folder)])}
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 @pytest.fixture(scope="module")

@@ -105,12 +105,12 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(tiny_teacher_dir, monkeypat
     (a bound), then, only where the bound does not fit, with the pruned student itself."""
     import psutil
     import ray
-    import torch
 
     from liftplace import models, sweep
     from liftplace.teachers import load_teacher
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as before Ray starts, whatever ran before
+    monkeypatch.setattr(sweep, "_STEPS", {})  # estimates are kept per process
     config = smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9})
     teacher = load_teacher(str(tiny_teacher_dir))[0]
     shape = (1000, 1, 16, 16)
@@ -134,22 +134,32 @@ def test_a_step_that_cannot_fit_in_memory_is_refused(tiny_teacher_dir, monkeypat
     with pytest.raises(ValueError, match=r"^train\.batch: 1000 needs about .* GiB per worker"):
         sweep.check_memory([config])
     available(2.5 * (worker + exact))
-    with pytest.raises(ValueError, match=r"^--max-concurrent: 3 trials at a time .* at most 2 fit"):
+    with pytest.raises(ValueError, match=r"^--max-concurrent: 3 trials at a time do not fit .* at most 2 fit"):
         sweep.check_memory([config], max_concurrent=3)
     # Two workers of one run need two worker processes and two steps.
     available(1.5 * (worker + exact))
     with pytest.raises(ValueError, match="2 workers with their processes and Ray's own need .* or scaling.num_workers"):
         sweep.check_memory([smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9,
                                                         "scaling.num_workers": 2})])
-    # A GPU run: the step against the GPU's free memory.
+    # A GPU run: the step against each GPU's free memory (asked in a subprocess, patched here).
     gpu = smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9})
     gpu.scaling.use_gpu = True
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(0.5 * exact), 80 * 2**30))
-    with pytest.raises(ValueError, match="of GPU memory per worker.*GPU has"):
+    monkeypatch.setattr(sweep, "_gpu_free_bytes", lambda: [int(0.5 * exact)] * 8)
+    with pytest.raises(ValueError, match="of GPU memory per worker.*GPUs have"):
         sweep.check_memory([gpu])
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(2 * exact), 80 * 2**30))
-    assert sweep.check_memory([gpu]) >= 1
+    monkeypatch.setattr(sweep, "_gpu_free_bytes", lambda: [int(1.5 * exact)] * 8)
+    assert sweep.check_memory([gpu], wanted=8) == 8  # one trial per GPU, each GPU fits it
+    gpu.scaling.gpus_per_worker = 0.25  # four workers could share a GPU, but memory holds one
+    assert sweep.check_memory([gpu], wanted=8) == 8
+    monkeypatch.setattr(sweep, "_gpu_free_bytes", lambda: [int(2.5 * exact)] * 8)
+    assert sweep.check_memory([gpu], wanted=16) == 16  # two per GPU
+    # A cohort trial holds its other students' weights, gradients, Adam moments and EMA too.
+    available(worker + exact + 1)
+    assert sweep.check_memory([config]) == 1
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    available(worker + exact + 9 * 5 * weights - 1)
+    with pytest.raises(ValueError, match="train.batch"):
+        sweep.check_memory([config], members=10)
     # A cluster still to join: nothing known, nothing estimated.
     assert sweep.check_memory([config], "ray://head:10001") is None
 
@@ -197,3 +207,19 @@ def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch)
     a.status, a.last_result = "TERMINATED", {"members": {"kd": {"fid": 12.345}, "place": {"diverged": True}}}
     console.on_trial_complete(0, trials, a)
     assert lines[-1].endswith("in 0m35s: kd FID 12.35 | place diverged")
+
+
+def test_configs_saved_before_a_key_was_added_still_resume():
+    """A config.json or checkpoint digest written before student.min_group_channels existed
+    matches a config that leaves it at 1 (what those runs built), and only such a config."""
+    from liftplace.checkpoints import config_digest
+    from liftplace.config import comparable, from_dict
+
+    new = resolve("smoke").to_dict()
+    old = json.loads(json.dumps(new))
+    del old["student"]["min_group_channels"]
+    assert from_dict(old, check_paths=False).to_dict() == new
+    assert comparable(old) == comparable(new) and config_digest(old) == config_digest(new)
+    wide = resolve("smoke", {"student.min_group_channels": 3}).to_dict()
+    assert comparable(wide) != comparable(old) and config_digest(wide) != config_digest(old)
+    assert "min_group_channels" in new["student"]  # comparable copies; the config keeps its key
