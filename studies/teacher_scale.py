@@ -10,8 +10,9 @@ either way (it keeps 3 per group), so its runs match the default study's.
 Held fixed: objective options, steps, batch, lr, seeds. Varied: the shipped teachers unet-xs,
 unet-s, unet-m, unet-l (0.28M to 2.5M parameters) x {kd, place K=16}.
 Cost: `cpu` preset, 8 variants x 2 seeds as 8 cohort trials (one per teacher and seed), about
-55 minutes on a 2-core laptop (estimated from measured step costs, not run at this preset
-yet); at `paper`,
+55 minutes on a 2-core laptop quiet (estimated from measured step costs); one run at load 5-6
+had finished 4 of the 8 trials after an hour (unet-l's trials are the longest; README table
+for the results so far); at `paper`,
 pass your own teachers with --set (one run per teacher directory).
 
     python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--cohort auto|off] [--set key=value ...]
