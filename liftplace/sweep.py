@@ -33,7 +33,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from liftplace import checkpoints, distill, files, results
-from liftplace.config import RunConfig, check_inputs, comparable, from_dict, set_value, validate
+from liftplace.config import RunConfig, check_inputs, comparable, from_dict, set_value, teacher_config, validate
 from liftplace.results import MetricsFile
 from liftplace.study import Study, autoscaling_ceiling, plan
 
@@ -221,10 +221,13 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
     from liftplace.teachers import load_teacher
 
     name, d = config.teacher.name, config.data
-    teacher = load_teacher(name)[0]
-    shape = (config.train.batch, int(teacher.config.in_channels), d.resolution, d.resolution)
+    # The key from the teacher's config.json: its weights are read only when not yet estimated
+    # (a study asks once per config, a cohort's configs share one estimate).
+    channels = int(teacher_config(config).get("in_channels", 1))
+    shape = (config.train.batch, channels, d.resolution, d.resolution)
     key = (name, shape, str(config.student) if exact else None)
     if key not in _STEPS:
+        teacher = load_teacher(name)[0]
         student = teacher
         if exact:
             student = models.build_student(teacher, config.student, seed=config.train.seed,
