@@ -398,6 +398,23 @@ def _row_log_callback(path: Path):
     return RowLog()
 
 
+def _trainer_class():
+    """TorchTrainer without the Ctrl-C handler Ray Train installs when fit() runs in the main
+    thread (it aborts the run and exits with status 0, saying nothing): `liftplace distill`
+    handles Ctrl-C and SIGTERM itself (see _fit_interruptibly)."""
+    from ray.train.torch import TorchTrainer
+
+    if not hasattr(TorchTrainer, "_register_sigint_handler"):
+        raise RuntimeError("this Ray Train has no TorchTrainer._register_sigint_handler (Ray 2.60 has it); "
+                           "liftplace's Ctrl-C handling needs updating for it")
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            pass
+
+    return Trainer
+
+
 def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None,
                  payload: dict | None = None, curves: dict | None = None, verbose: bool = True,
                  ray_logs: bool = False):
@@ -407,11 +424,10 @@ def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), ma
     requests, and under a loaded CPU a "safe to ignore" warning with a traceback); without,
     only its errors (its log files keep everything)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     sc = config.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop,
         train_loop_config={"payload": payload or {"config": config.to_dict()}, "extra": extra or {}, "curves": curves,
                            "verbose": verbose, "ray_logs": ray_logs},
@@ -507,36 +523,20 @@ class RunInterrupted(Exception):
 
 
 def _fit_interruptibly(trainer, out: Path, steps: int):
-    """Run trainer.fit() and return its error (None when it finished). The fit runs in a thread
-    of its own, so that Ray Train does not take over Ctrl-C (in the main thread it installs a
-    handler that aborts the run and exits with status 0, saying nothing); here Ctrl-C or SIGTERM
-    raises RunInterrupted, naming the last step and checkpoint that --resume continues from.
-    Ray's own shutdown at exit ends the run's workers."""
+    """Run trainer.fit() and return its error (None when it finished). In the main thread,
+    Ctrl-C or SIGTERM raises RunInterrupted, naming the last step and checkpoint that --resume
+    continues from; Ray's own shutdown at exit ends the run's controller and workers (they
+    belong to this driver)."""
     from ray.train import TrainingFailedError
-
-    outcome: dict = {}
 
     def fit():
         try:
-            result = trainer.fit()
-            outcome["error"] = result.error
+            return trainer.fit().error
         except TrainingFailedError as err:  # Ray Train 2.60 raises it (older versions returned it)
-            outcome["error"] = err
-        except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread
-            outcome["raised"] = err
+            return err
 
     if threading.current_thread() is not threading.main_thread():
-        fit()  # signal handlers belong to the main thread; a caller's thread keeps its own ways
-    else:
-        _fit_in_thread(fit, out, steps)
-    if "raised" in outcome:
-        raise outcome["raised"]
-    return outcome.get("error")
-
-
-def _fit_in_thread(fit, out: Path, steps: int) -> None:
-    """Run fit in a thread of its own while the main thread turns Ctrl-C or SIGTERM into
-    RunInterrupted."""
+        return fit()  # signal handlers belong to the main thread; a caller's thread keeps its own ways
     received: dict = {}
 
     def on_term(sig, frame):
@@ -545,13 +545,13 @@ def _fit_in_thread(fit, out: Path, steps: int) -> None:
 
     # SIGINT too, explicitly: a process started in the background by a non-interactive shell
     # inherits SIGINT ignored, and Ctrl-C (or `kill -INT`) must still stop it, as it stops a study
-    # (Tune installs its own handler).
+    # (Tune installs its own handler). The fit runs in this (main) thread: ray.get there checks
+    # for signals, so either raises KeyboardInterrupt out of it. (It ran in a thread of its own
+    # before; exiting while that thread still waited inside Ray's core worker crashed the
+    # interpreter at shutdown now and then, exit -11 instead of 130.)
     previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, signal.default_int_handler)
-    thread = threading.Thread(target=fit, name="liftplace-fit", daemon=True)
     try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
+        return fit()
     except KeyboardInterrupt:
         rows = results.read_metrics(out / "metrics.jsonl")
         step = rows[-1]["step"] if rows else 0
