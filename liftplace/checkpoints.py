@@ -32,8 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liftplace import files, models
-from liftplace.diffusion import make_process
-from liftplace.teachers import load_teacher
+from liftplace.teachers import load_teacher, teacher_process
 
 STATE_FILE = "state.json"
 MANIFEST = "cohort.json"
@@ -188,4 +187,4 @@ def load_student(directory: str | Path, config, *, ema: bool = True, device="cpu
                     p.copy_(shadow)
     for net in (student, teacher):
         net.requires_grad_(False).eval().to(device)
-    return student, teacher, make_process(config.teacher.prediction)
+    return student, teacher, teacher_process(config.teacher.name, config.teacher.prediction)

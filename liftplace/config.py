@@ -39,8 +39,8 @@ from liftplace.results import flatten
 
 @dataclass
 class TeacherConfig:
-    name: str = "unet-xs"  # a shipped teacher (liftplace.teachers.shipped_teachers()) or a diffusers directory
-    prediction: str = "epsilon"  # what the teacher predicts: epsilon | v | flow
+    name: str = "unet-xs"  # a shipped teacher (liftplace.teachers.shipped_teachers()), a diffusers model directory or a DDPM/DDIM pipeline directory
+    prediction: str = "epsilon"  # what the teacher predicts: epsilon | v | flow (a pipeline's scheduler must agree)
 
 
 @dataclass
@@ -269,8 +269,8 @@ def teacher_config(config: RunConfig) -> dict:
 
     try:
         path = teacher_path(config.teacher.name)
-    except FileNotFoundError as err:
-        _refuse("teacher.name", str(err), FileNotFoundError)
+    except (FileNotFoundError, ValueError) as err:
+        _refuse("teacher.name", str(err), type(err))
     return json.loads((path / "config.json").read_text())
 
 
@@ -320,7 +320,7 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         _refuse("scaling.gpus_per_worker", f"must be > 0 when scaling.use_gpu, got {sc.gpus_per_worker}")
     if config.preset == "paper" and check_paths:
         if not teacher.name:
-            _refuse("teacher.name", "the paper preset needs your teacher: --set teacher.name=DIR (a diffusers UNet2DModel directory)")
+            _refuse("teacher.name", "the paper preset needs your teacher: --set teacher.name=DIR (a diffusers UNet2DModel or DDPM pipeline directory)")
         if not d.spec:
             _refuse("data.spec", "the paper preset needs your data: --set data.spec=folder:PATH (e.g. CelebA images)")
     channels = 1
@@ -330,6 +330,14 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         except (ValueError, FileNotFoundError) as err:
             _refuse("data.spec", str(err), type(err))
         net = teacher_config(config)
+        from liftplace.teachers import PredictionMismatch, teacher_process
+
+        try:  # a pipeline's scheduler config: its class, prediction type and schedule
+            teacher_process(teacher.name, teacher.prediction)
+        except PredictionMismatch as err:
+            _refuse("teacher.prediction", str(err))
+        except (ValueError, FileNotFoundError) as err:
+            _refuse("teacher.name", str(err), type(err))
         channels = net.get("in_channels", 1)
         if net.get("sample_size") not in (None, d.resolution):
             _refuse("data.resolution", f"{d.resolution} does not match the teacher's sample size {net['sample_size']}")

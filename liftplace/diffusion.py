@@ -2,8 +2,9 @@
 
 Three parameterizations, each on diffusers schedulers:
 
-- "epsilon" and "v": DDPM with a linear beta schedule (1e-4 .. 0.02 over T = 1000 steps),
-  trained with integer timesteps, sampled with deterministic DDIM (eta = 0).
+- "epsilon" and "v": DDPM with a linear beta schedule (1e-4 .. 0.02 over T = 1000 steps) by
+  default, or the schedule a teacher pipeline's scheduler config names (``schedule``), trained
+  with integer timesteps, sampled with deterministic DDIM (eta = 0).
 - "flow": rectified flow, x_t = (1 - sigma) x0 + sigma noise with target noise - x0 and
   model timestep sigma * T, sampled with the Euler flow-matching scheduler.
 """
@@ -21,11 +22,19 @@ PREDICTIONS = ("epsilon", "v", "flow")
 _BETA_START = 1e-4
 _BETA_END = 0.02
 _DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+_DEFAULT_SCHEDULE = {"beta_schedule": "linear", "beta_start": _BETA_START, "beta_end": _BETA_END}
 
 
-def make_process(prediction: str = "epsilon", num_train_timesteps: int = 1000) -> NoiseProcess:
-    """The noise process for ``prediction`` (one of ``PREDICTIONS``) over ``num_train_timesteps``."""
-    return NoiseProcess(prediction, num_train_timesteps)
+# The fields of a diffusers DDPM/DDIM scheduler config that decide the noise levels; a
+# schedule given to NoiseProcess may set any of them (the rest keep the defaults above).
+SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr")
+
+
+def make_process(prediction: str = "epsilon", num_train_timesteps: int = 1000,
+                 schedule: dict | None = None) -> NoiseProcess:
+    """The noise process for ``prediction`` (one of ``PREDICTIONS``) over ``num_train_timesteps``;
+    ``schedule``: DDPM noise levels (``SCHEDULE_FIELDS``), for epsilon and v only."""
+    return NoiseProcess(prediction, num_train_timesteps, schedule)
 
 
 class NoiseProcess:
@@ -35,25 +44,33 @@ class NoiseProcess:
         prediction: "epsilon", "v" or "flow".
         num_train_timesteps: T; DDPM timesteps are integers in [0, T), flow timesteps are
             sigma * T with sigma in [0, 1].
+        schedule: the DDPM noise levels' settings (``SCHEDULE_FIELDS``); empty for flow.
         scheduler: the diffusers training scheduler (``DDPMScheduler`` for epsilon and v,
             ``FlowMatchEulerDiscreteScheduler`` for flow); its ``betas`` and
             ``alphas_cumprod`` define the DDPM noise levels.
     """
 
-    def __init__(self, prediction: str = "epsilon", num_train_timesteps: int = 1000):
+    def __init__(self, prediction: str = "epsilon", num_train_timesteps: int = 1000, schedule: dict | None = None):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         if not _is_int(num_train_timesteps) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        schedule = dict(schedule or {})
+        if unknown := sorted(set(schedule) - set(SCHEDULE_FIELDS)):
+            raise ValueError(f"unknown schedule fields {unknown}; known: {', '.join(SCHEDULE_FIELDS)}")
+        if schedule and prediction == "flow":
+            raise ValueError("a DDPM schedule does not apply to flow prediction")
         self.prediction = prediction
         self.num_train_timesteps = int(num_train_timesteps)
+        self.schedule = {} if prediction == "flow" else {**_DEFAULT_SCHEDULE, **schedule}
         if prediction == "flow":
             self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
         else:
             self.scheduler = DDPMScheduler(**self._ddpm_config())
 
     def __repr__(self) -> str:
-        return f"NoiseProcess(prediction={self.prediction!r}, num_train_timesteps={self.num_train_timesteps})"
+        return (f"NoiseProcess(prediction={self.prediction!r}, num_train_timesteps={self.num_train_timesteps}"
+                + (f", schedule={self.schedule!r})" if self.schedule not in ({}, _DEFAULT_SCHEDULE) else ")"))
 
     def training_pair(
         self, x0: torch.Tensor, generator: torch.Generator | None = None
@@ -160,13 +177,8 @@ class NoiseProcess:
         return x.float().clamp(-1.0, 1.0)
 
     def _ddpm_config(self) -> dict:
-        return dict(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule="linear",
-            beta_start=_BETA_START,
-            beta_end=_BETA_END,
-            prediction_type=_DIFFUSERS_PREDICTION[self.prediction],
-        )
+        return dict(num_train_timesteps=self.num_train_timesteps, **self.schedule,
+                    prediction_type=_DIFFUSERS_PREDICTION[self.prediction])
 
     def _sampling_scheduler(self) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
         if self.prediction == "flow":

@@ -43,11 +43,11 @@ from torchvision.utils import save_image
 from liftplace import checkpoints, models
 from liftplace.config import RunConfig
 from liftplace.data import load_dataset
-from liftplace.diffusion import NoiseProcess, make_process
+from liftplace.diffusion import NoiseProcess
 from liftplace.metrics import compute_metrics, protocol_record, real_images, stack_dataset
 from liftplace.objectives import Objective, make_objective, objective_class
 from liftplace.results import EVAL_COLUMNS, flatten
-from liftplace.teachers import generate, load_teacher
+from liftplace.teachers import generate, load_teacher, teacher_process
 
 Report = Callable[[dict, "Path | None"], None]
 # The settings the students of one cohort may differ in; everything else (teacher, data, seed,
@@ -199,7 +199,7 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     teacher, card = load_teacher(config.teacher.name, device)
     train_set = load_dataset(config.data.spec, config.data.resolution, "train", models.in_channels(teacher))
     images, labels = stack_dataset(train_set)
-    stream = Stream(images, labels, train_set.num_classes, make_process(config.teacher.prediction), tr.batch, device,
+    stream = Stream(images, labels, train_set.num_classes, teacher_process(config.teacher.name, config.teacher.prediction), tr.batch, device,
                     torch.Generator().manual_seed(tr.seed * 1000 + rank))
     needs_features = any(objective_class(c.objective.name).needs_features for c in members.values())
     teacher_taps = models.FeatureTaps(teacher) if needs_features else None

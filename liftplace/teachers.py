@@ -4,8 +4,11 @@ A teacher directory holds ``config.json`` and ``diffusion_pytorch_model.safetens
 (``save_pretrained``), ``card.json`` (data, resolution, steps, wall time, parameters, MACs,
 FID/KID with their protocol, the exact command) and ``samples.png`` (a grid to look at).
 The `cpu` preset's teachers ship inside the package under ``liftplace/assets/teachers``;
-``load_teacher`` takes one of their names or any local diffusers UNet2DModel /
-DiTTransformer2DModel directory (a user's own DDPM for CIFAR-10 or CelebA works the same way).
+``load_teacher`` takes one of their names, any local diffusers UNet2DModel /
+DiTTransformer2DModel directory (a user's own DDPM for CIFAR-10 or CelebA works the same way),
+or a pixel-space diffusers pipeline directory (``DDPMPipeline`` / ``DDIMPipeline``:
+``model_index.json``, ``unet/``, ``scheduler/``), whose scheduler config then sets the noise
+process (``teacher_process``). Latent pipelines (``DiTPipeline``) are refused, naming the file.
 """
 
 from __future__ import annotations
@@ -27,11 +30,22 @@ from tqdm import tqdm
 
 from liftplace import models
 from liftplace.data import load_dataset
-from liftplace.diffusion import make_process
+from liftplace.diffusion import SCHEDULE_FIELDS, NoiseProcess, make_process
 from liftplace.metrics import Protocol, compute_metrics, protocol_record, real_images, stack_dataset
 
 TEACHERS_DIR = Path(__file__).parent / "assets" / "teachers"
 MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+# Pipelines (model_index.json's _class_name) whose denoiser works on pixels: the component
+# that holds it. Their scheduler config decides the noise process.
+PIXEL_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet"}
+NOT_YET = {"DiTPipeline": "a latent pipeline (transformer/ and vae/); latent teachers are not supported yet",
+           "LDMPipeline": "a latent pipeline (unet/ and vqvae/); latent teachers are not supported yet"}
+DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # a scheduler's prediction_type -> teacher.prediction
+
+
+class PredictionMismatch(ValueError):
+    """teacher.prediction differs from what the teacher pipeline's scheduler says it predicts."""
 
 
 def shipped_teachers() -> list[str]:
@@ -51,9 +65,74 @@ def teacher_path(name_or_path: str | Path) -> Path:
     if not path.is_dir():
         shipped = ", ".join(shipped_teachers()) or "none"
         raise FileNotFoundError(f"teacher not found: {name} is neither a directory nor a shipped teacher ({shipped})")
+    pipeline = pipeline_dir(path)
+    if pipeline is not None:
+        index = pipeline / "model_index.json"
+        component = PIXEL_PIPELINES[_read_json(index)["_class_name"]]
+        path = pipeline / component
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"teacher {index}: its component {component!r} has no {component}/config.json")
+        return path
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher directory {path} has no config.json (save it with save_pretrained)")
     return path
+
+
+def pipeline_dir(name_or_path: str | Path) -> Path | None:
+    """The pipeline directory a teacher name points at (it holds model_index.json), or None
+    for a shipped teacher or a model directory. A pipeline of a layout that cannot be
+    distilled is refused here (ValueError naming the file and its _class_name)."""
+    if str(name_or_path) in shipped_teachers():
+        return None
+    path = Path(name_or_path).expanduser()
+    index = path / "model_index.json"
+    if not index.is_file():
+        return None
+    kind = _read_json(index).get("_class_name")
+    if kind not in PIXEL_PIPELINES:
+        what = NOT_YET.get(kind, "not a pipeline liftplace can distill")
+        raise ValueError(f"teacher {index}: _class_name {kind!r} is {what}; supported pipelines: "
+                         f"{', '.join(PIXEL_PIPELINES)} (pixel space), or a UNet2DModel / DiTTransformer2DModel directory")
+    return path
+
+
+def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
+    """The noise process to distill a teacher under. A pipeline's scheduler config decides it
+    (T, the beta schedule and the prediction type, which must equal ``prediction``: a
+    PredictionMismatch says which value to set); shipped teachers and model directories use
+    ``prediction`` with the default schedule (linear betas 1e-4 .. 0.02 over 1,000 steps).
+    Sampling is DDIM (eta = 0) in both cases."""
+    pipeline = pipeline_dir(name_or_path)
+    if pipeline is None:
+        return make_process(prediction)
+    file = pipeline / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"teacher {pipeline}: no scheduler/scheduler_config.json (a DDPM/DDIM pipeline has one)")
+    config = _read_json(file)
+    kind = config.get("_class_name")
+    if kind not in DDPM_SCHEDULERS:
+        raise ValueError(f"teacher {file}: _class_name {kind!r} is not supported; supported: {', '.join(DDPM_SCHEDULERS)}")
+    said = config.get("prediction_type", "epsilon")
+    if said not in PREDICTION_TYPES:
+        raise ValueError(f"teacher {file}: prediction_type {said!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
+    if PREDICTION_TYPES[said] != prediction:
+        raise PredictionMismatch(f"{prediction!r}, but the teacher's {file} says prediction_type {said!r}: "
+                                 f"set teacher.prediction={PREDICTION_TYPES[said]}")
+    schedule = {key: config[key] for key in SCHEDULE_FIELDS if config.get(key) is not None}
+    try:
+        return make_process(prediction, config.get("num_train_timesteps", 1000), schedule)
+    except (ValueError, NotImplementedError) as err:  # diffusers: NotImplementedError for an unknown beta_schedule
+        raise ValueError(f"teacher {file}: {err}") from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"teacher {file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"teacher {file}: not a JSON object")
+    return data
 
 
 def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):

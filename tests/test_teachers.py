@@ -77,3 +77,104 @@ def test_shipped_teacher_loads_samples_and_has_a_complete_card(name):
     images = generate(model, make_process(card["prediction"]), 4, steps=2, seed=0, num_classes=card["num_classes"])
     assert images.shape == (4, card["channels"], card["resolution"], card["resolution"])
     assert images.min() >= -1 and images.max() <= 1
+
+
+# --- pipeline directories (model_index.json), built with diffusers' own classes ---------------
+
+def _ddpm_pipeline(tmp_path, teacher_dir, *, pipeline="DDPMPipeline", **scheduler):
+    """The tiny teacher's UNet inside a pipeline saved by diffusers (save_pretrained), with a
+    scheduler of the given settings."""
+    import diffusers
+
+    unet = diffusers.UNet2DModel.from_pretrained(str(teacher_dir), use_safetensors=True, local_files_only=True)
+    scheduler_cls = getattr(diffusers, scheduler.pop("cls", "DDPMScheduler"))
+    pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=scheduler_cls(**scheduler))
+    out = tmp_path / f"pipe-{len(list(tmp_path.iterdir()))}"
+    pipe.save_pretrained(str(out))
+    return out, unet
+
+
+def test_a_ddpm_pipeline_loads_with_the_noise_process_its_scheduler_names(tiny_teacher_dir, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from liftplace.teachers import PredictionMismatch, teacher_path, teacher_process
+
+    settings = dict(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    pipe, unet = _ddpm_pipeline(tmp_path, tiny_teacher_dir, **settings)
+    assert teacher_path(pipe) == pipe / "unet"
+    model, card = load_teacher(pipe)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(models.predict(model, x, torch.tensor([3, 400])), models.predict(unet.eval(), x, torch.tensor([3, 400])))
+    assert card == {}  # a pipeline carries no card
+    process = teacher_process(pipe, "v")
+    # The noise levels are the scheduler's own (cosine, T = 500), not the default linear ones.
+    expected = DDPMScheduler(**settings).alphas_cumprod
+    assert process.num_train_timesteps == 500 and torch.allclose(process.scheduler.alphas_cumprod, expected)
+    assert not torch.allclose(make_process("v").scheduler.alphas_cumprod[:500], expected)
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    x_t, t, target = process.training_pair(x0, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)  # the same draws: levels, then noise
+    level = torch.randint(0, 500, (4,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    reference = DDPMScheduler(**settings)
+    assert torch.equal(t, level) and torch.allclose(x_t, reference.add_noise(x0, noise, level))
+    assert torch.allclose(target, reference.get_velocity(x0, noise, level))
+    samples = process.sample(lambda x, t: models.predict(model, x, t), (2, 1, 16, 16), steps=3, seed=0)
+    assert samples.shape == (2, 1, 16, 16) and torch.isfinite(samples).all()
+    with pytest.raises(PredictionMismatch, match=r"prediction_type 'v_prediction': set teacher.prediction=v"):
+        teacher_process(pipe, "epsilon")
+
+
+def test_pipelines_and_schedulers_that_cannot_be_distilled_are_refused_naming_the_file(tiny_teacher_dir, tmp_path):
+    import diffusers
+
+    from liftplace.config import resolve
+
+    def refusal(pipe, prediction="epsilon"):
+        with pytest.raises((ValueError, FileNotFoundError)) as err:  # resolve validates
+            resolve("smoke", {"teacher.name": str(pipe), "teacher.prediction": prediction})
+        message = str(err.value)
+        assert "\n" not in message
+        return message
+
+    # A latent DiT pipeline, built and saved by diffusers' own classes.
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                          sample_size=4, patch_size=2, norm_num_groups=4, num_embeds_ada_norm=10)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=4)
+    latent = tmp_path / "dit-pipe"
+    diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(str(latent))
+    message = refusal(latent)
+    assert message.startswith("teacher.name: teacher ") and str(latent / "model_index.json") in message
+    assert "_class_name 'DiTPipeline' is a latent pipeline" in message and "not supported yet" in message
+    # Schedulers: a class, a prediction type and a beta schedule that cannot be used, and a
+    # prediction type that differs from teacher.prediction (which value to set).
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, cls="PNDMScheduler")
+    assert "scheduler_config.json: _class_name 'PNDMScheduler' is not supported" in refusal(pipe)
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, prediction_type="sample")
+    assert "prediction_type 'sample' is not supported" in refusal(pipe)
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir)
+    config_file = pipe / "scheduler" / "scheduler_config.json"
+    config_file.write_text(config_file.read_text().replace('"linear"', '"cubic"'))
+    assert "cubic" in refusal(pipe) and str(config_file) in refusal(pipe)
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, pipeline="DDIMPipeline", cls="DDIMScheduler",
+                             prediction_type="v_prediction")
+    assert refusal(pipe).startswith("teacher.prediction: 'epsilon', but the teacher's ")
+    resolve("smoke", {"teacher.name": str(pipe), "teacher.prediction": "v"})  # accepted
+    (pipe / "model_index.json").write_text("{not json")
+    assert "model_index.json: not valid JSON" in refusal(pipe, "v")
+
+
+def test_a_pipeline_teacher_distills_under_its_own_noise_process(tiny_teacher_dir, tmp_path):
+    from liftplace import distill
+    from liftplace.config import resolve
+
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, num_train_timesteps=400, beta_end=0.03)
+    config = resolve("smoke", {"teacher.name": str(pipe), "student.prune_ratio": 0.5, "train.steps": 4,
+                               "train.log_every": 2, "train.eval_every": 0, "eval.num_images": 8,
+                               "eval.sampler_steps": 2})
+    run = distill.build({None: config})
+    assert run.stream.process.num_train_timesteps == 400 and run.stream.process.schedule["beta_end"] == 0.03
+    rows = []
+    last = distill.run(config, lambda row, checkpoint: rows.append(row), log=lambda *_: None)
+    assert [r["step"] for r in rows] == [2, 4] and not last["diverged"] and last["fid"] > 0
