@@ -1,0 +1,112 @@
+"""Latent space: a frozen VAE's encoding of a data set, computed once and cached on disk.
+
+A latent teacher (a denoiser trained on a VAE's latents) is distilled on latents: the images
+are encoded once per data set, resolution and VAE, and the denoisers never see pixels until
+samples are decoded for FID. Encoding takes the mean of the VAE's posterior (not a sample), so
+that the same images and VAE always give the same latents, and scales it by the VAE's
+``scaling_factor`` (the unit-variance convention of latent diffusion); ``decode`` undoes both.
+
+The cache is a safetensors file named by the content it came from: the SHA-256 of the VAE's
+config and weight files and of the image and label tensors. A changed VAE or a changed image
+gives another name, so a stale cache is never read; a cache file that does not hold what its
+name says (damaged, cut short) is encoded again and replaced, with a line saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from liftplace import files
+
+ENCODE_BATCH = 250  # images per VAE call: bounds the encoder's activations, not the result
+
+
+def vae_fingerprint(vae_dir: str | Path) -> str:
+    """SHA-256 over a saved VAE's config.json and weight files (names and bytes)."""
+    vae_dir = Path(vae_dir)
+    paths = sorted([vae_dir / "config.json", *vae_dir.glob("*.safetensors")])
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing or len(paths) < 2:
+        raise FileNotFoundError(f"VAE {vae_dir}: needs config.json and .safetensors weights "
+                                f"(missing: {', '.join(missing) or 'weights'})")
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
+    """SHA-256 over the image tensor (shape, dtype, values) and the labels."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels if labels is not None else torch.empty(0)):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, *, batch: int = ENCODE_BATCH) -> torch.Tensor:
+    """Latents [N, c, h, w] of images [N, C, H, W] in [-1, 1]: the posterior mean times the
+    VAE's scaling_factor, float32 on the CPU."""
+    device = next(vae.parameters()).device
+    scale = float(vae.config.scaling_factor)
+    out = [vae.encode(chunk.to(device)).latent_dist.mean.float().cpu() * scale for chunk in images.split(batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, *, batch: int = ENCODE_BATCH) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] from latents as ``encode`` returns them."""
+    device = next(vae.parameters()).device
+    scale = float(vae.config.scaling_factor)
+    out = [vae.decode(chunk.to(device) / scale).sample.float().clamp(-1, 1).cpu() for chunk in latents.split(batch)]
+    return torch.cat(out)
+
+
+def cached_encode(vae, vae_dir: str | Path, images: torch.Tensor, labels: torch.Tensor | None, cache_dir: str | Path,
+                  *, log: Callable[[str], object] = print) -> torch.Tensor:
+    """``encode(vae, images)``, read from ``cache_dir`` when these images were encoded by this
+    VAE before (the VAE as saved in ``vae_dir``), else computed and written there."""
+    vae_key, data_key = vae_fingerprint(vae_dir), data_fingerprint(images, labels)
+    key = hashlib.sha256(f"{vae_key}|{data_key}".encode()).hexdigest()
+    path = Path(cache_dir) / f"latents-{key[:20]}.safetensors"
+    if path.is_file():
+        latents, why = _read(path, vae_key, data_key, len(images))
+        if latents is not None:
+            return latents
+        log(f"latents: {path} {why}; encoding again")
+    latents = encode(vae, images)
+    metadata = {"vae": vae_key, "data": data_key, "count": str(len(images)), "vae_dir": str(Path(vae_dir).resolve()),
+                "scaling_factor": json.dumps(float(vae.config.scaling_factor))}
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    files.atomic_write(path, lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp), metadata=metadata))
+    log(f"latents: encoded {len(images):,} images to {tuple(latents.shape[1:])} with {vae_dir}; cached in {path}")
+    return latents
+
+
+def _read(path: Path, vae_key: str, data_key: str, count: int) -> tuple[torch.Tensor | None, str]:
+    """(latents, "") when path holds the latents of these keys, else (None, what is wrong)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        latents = load_file(str(path)).get("latents")
+    except (SafetensorError, OSError, ValueError) as err:
+        return None, f"cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    if metadata.get("vae") != vae_key or metadata.get("data") != data_key:
+        return None, "holds another VAE's or data set's latents"
+    if latents is None or latents.ndim != 4 or len(latents) != count or not bool(torch.isfinite(latents).all()):
+        return None, "does not hold one finite latent per image"
+    return latents, ""
