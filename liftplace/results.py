@@ -333,7 +333,13 @@ def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
 
 # --- a study's state, from its files alone ------------------------------------------------
 
-DRIVER_FILE = "driver.json"  # the study driver's heartbeat: {"host", "pid", "updated", "state"}
+# The study driver's heartbeat, a JSON object {"host", "pid", "updated", "state"}. Not named
+# *.json: when Tune restores a study it copies every top-level .json and .pkl file of the study
+# folder into its staging folder and syncs that copy back over the folder for the rest of the
+# run, so a resumed study's "driver.json" (the name until then, still read) was put back to its
+# state at the restore every few seconds and read as interrupted after two minutes.
+DRIVER_FILE = "driver.heartbeat"
+LEGACY_DRIVER_FILE = "driver.json"
 HEARTBEAT_S = 15.0  # how often a running driver rewrites it
 STALE_S = 120.0  # a "running" heartbeat older than this: the driver is gone (killed, or a copy)
 STATES = ("pending", "running", "done", "diverged", "errored", "interrupted", "stopped", "unfinished")
@@ -355,6 +361,8 @@ def driver_state(folder: str | Path, now: float | None = None) -> str:
     import time
 
     path = Path(folder) / DRIVER_FILE
+    if not path.is_file():
+        path = Path(folder) / LEGACY_DRIVER_FILE  # a study from before the heartbeat's rename
     try:
         beat = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -745,6 +745,8 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         # lines ("Wrote the latest version of all result files ...") are kept for --verbose.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        # Optuna's own INFO line ("A new study created in memory with name: optuna") too.
+        logging.getLogger("optuna").setLevel(logging.WARNING)
         # A failed trial is said by the console (one line, its error file) and, at the end, by
         # the study; Tune's own ERROR record repeats it with the worker's traceback.
         controller = logging.getLogger("ray.tune.execution.tune_controller")
