@@ -169,8 +169,31 @@ def resolve(preset: str = "cpu", overrides: list[str] | dict | None = None, *, c
         items = [parse_override(text) for text in overrides or []]
     for key, value in items:
         set_value(config, key, value)
+    _absolute_paths(config)
     validate(config, check_paths=check_paths)
     return config
+
+
+def _absolute_paths(config: RunConfig) -> None:
+    """Make the local paths among a config's values absolute, taken from where the command
+    runs: Ray Train's workers and Tune's trials run in folders of their own, where a relative
+    path names nothing. Only paths that exist here change (anything else is refused by
+    validate, in the words the user gave)."""
+    import os
+
+    from liftplace.teachers import shipped_teachers
+
+    def absolute(path: str) -> str:
+        full = os.path.expanduser(path)
+        return os.path.abspath(full) if os.path.exists(full) else path
+
+    if config.teacher.name and config.teacher.name not in shipped_teachers():
+        config.teacher.name = absolute(config.teacher.name)
+    kind, sep, path = config.data.spec.partition(":") if isinstance(config.data.spec, str) else ("", "", "")
+    if sep and kind in ("folder", "cifar10") and path:
+        config.data.spec = f"{kind}:{absolute(path)}"
+    if config.eval.extractor_weights:
+        config.eval.extractor_weights = absolute(config.eval.extractor_weights)
 
 
 # Keys added after configs were first saved, with the value that reproduces what a config
@@ -333,12 +356,18 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         from liftplace.teachers import PredictionMismatch, teacher_process
 
         try:  # a pipeline's scheduler config: its class, prediction type and schedule
-            teacher_process(teacher.name, teacher.prediction)
+            process = teacher_process(teacher.name, teacher.prediction)
         except PredictionMismatch as err:
             _refuse("teacher.prediction", str(err))
         except (ValueError, FileNotFoundError) as err:
             _refuse("teacher.name", str(err), type(err))
+        if e.sampler_steps > process.num_train_timesteps:
+            _refuse("eval.sampler_steps", f"{e.sampler_steps} is more than the teacher's {process.num_train_timesteps} "
+                                          "training timesteps")
         channels = net.get("in_channels", 1)
+        if net.get("_class_name") == "UNet2DModel" and net.get("out_channels", channels) != channels:
+            _refuse("teacher.name", f"{teacher.name}: its UNet predicts {net['out_channels']} channels from "
+                                    f"{channels} (a learned variance?); a teacher must predict as many channels as it reads")
         if net.get("sample_size") not in (None, d.resolution):
             _refuse("data.resolution", f"{d.resolution} does not match the teacher's sample size {net['sample_size']}")
         if s.prune_ratio is not None and net.get("_class_name") != "UNet2DModel":

@@ -63,6 +63,12 @@ class NoiseProcess:
         self.prediction = prediction
         self.num_train_timesteps = int(num_train_timesteps)
         self.schedule = {} if prediction == "flow" else {**_DEFAULT_SCHEDULE, **schedule}
+        betas = self.schedule.get("trained_betas")
+        if betas is not None and len(betas) != self.num_train_timesteps:
+            raise ValueError(f"trained_betas has {len(betas)} values for num_train_timesteps {self.num_train_timesteps}")
+        if self.schedule.get("rescale_betas_zero_snr") and prediction == "epsilon":
+            # alpha_bar reaches 0 at the last step: an epsilon model's x0 estimate divides by it.
+            raise ValueError("rescale_betas_zero_snr needs v prediction (with epsilon the last step's x0 is undefined)")
         if prediction == "flow":
             self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
         else:
@@ -183,8 +189,13 @@ class NoiseProcess:
     def _sampling_scheduler(self) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
         if self.prediction == "flow":
             return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
+        # The training scheduler's own betas: every schedule it accepts samples on the same noise
+        # levels (DDIM knows fewer beta_schedule names than DDPM: no "sigmoid"), and a zero-SNR
+        # rescale is not applied twice.
         return DDIMScheduler(
-            **self._ddpm_config(),
+            num_train_timesteps=self.num_train_timesteps,
+            trained_betas=self.scheduler.betas.tolist(),
+            prediction_type=_DIFFUSERS_PREDICTION[self.prediction],
             clip_sample=True,
             set_alpha_to_one=True,
             steps_offset=0,

@@ -48,6 +48,7 @@ def vae_fingerprint(vae_dir: str | Path) -> str:
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
     """SHA-256 over the image tensor (shape, dtype, values) and the labels."""
     digest = hashlib.sha256()
+    digest.update(b"labels" if labels is not None else b"no labels")
     for tensor in (images, labels if labels is not None else torch.empty(0)):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
@@ -78,7 +79,9 @@ def cached_encode(vae, vae_dir: str | Path, images: torch.Tensor, labels: torch.
                   *, log: Callable[[str], object] = print) -> torch.Tensor:
     """``encode(vae, images)``, read from ``cache_dir`` when these images were encoded by this
     VAE before (the VAE as saved in ``vae_dir``), else computed and written there."""
-    vae_key, data_key = vae_fingerprint(vae_dir), data_fingerprint(images, labels)
+    # The VAE's dtype too: the same weights run in float16 give other latents.
+    vae_key = f"{vae_fingerprint(vae_dir)}|{next(vae.parameters()).dtype}"
+    data_key = data_fingerprint(images, labels)
     key = hashlib.sha256(f"{vae_key}|{data_key}".encode()).hexdigest()
     path = Path(cache_dir) / f"latents-{key[:20]}.safetensors"
     if path.is_file():

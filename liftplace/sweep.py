@@ -409,8 +409,10 @@ def _trainer_class():
                            "liftplace's Ctrl-C handling needs updating for it")
 
     class Trainer(TorchTrainer):
+        controller = None
+
         def _register_sigint_handler(self, controller):
-            pass
+            self.controller = controller  # kept, so that an interrupted fit can abort the run
 
     return Trainer
 
@@ -553,6 +555,12 @@ def _fit_interruptibly(trainer, out: Path, steps: int):
     try:
         return fit()
     except KeyboardInterrupt:
+        # A second Ctrl-C or SIGTERM while this says where the run stopped is the same stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        controller = getattr(trainer, "controller", None)
+        if controller is not None:  # ask the run's controller to stop its workers (not waited for)
+            controller.abort.remote()
         rows = results.read_metrics(out / "metrics.jsonl")
         step = rows[-1]["step"] if rows else 0
         saved = [r["step"] for r in rows if r.get("checkpoint_path")]

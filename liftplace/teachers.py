@@ -118,6 +118,9 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
     if PREDICTION_TYPES[said] != prediction:
         raise PredictionMismatch(f"{prediction!r}, but the teacher's {file} says prediction_type {said!r}: "
                                  f"set teacher.prediction={PREDICTION_TYPES[said]}")
+    if config.get("variance_type") in ("learned", "learned_range"):
+        raise ValueError(f"teacher {file}: variance_type {config['variance_type']!r} (a learned variance) is not "
+                         "supported; supported: fixed_small, fixed_large")
     schedule = {key: config[key] for key in SCHEDULE_FIELDS if config.get(key) is not None}
     try:
         return make_process(prediction, config.get("num_train_timesteps", 1000), schedule)

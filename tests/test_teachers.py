@@ -163,6 +163,59 @@ def test_pipelines_and_schedulers_that_cannot_be_distilled_are_refused_naming_th
     resolve("smoke", {"teacher.name": str(pipe), "teacher.prediction": "v"})  # accepted
     (pipe / "model_index.json").write_text("{not json")
     assert "model_index.json: not valid JSON" in refusal(pipe, "v")
+    # What would only fail inside a worker, after training: a learned variance (the UNet
+    # predicts twice its channels), betas that do not cover T, more sampler steps than T,
+    # zero terminal SNR with epsilon.
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, variance_type="learned_range")
+    assert "variance_type 'learned_range' (a learned variance) is not supported" in refusal(pipe)
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, num_train_timesteps=10, trained_betas=[0.01] * 5)
+    assert "trained_betas has 5 values for num_train_timesteps 10" in refusal(pipe)
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, num_train_timesteps=20)
+    with pytest.raises(ValueError, match=r"^eval.sampler_steps: 50 is more than the teacher's 20 training timesteps$"):
+        resolve("smoke", {"teacher.name": str(pipe), "eval.sampler_steps": 50})
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, rescale_betas_zero_snr=True)
+    assert "rescale_betas_zero_snr needs v prediction" in refusal(pipe)
+    unet_dir = tmp_path / "two-out"
+    import diffusers
+
+    twice = diffusers.UNet2DModel(**{**diffusers.UNet2DModel.load_config(str(tiny_teacher_dir)), "out_channels": 2})
+    twice.save_pretrained(str(unet_dir))
+    assert "its UNet predicts 2 channels from 1 (a learned variance?)" in refusal(unet_dir)
+
+
+def test_every_schedule_diffusers_trains_with_also_samples(tiny_teacher_dir, tmp_path):
+    """DDIM knows fewer beta_schedule names than DDPM ("sigmoid"): sampling runs on the training
+    scheduler's own noise levels, for the default schedule exactly as before."""
+    from diffusers import DDIMScheduler
+
+    model, _ = load_teacher(tiny_teacher_dir)
+    for schedule in ({"beta_schedule": "sigmoid"}, {"beta_schedule": "squaredcos_cap_v2"}, {"beta_end": 0.012}):
+        process = make_process("epsilon", 1000, schedule)
+        sampler = process._sampling_scheduler()
+        assert torch.equal(sampler.alphas_cumprod, process.scheduler.alphas_cumprod)
+        out = process.sample(lambda x, t: models.predict(model, x, t), (2, 1, 16, 16), steps=4)
+        assert torch.isfinite(out).all()
+    default = make_process("v")._sampling_scheduler()
+    before = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                           prediction_type="v_prediction", set_alpha_to_one=True)
+    assert torch.equal(default.alphas_cumprod, before.alphas_cumprod) and default.final_alpha_cumprod == before.final_alpha_cumprod
+
+
+def test_relative_paths_are_made_absolute_for_the_workers(tiny_teacher_dir, tmp_path, monkeypatch):
+    """Ray Train's workers and Tune's trials run in folders of their own: a teacher or data
+    folder given relative to where the command runs is passed on as an absolute path."""
+    import shutil
+
+    from liftplace.config import resolve
+
+    shutil.copytree(tiny_teacher_dir, tmp_path / "mine")
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = resolve("smoke", {"teacher.name": "mine", "data.spec": "folder:imgs"}, check_paths=False)
+    assert config.teacher.name == str(tmp_path / "mine") and config.data.spec == f"folder:{tmp_path / 'imgs'}"
+    assert resolve("smoke", {"teacher.name": "unet-xs"}).teacher.name == "unet-xs"  # a shipped name stays a name
+    with pytest.raises(FileNotFoundError, match="teacher not found: missing-dir is neither"):
+        resolve("smoke", {"teacher.name": "missing-dir"})  # refused in the user's own words
 
 
 def test_a_pipeline_teacher_distills_under_its_own_noise_process(tiny_teacher_dir, tmp_path):
