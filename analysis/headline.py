@@ -9,6 +9,11 @@ and the teacher, all from the same noise. Table ``versus_kd``: for every variant
 of its mean final FID from kd's (negative: better than kd) with a Welch 95% confidence interval,
 the ratio of means, Welch's t-test p-value and Holm's correction over the variants, and a plain
 verdict (with fewer than 3 seeds on either side the study is too small to tell).
+
+Each variant is compared with the kd run of its own setting: where variants differ in more than
+the objective (``teacher_scale``: the teacher; ``compression``: the pruning ratio), "place
+unet-l" is compared with "kd unet-l", not with another teacher's kd, and the teacher line is the
+best variant's teacher.
 """
 
 from __future__ import annotations
@@ -44,17 +49,39 @@ def holm(pvalues: list[float]) -> list[float]:
     return list(adjusted)
 
 
-def versus(summary: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
-    """One row per variant other than the reference: n, means, difference with its Welch 95%
-    interval, ratio, Welch p (raw and Holm-adjusted over the variants) and the verdict."""
-    ref = finals(summary, reference)
-    rows = []
-    for variant in summary["variant"].drop_duplicates():
-        if variant == reference:
+def references(summary: pd.DataFrame, reference: str = REFERENCE) -> dict[str, str | None]:
+    """For every variant that is not a reference, the kd variant it is compared with: the one
+    whose settings, other than the objective's, are the same (the config columns that differ
+    between variants, seeds aside). Without config columns, or where a setting has no kd
+    variant, the variant named ``reference``; None when there is none."""
+    firsts = summary.drop_duplicates("variant").set_index("variant")
+    objective = "config/objective/name"
+    if objective not in firsts:
+        return {v: reference if reference in firsts.index else None for v in firsts.index if v != reference}
+    settings = [c for c in firsts.columns if c.startswith("config/") and not c.startswith("config/objective/")
+                and c != "config/train/seed" and firsts[c].astype(str).nunique() > 1]
+    key = firsts[settings].astype(str).apply(tuple, axis=1) if settings else pd.Series([()] * len(firsts), firsts.index)
+    kds = [v for v in firsts.index if firsts.loc[v, objective] == reference]
+    out = {}
+    for variant in firsts.index:
+        if variant in kds:
             continue
+        same = [k for k in kds if key[k] == key[variant]]
+        out[variant] = (reference if reference in same else same[0]) if same else (
+            reference if reference in firsts.index else None)
+    return out
+
+
+def versus(summary: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
+    """One row per variant other than the references: n, means, difference with its Welch 95%
+    interval, ratio, Welch p (raw and Holm-adjusted over the variants) and the verdict; the
+    "reference" column names the kd variant it is compared with (see ``references``)."""
+    rows = []
+    for variant, against in references(summary, reference).items():
+        ref = finals(summary, against) if against is not None else np.array([])
         x = finals(summary, variant)
-        row = {"variant": variant, "seeds": len(x), f"{reference}_seeds": len(ref), "fid_mean": x.mean() if len(x) else np.nan,
-               f"{reference}_mean": ref.mean() if len(ref) else np.nan}
+        row = {"variant": variant, "reference": against, "seeds": len(x), f"{reference}_seeds": len(ref),
+               "fid_mean": x.mean() if len(x) else np.nan, f"{reference}_mean": ref.mean() if len(ref) else np.nan}
         row["difference"] = row["fid_mean"] - row[f"{reference}_mean"]
         row["ratio"] = row["fid_mean"] / row[f"{reference}_mean"]
         row["ci95_low"] = row["ci95_high"] = row["p"] = np.nan
@@ -76,28 +103,39 @@ def verdict(row, reference: str) -> str:
         return f"too few seeds to tell (need {MIN_SEEDS} a side)"
     if np.isnan(row["p_holm"]) or row["p_holm"] >= ALPHA:
         return f"no difference shown (p_holm {row['p_holm']:.2g})"
-    return f"{'better' if row['difference'] < 0 else 'worse'} than {reference} (p_holm {row['p_holm']:.2g})"
+    against = row.get("reference") or reference
+    return f"{'better' if row['difference'] < 0 else 'worse'} than {against} (p_holm {row['p_holm']:.2g})"
 
 
 def best_variant(summary: pd.DataFrame, reference: str = REFERENCE) -> str | None:
-    """The non-reference variant with the lowest mean final FID (diverged runs excluded)."""
-    means = {v: finals(summary, v).mean() for v in summary["variant"].drop_duplicates()
-             if v != reference and len(finals(summary, v))}
+    """The variant, other than the references, with the lowest mean final FID (diverged runs
+    excluded) and a reference to be compared with."""
+    means = {v: finals(summary, v).mean() for v, against in references(summary, reference).items()
+             if against is not None and len(finals(summary, v))}
     return min(means, key=means.get) if means else None
+
+
+def teacher_fid(summary: pd.DataFrame, variant: str | None) -> float | None:
+    """The teacher FID of a variant's runs (studies over teachers have several)."""
+    if variant is None or "teacher_fid" not in summary:
+        return None
+    values = summary[summary["variant"] == variant]["teacher_fid"].dropna()
+    return float(values.iloc[0]) if len(values) else None
 
 
 def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERENCE) -> str:
     """The result in one paragraph, for the top of REPORT.md."""
     best = best_variant(summary, reference)
-    ref = finals(summary, reference)
-    teacher = summary["teacher_fid"].dropna() if "teacher_fid" in summary else pd.Series(dtype=float)
-    teacher_text = f"; teacher {teacher.iloc[0]:.2f}" if len(teacher) else ""
+    against = references(summary, reference).get(best) if best is not None else None
+    ref = finals(summary, against) if against is not None else np.array([])
+    teacher = teacher_fid(summary, best)
+    teacher_text = f"; teacher {teacher:.2f}" if teacher is not None else ""
     if best is None or not len(ref):
         return f"No comparison with {reference}: the study has no finished {reference} run or no other variant."
     row = table[table["variant"] == best].iloc[0]
     x = finals(summary, best)
     parts = [f"Best LIFT/PLACE variant: **{best}**, final FID {x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f} "
-             f"over {len(x)} seeds, against {reference} {ref.mean():.2f} ± {ref.std(ddof=1) if len(ref) > 1 else 0:.2f} "
+             f"over {len(x)} seeds, against {against} {ref.mean():.2f} ± {ref.std(ddof=1) if len(ref) > 1 else 0:.2f} "
              f"over {len(ref)}{teacher_text} (mean ± std)."]
     if not np.isnan(row["ci95_low"]):
         parts.append(f"Difference {row['difference']:+.2f} FID (95% CI {row['ci95_low']:+.2f} to {row['ci95_high']:+.2f}, "
@@ -143,7 +181,8 @@ def make(folder):
     _, summary, info = load(folder)
     table = versus(summary)
     best = best_variant(summary)
-    shown = [v for v in (REFERENCE, best) if v is not None and v in set(summary["variant"])]
+    against = references(summary).get(best, REFERENCE) if best is not None else REFERENCE
+    shown = [v for v in (against, best) if v is not None and v in set(summary["variant"])]
     panels = sample_panels(summary, shown)
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.6 + 2.4 * len(panels), 4.2),
                              gridspec_kw={"width_ratios": [1.5] + [1] * len(panels)}, squeeze=False)
@@ -154,24 +193,24 @@ def make(folder):
                    label=f"{variant}: {len(x)} seeds")
         if len(x):
             ax.hlines(x.mean(), i - 0.25, i + 0.25, color=f"C{i}", lw=2)
-    teacher = summary["teacher_fid"].dropna() if "teacher_fid" in summary else pd.Series(dtype=float)
-    if len(teacher):
-        ax.axhline(teacher.iloc[0], color="k", ls="--", lw=1, label=f"teacher {teacher.iloc[0]:.2f}")
+    teacher = teacher_fid(summary, best if best is not None else against)
+    if teacher is not None:
+        ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher {teacher:.2f}")
     ax.set_xticks(range(len(shown)), shown, fontsize=9)
     ax.set_xlim(-0.6, len(shown) - 0.4)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("final FID (lower is better)")
-    ax.set_title(f"{info['name']}: kd vs the best variant", fontsize=10)
+    ax.set_title(f"{info['name']}: {against} vs the best variant", fontsize=10)
     # Under the axes: inside, a legend can hide a seed's point.
     if ax.get_legend_handles_labels()[0]:  # (a partial study may have nothing to plot yet)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3 if panels else 1, frameon=False)
     for panel_ax, (title, image) in zip(axes[0, 1:], panels):
         panel_ax.imshow(image, cmap="gray")
         panel_ax.set_title(title, fontsize=9)
         panel_ax.axis("off")
     paths = save_figure(fig, folder, "headline", footer=protocol_line(summary) + "; samples: same noise in every grid")
-    caption = (f"{info['name']}: each variant's mean final FID against {REFERENCE}'s (difference < 0: better than "
-               f"{REFERENCE}), Welch's 95% interval of the difference and p-value, Holm-adjusted over the variants "
+    caption = (f"{info['name']}: each variant's mean final FID against its {REFERENCE} run's (column reference; "
+               f"difference < 0: better than {REFERENCE}), Welch's 95% interval of the difference and p-value, Holm-adjusted over the variants "
                f"({protocol_line(summary)}).")
     if not table.empty:
         paths += save_table(table, folder, "versus_kd", caption)

@@ -75,6 +75,34 @@ def test_versus_kd_gives_welch_interval_and_an_honest_verdict():
     assert headline.best_variant(fixed_summary()) == "place"
 
 
+def test_variants_of_another_teacher_are_compared_with_the_kd_run_of_their_own_teacher():
+    """teacher_scale and compression vary more than the objective: "place unet-l" is compared
+    with "kd unet-l", and the teacher line is the best variant's teacher."""
+    rows = []
+    for teacher, kd_fids, place_fids, teacher_fid in (("unet-m", [10, 11, 12], [20, 21, 22], 3.0),
+                                                      ("unet-l", [30, 31, 32], [5, 6, 7], 1.5)):
+        for method, fids in (("kd", kd_fids), ("place", place_fids)):
+            for seed, fid in enumerate(fids):
+                rows.append({"variant": f"{method} {teacher}", "final_fid": float(fid), "diverged": False,
+                             "config/objective/name": method, "config/teacher/name": teacher,
+                             "config/train/seed": seed, "teacher_fid": teacher_fid})
+    summary = pd.DataFrame(rows)
+    assert headline.references(summary) == {"place unet-m": "kd unet-m", "place unet-l": "kd unet-l"}
+    table = headline.versus(summary).set_index("variant")
+    assert table.loc["place unet-l", "difference"] == pytest.approx(6.0 - 31.0)
+    assert table.loc["place unet-m", "difference"] == pytest.approx(21.0 - 11.0)
+    assert table.loc["place unet-l", "verdict"].startswith("better than kd unet-l")
+    assert table.loc["place unet-m", "verdict"].startswith("worse than kd unet-m")
+    assert headline.best_variant(summary) == "place unet-l" and headline.teacher_fid(summary, "place unet-l") == 1.5
+    text = headline.sentence(summary, headline.versus(summary))
+    assert "against kd unet-l 31.00" in text and "teacher 1.50" in text
+    # One kd for every variant where only the objective differs (ablate_k), and without config
+    # columns the variant named kd.
+    flat = summary[summary["config/teacher/name"] == "unet-m"].replace({"kd unet-m": "kd", "place unet-m": "place"})
+    assert headline.references(flat) == {"place": "kd"}
+    assert headline.references(fixed_summary()) == {"place": "kd", "lift": "kd"}
+
+
 def test_bootstrap_interval_is_deterministic_and_degenerate_for_one_value():
     assert stability.bootstrap_ci([1.0, 2.0, 3.0]) == stability.bootstrap_ci([1.0, 2.0, 3.0])
     assert all(np.isnan(stability.bootstrap_ci([5.0])))
