@@ -9,10 +9,16 @@ unet-s are left with one channel per group and did not learn; unet-m's student i
 either way (it keeps 3 per group), so its runs match the default study's.
 Held fixed: objective options, steps, batch, lr, seeds. Varied: the shipped teachers unet-xs,
 unet-s, unet-m, unet-l (0.28M to 2.5M parameters) x {kd, place K=16}.
-Cost: `cpu` preset, 8 variants x 2 seeds as 8 cohort trials (one per teacher and seed), about
-55 minutes on a 2-core laptop quiet (estimated from measured step costs); one run at load 5-6
-had finished 4 of the 8 trials after an hour (unet-l's trials are the longest; README table
-for the results so far); at `paper`,
+Cost: `cpu` preset, 8 variants x 2 seeds as 8 cohort trials (one per teacher and seed). Measured
+in three pieces, not one uninterrupted run (the first was stopped at a session's end, the second
+by a `ray stop` of another job), at load 5-20: 1 h 26 min + 22.5 min + 8 min of trials, each
+resume repeating the steps since its trial's last checkpoint, then the report; about 55 minutes
+quiet (estimated from measured step costs). unet-l's trials are the longest (42-45 min each at
+load 5-6). Result (final FID, 2 seeds, kd / place K=16; the teachers' own: 11.2, 3.9, 3.0, 1.5):
+unet-xs 1,633 / 1,633 (its 2,713-parameter student does not learn), unet-s 579 / 463 (neither
+near converged), unet-m 11.7 / 24.1, unet-l 13.0 / 56.9. KD does not get worse from unet-m to
+unet-l (11.0-12.4 and 12.5-13.5); PLACE does (15.6-32.7 and 35.9-77.9): the opposite of the
+paper's Figure 1 here, with too few seeds for a test; at `paper`,
 pass your own teachers with --set (one run per teacher directory).
 
     python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--cohort auto|off] [--set key=value ...]
