@@ -20,6 +20,14 @@ def make(folder):
     teachers = summary.groupby("teacher_params")["teacher_fid"].first()
     ax.plot(teachers.index, teachers.values, ":", color="gray", label="the teacher itself")
     ax.set_xscale("log")
+    for name, row in summary.groupby("config/teacher/name")[["teacher_params"]].first().iterrows():
+        ax.annotate(name, (row["teacher_params"], 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                    textcoords="offset points", ha="center", fontsize=7, color="gray")
+    values = [*ok["final_fid"].dropna(), *teachers.dropna()]
+    if values and min(values) > 0:
+        # FIDs from ~1 (teachers) to ~1,000 (students that did not learn): on a linear axis the
+        # converged students' differences vanish.
+        ax.set_yscale("log")
     ax.set_xlabel("teacher parameters")
     ax.set_ylabel("student FID (lower is better)")
     ax.set_title(f"{info['name']}: one pruned student per teacher ({seeds_note(summary)} seeds)", fontsize=10)
