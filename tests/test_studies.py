@@ -48,6 +48,10 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure, capfd):
     assert not summary["diverged"].any() and (summary["final_fid"] > 0).all()
     out = folder / "analysis"
     assert (out / figure).stat().st_size > 0 and (out / "REPORT.md").stat().st_size > 0
+    if name in ("teacher_scale", "compression"):  # each variant against the kd of its own teacher / ratio
+        headline = importlib.import_module("headline")
+        pairs = headline.references(summary)
+        assert pairs and all(ref == "kd " + variant.split(" ", 1)[1] for variant, ref in pairs.items()), pairs
     if name == "ablate_k":  # a paper study copied off its cluster: figures from the rows, the rest said
         copy = tmp_path / "copied" / name
         shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint_*", "analysis"))
