@@ -128,9 +128,11 @@ def cases(tiny_teacher_dir, tmp_path_factory):
         "study: another study in storage": _other_study(tmp / "other", tiny_teacher_dir),
     }
     before = {name: snapshot(case.out) if case.out.exists() else None for name, case in found.items()}
+    # 600 s each: a refusal takes ~20 s on an idle 2-core machine, but 180 s were exceeded at
+    # load 16-20 (three studies beside the suite); the timeout is there to catch a hang.
     with ThreadPoolExecutor(max_workers=3) as pool:
         done = dict(zip(found, pool.map(
-            lambda case: subprocess.run(case.cmd, capture_output=True, text=True, timeout=180, env=env() | case.env,
+            lambda case: subprocess.run(case.cmd, capture_output=True, text=True, timeout=600, env=env() | case.env,
                                         cwd=ROOT),
             found.values())))
     return {name: (found[name], done[name], before[name]) for name in found} | {"_tmp": tmp}
