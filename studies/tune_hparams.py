@@ -8,8 +8,9 @@ steps, batch, seed 0.
 Cost: `cpu` preset, 12 sampled trials (ASHA stops some at a third of the steps; searches never
 run as cohorts), about 40 minutes on a 2-core laptop quiet (estimated from the default study's
 measured step cost); started once at load 5-20 (a test suite beside it), it had finished 5 of
-12 trials after 1 h 20 min (~25 min per full trial at that load), best FID 13.1 so far (coarse l1,
-K=16, constant w, lr 1.4e-3; kd's is 11.7 in the default study); not finished yet. `paper`: up to 12 GPU runs of 100k steps.
+12 trials after 1 h 20 min (~25 min per full trial at that load); a sixth then reached FID 12.3, the
+best so far (coarse l2, K=16, cosine w, lr 8.0e-4; kd's is 11.7 in the default study); not
+finished yet. `paper`: up to 12 GPU runs of 100k steps.
 
     python studies/tune_hparams.py [--preset smoke|cpu|cpu-50|paper] [--storage DIR] [--set key=value ...]
 """
