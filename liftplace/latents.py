@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from liftplace import files
 
@@ -100,12 +100,10 @@ def cached_encode(vae, vae_dir: str | Path, images: torch.Tensor, labels: torch.
 
 def _read(path: Path, vae_key: str, data_key: str, count: int) -> tuple[torch.Tensor | None, str]:
     """(latents, "") when path holds the latents of these keys, else (None, what is wrong)."""
-    try:
-        from safetensors import safe_open
-
+    try:  # one open: the metadata, then the tensor
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        latents = load_file(str(path)).get("latents")
+            latents = handle.get_tensor("latents") if "latents" in handle.keys() else None
     except (SafetensorError, OSError, ValueError) as err:
         return None, f"cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     if metadata.get("vae") != vae_key or metadata.get("data") != data_key:
