@@ -65,13 +65,13 @@ def teacher_path(name_or_path: str | Path) -> Path:
     if not path.is_dir():
         shipped = ", ".join(shipped_teachers()) or "none"
         raise FileNotFoundError(f"teacher not found: {name} is neither a directory nor a shipped teacher ({shipped})")
-    pipeline = pipeline_dir(path)
-    if pipeline is not None:
-        index = pipeline / "model_index.json"
-        component = PIXEL_PIPELINES[_read_json(index)["_class_name"]]
+    found = _pipeline(path)
+    if found is not None:
+        pipeline, component = found
         path = pipeline / component
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"teacher {index}: its component {component!r} has no {component}/config.json")
+            raise FileNotFoundError(f"teacher {pipeline / 'model_index.json'}: its component {component!r} has no "
+                                    f"{component}/config.json")
         return path
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher directory {path} has no config.json (save it with save_pretrained)")
@@ -82,6 +82,12 @@ def pipeline_dir(name_or_path: str | Path) -> Path | None:
     """The pipeline directory a teacher name points at (it holds model_index.json), or None
     for a shipped teacher or a model directory. A pipeline of a layout that cannot be
     distilled is refused here (ValueError naming the file and its _class_name)."""
+    found = _pipeline(name_or_path)
+    return found[0] if found is not None else None
+
+
+def _pipeline(name_or_path: str | Path) -> tuple[Path, str] | None:
+    """(pipeline directory, the component that holds its denoiser), or None: see pipeline_dir."""
     if str(name_or_path) in shipped_teachers():
         return None
     path = Path(name_or_path).expanduser()
@@ -93,7 +99,7 @@ def pipeline_dir(name_or_path: str | Path) -> Path | None:
         what = NOT_YET.get(kind, "not a pipeline liftplace can distill")
         raise ValueError(f"teacher {index}: _class_name {kind!r} is {what}; supported pipelines: "
                          f"{', '.join(PIXEL_PIPELINES)} (pixel space), or a UNet2DModel / DiTTransformer2DModel directory")
-    return path
+    return path, PIXEL_PIPELINES[kind]
 
 
 def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
