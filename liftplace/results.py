@@ -175,17 +175,43 @@ def last_checkpoint(rows: list[dict], trial: Path | None = None) -> str | None:
     return None
 
 
+# How study.json named a search dimension before it was described stably: str() of the Ray
+# Tune domain, which holds its memory address ("<ray.tune.search.sample.Float object at 0x7f..>")
+# and so differed in every process.
+_ADDRESS_REPR = re.compile(r"<ray\.tune\.search\.sample\.(\w+) object at 0x[0-9a-f]+>")
+_DOMAIN_PREFIX = {"Categorical": "choice(", "Float": "Float(", "Integer": "Integer("}
+
+
+def _upgrade_space(existing: dict, info: dict) -> dict:
+    """``existing`` with each address-named search dimension replaced by ``info``'s description
+    of it, where the domain's kind agrees (all such a file can tell)."""
+    space, wanted = existing.get("space"), info.get("space")
+    if not isinstance(space, dict) or not isinstance(wanted, dict):
+        return existing
+    upgraded = {}
+    for key, value in space.items():
+        match = _ADDRESS_REPR.fullmatch(value) if isinstance(value, str) else None
+        new = wanted.get(key)
+        if match and isinstance(new, str) and new.startswith(_DOMAIN_PREFIX.get(match.group(1), "\0")):
+            value = new
+        upgraded[key] = value
+    return {**existing, "space": upgraded}
+
+
 def claim_study(folder: Path, info: dict, resume: bool) -> None:
     """Write study.json, refusing a folder that holds another study (or this one, without --resume)."""
     info_file = folder / STUDY_FILE
     if info_file.is_file():
         existing = json.loads(info_file.read_text())
-        if existing != info:
+        upgraded = _upgrade_space(existing, info)
+        if upgraded != info:
             raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
                                   "choose another --storage")
         if not resume:
             raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
                                   "or choose another --storage")
+        if upgraded != existing:
+            files.write_text(info_file, json.dumps(info, indent=2) + "\n")
         return
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty and holds no study: choose another --storage")

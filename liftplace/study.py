@@ -142,10 +142,28 @@ def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None =
     return Plan(study, preset, trials, configs, chosen, folder, info)
 
 
+def describe_domain(domain) -> str:
+    """A search dimension as text that is the same in every process: ``choice([4, 16])``,
+    ``Float(0.0001, 0.003, LogUniform)``, ``Integer(1, 10, Uniform q=2)``. (``str`` of a Ray Tune
+    domain or sampler can be its memory address, which made study.json differ on each --resume.)"""
+    if hasattr(domain, "categories"):
+        return f"choice({list(domain.categories)!r})"
+    if not hasattr(domain, "get_sampler"):
+        return repr(domain)
+    sampler = domain.get_sampler()
+    if type(sampler).__name__ == "Quantized":
+        text = f"{sampler.sampler} q={sampler.q!r}"
+    else:
+        text = str(sampler) + "".join(f" {k}={v!r}" for k, v in sorted(vars(sampler).items()))
+    if hasattr(domain, "lower"):
+        return f"{type(domain).__name__}({domain.lower!r}, {domain.upper!r}, {text})"
+    return f"{type(domain).__name__}({text})"
+
+
 def _info(study: Study, preset, overrides, seeds, runner, count) -> dict:
     """study.json: what makes two runs of a study the same study (compared on --resume)."""
     return {"name": study.name, "description": study.description, "preset": preset, "overrides": list(overrides),
-            "seeds": seeds, "evals": study.evals, "space": {k: str(v) for k, v in study.space.items()},
+            "seeds": seeds, "evals": study.evals, "space": {k: describe_domain(v) for k, v in study.space.items()},
             "num_samples": study.num_samples, "variants": study.variants, "base": study.base, "metric": study.metric,
             "mode": study.mode, "runner": runner, "trials": count}
 

@@ -145,6 +145,41 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     assert ((summary["config/train/lr"] >= 1e-4) & (summary["config/train/lr"] <= 3e-3)).all()
     # ASHA stops trials only at evaluations: each trial's last row carries a FID
     assert (df.groupby("run").tail(1)["fid"].notna()).all()
+    # --resume compares study.json with the plan a new process makes: the search space must
+    # read the same there (it once held each Ray domain's memory address, so no search resumed)
+    code = ("import dataclasses, json, sys; sys.path.insert(0, 'studies'); import tune_hparams as m; "
+            "from liftplace.study import plan; study = dataclasses.replace(m.STUDY, num_samples=3); "
+            f"print(json.dumps(plan(study, preset='smoke', overrides={FAST[1::2] + ['train.steps=12']!r}, "
+            f"storage={str(tmp_path)!r}).info))")
+    fresh = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                      check=True).stdout)
+    saved = json.loads((folder / "study.json").read_text())
+    assert fresh == saved and saved["space"]["objective.group_size"] == "choice([4, 16, 64])"
+    assert saved["space"]["train.lr"] == "Float(0.0001, 0.003, LogUniform)"
+
+
+def test_a_study_json_from_before_stable_space_names_is_upgraded_on_resume(tmp_path):
+    from liftplace.results import claim_study
+
+    info = {"name": "s", "space": {"train.lr": "Float(0.0001, 0.003, LogUniform)",
+                                   "objective.coarse": "choice(['l1', 'l2'])"}, "trials": 3}
+    old = {**info, "space": {"train.lr": "<ray.tune.search.sample.Float object at 0x7f59c8058550>",
+                             "objective.coarse": "<ray.tune.search.sample.Categorical object at 0x7f5ab4916910>"}}
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(old))
+    # another kind of domain, or any other field changed, is still a different study
+    for other in ({**old, "trials": 4},
+                  {**old, "space": {**old["space"], "train.lr": "<ray.tune.search.sample.Integer object at 0x1>"}}):
+        (folder / "study.json").write_text(json.dumps(other))
+        with pytest.raises(FileExistsError, match="different study"):
+            claim_study(folder, info, resume=True)
+    (folder / "study.json").write_text(json.dumps(old))
+    claim_study(folder, info, resume=True)
+    assert json.loads((folder / "study.json").read_text()) == info  # rewritten in the stable form
+    with pytest.raises(FileExistsError, match="different study"):
+        claim_study(folder, {**info, "space": {**info["space"], "train.lr": "Float(0.0001, 0.01, LogUniform)"}},
+                    resume=True)
 
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
