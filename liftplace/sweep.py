@@ -876,15 +876,18 @@ class StudyConsole(Callback):
     """What a study prints while it runs (instead of Ray Tune's tables, which --verbose keeps):
     one line when a trial starts, one when it ends (its runs' final FIDs, its time), and at most
     every ``every`` seconds (less often as the study ages) a progress line: trials
-    done/running/pending, training steps done of the study's total, and the time left at the
-    rate measured so far."""
+    done/running/pending, training steps done of the study's total, and the time left: the
+    steps left over the running trials' summed rate, each trial's rate measured between its own
+    first and latest rows (a trial with one row yet counts at the mean of the others'). The
+    estimate changes only when a row arrives, not as the wait for the next row grows."""
 
     def __init__(self, total_trials: int, *, every: float = 30.0, log=print):
         self.total_trials, self.every, self.log = total_trials, every, log
         self.start = time.time()
         self.last_line = self.start
         self.steps: dict[str, int] = {}  # trial id -> last reported step
-        self.base: tuple[float, int] | None = None  # (time, steps done) at the first row seen
+        # trial id -> [time, step] of its first row (since its last restart) and of its latest
+        self.rows: dict[str, list[float]] = {}
         self.started: dict[str, float] = {}
 
     def _progress(self, trials) -> str:
@@ -896,10 +899,8 @@ class StudyConsole(Callback):
             _trial_steps(trials[0]) if trials else 0)
         finished = self._done(trials)
         elapsed = time.time() - self.start
-        eta = "ETA after the first rows"
-        if self.base is not None and finished > self.base[1]:  # the study's rate since its first row
-            rate = (finished - self.base[1]) / max(time.time() - self.base[0], 1e-9)
-            eta = f"ETA {_duration((total - finished) / rate)}"
+        rate = self._rate(trials)
+        eta = f"ETA {_duration((total - finished) / rate)}" if rate else "ETA after the first rows"
         return (f"[{_duration(elapsed)}] trials: {done} done, {running} running, {pending} pending"
                 + (f", {failed} failed" if failed else "")
                 + f"; steps {finished:,}/{total:,} ({100 * finished / max(total, 1):.0f}%); {eta}")
@@ -923,10 +924,28 @@ class StudyConsole(Callback):
     def _done(self, trials) -> int:
         return sum(_trial_steps(t) if t.status == "TERMINATED" else self.steps.get(t.trial_id, 0) for t in trials)
 
+    def _rate(self, trials) -> float:
+        """Steps per second of the study now: its running trials' rates summed (0: unknown)."""
+        def own(rows):
+            t0, s0, t1, s1 = rows
+            return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+        known = [r for r in map(own, self.rows.values()) if r]
+        if not known:
+            return 0.0
+        mean = sum(known) / len(known)
+        running = [own(self.rows[t.trial_id]) if t.trial_id in self.rows else None
+                   for t in trials if t.status == "RUNNING"]
+        return sum(r or mean for r in running) or mean
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.steps[trial.trial_id] = int(result.get("step", 0))
-        if self.base is None:
-            self.base = (time.time(), self._done(trials))
+        step, now = int(result.get("step", 0)), time.time()
+        self.steps[trial.trial_id] = step
+        rows = self.rows.get(trial.trial_id)
+        if rows is None or step < rows[3]:  # its first row, or it restarted from a checkpoint
+            self.rows[trial.trial_id] = [now, step, now, step]
+        else:
+            rows[2:] = [now, step]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         took = time.time() - self.started.get(trial.trial_id, self.start)

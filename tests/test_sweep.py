@@ -200,13 +200,21 @@ def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch)
     console.on_trial_result(0, trials, b, {"step": 10})
     clock[0] += 25
     console.on_step_end(0, trials)  # 35 s since the last line: a progress line
-    # 20 steps in the 35 s since the first row (10 steps then, 30 now); 270 left -> 472.5 s
-    assert lines[-1] == "[0m35s] trials: 0 done, 2 running, 1 pending; steps 30/300 (10%); ETA 7m52s"
+    # a: 10 steps in the 10 s between its rows, 1 step/s; b (one row yet) counts at that mean:
+    # 2 steps/s for the 270 steps left -> 135 s
+    assert lines[-1] == "[0m35s] trials: 0 done, 2 running, 1 pending; steps 30/300 (10%); ETA 2m15s"
     console.on_step_end(0, trials)  # no second line within 30 s
     assert len(lines) == 3
+    clock[0] += 60  # no row for a minute: the estimate stays (it once grew with the wait)
+    console.on_step_end(0, trials)
+    assert lines[-1].endswith("steps 30/300 (10%); ETA 2m15s")
+    console.on_trial_result(0, trials, b, {"step": 40})  # b: 30 steps in the 85 s since its first row
+    clock[0] += 30
+    console.on_step_end(0, trials)
+    assert lines[-1].endswith("steps 60/300 (20%); ETA 2m57s")  # 240 steps / (1 + 30/85) steps/s
     a.status, a.last_result = "TERMINATED", {"members": {"kd": {"fid": 12.345}, "place": {"diverged": True}}}
     console.on_trial_complete(0, trials, a)
-    assert lines[-1].endswith("in 0m35s: kd FID 12.35 | place diverged")
+    assert lines[-1].endswith("in 2m05s: kd FID 12.35 | place diverged")
 
 
 def test_configs_saved_before_a_key_was_added_still_resume():
