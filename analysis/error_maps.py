@@ -15,19 +15,17 @@ channel (LIFT) removes and how much one line per group (PLACE) removes.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pandas as pd
 import torch
 
 from common import cli, load, plt, save_figure
 from liftplace import models
-from liftplace.data import load_dataset
 from liftplace.checkpoints import load_student
-from liftplace.metrics import stack_dataset
+from liftplace.latents import load_split
 from liftplace.objectives import PLACE_GROUP_SIZE, error_order, fit_lines, group_elements, group_length
 from liftplace.results import trial_config
-from liftplace.teachers import teacher_path
+from liftplace.teachers import load_vae, teacher_space
 
 FRACTIONS = (0.05, 0.25, 0.5, 0.75, 0.95)  # timesteps as fractions of T
 DEFAULT_K = PLACE_GROUP_SIZE  # when the study has no place variant
@@ -53,7 +51,7 @@ def residual_after_lines(s: torch.Tensor, t: torch.Tensor, group_len: int) -> fl
 def variant_k(config) -> int:
     """The place variant's group size (place's default for any other objective), computed by
     place itself from its options; the maps draw groups within channel 0 (H*W elements)."""
-    o, r = config.objective, config.data.resolution
+    o, r = config.objective, teacher_space(config.teacher.name).size or config.data.resolution
     settings = dataclasses.asdict(o) if o.name == "place" else {}
     # A channel-grouped domain is one channel whatever C is: read the teacher's C only when
     # the whole sample is the domain.
@@ -65,7 +63,7 @@ def variant_k(config) -> int:
 
 
 def config_channels(config) -> int:
-    return json.loads((teacher_path(config.teacher.name) / "config.json").read_text())["in_channels"]
+    return teacher_space(config.teacher.name).channels
 
 
 def pick_students(summary: pd.DataFrame) -> list:
@@ -103,8 +101,9 @@ def make(folder):
     fig, axes = plt.subplots(rows, len(FRACTIONS), figsize=(2.3 * len(FRACTIONS), 2.35 * rows), squeeze=False)
     for block, (row, config) in enumerate(zip(picks, configs)):
         student, teacher, process = load_student(row["final_checkpoint"], config)
-        val = load_dataset(config.data.spec, config.data.resolution, "val", models.in_channels(teacher))
-        images, labels = stack_dataset(val)
+        space = teacher_space(config.teacher.name)  # a latent teacher's maps are over its latents
+        val = load_split(config, "val", space, load_vae(space))
+        images, labels = val.x0, val.labels
         y = labels[:1] if val.num_classes else None
         n = images[0, 0].numel()
         for col, (t, x_t, s, tt) in enumerate(maps(student, teacher, process, images[:1], y, seed=config.eval.seed)):

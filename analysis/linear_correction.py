@@ -29,12 +29,12 @@ import torch
 
 from common import load, out_dir, plt, save_figure, save_table
 from liftplace import models
-from liftplace.data import load_dataset
 from liftplace.checkpoints import load_student
-from liftplace.metrics import compute_metrics, real_images, stack_dataset
+from liftplace.latents import load_split
+from liftplace.metrics import compute_metrics
 from liftplace.objectives import fit_lines
 from liftplace.results import trial_config
-from liftplace.teachers import generate
+from liftplace.teachers import generate, load_vae, teacher_space
 
 NUM_TIMESTEPS = 11  # evenly spaced over [0, T): 0, 100, ..., 900, 999 for T = 1000
 PROBE_IMAGES = 256  # validation images per timestep for the error shares
@@ -107,20 +107,21 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
         student, teacher, process = load_student(row["final_checkpoint"], config, device=device)
         protocol = config.eval.protocol()
         n = min(protocol.num_images, num_images or DEFAULT_FID_IMAGES)
-        val = load_dataset(config.data.spec, config.data.resolution, "val", models.in_channels(teacher))
-        images, labels = stack_dataset(val)
+        space = teacher_space(config.teacher.name)  # a latent teacher: probed on latents, sampled images decoded
+        val = load_split(config, "val", space, load_vae(space, device))
+        images, labels = val.x0, val.labels
         k = min(PROBE_IMAGES, len(images))
         y = labels[:k].to(device) if val.num_classes else None
         share = error_shares(student, teacher, process, images[:k].to(device), y, seed=protocol.seed)
         shares.append(share.assign(variant=row["variant"]))
         if row["variant"] not in sampled:
             continue
-        real = real_images(val, n)
+        real = val.images[:n]
 
         def fid(**kwargs):
             fake = generate(student, process, n, steps=protocol.sampler_steps, seed=protocol.seed,
                             num_classes=val.num_classes, device=device, **kwargs)
-            return compute_metrics(fake, real, protocol, real_cache_key=val.name)
+            return compute_metrics(val.to_images(fake), real, protocol, real_cache_key=val.name)
 
         log(f"linear_correction: {row['variant']}: sampling {n} images as trained and corrected")
         plain, fixed = fid(), fid(predict_fn=corrected_predict(student, teacher))
@@ -128,7 +129,7 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
         if key not in teacher_metrics:
             fake = generate(teacher, process, n, steps=protocol.sampler_steps, seed=protocol.seed,
                             num_classes=val.num_classes, device=device)
-            teacher_metrics[key] = compute_metrics(fake, real, protocol, real_cache_key=val.name)
+            teacher_metrics[key] = compute_metrics(val.to_images(fake), real, protocol, real_cache_key=val.name)
         t_fid = teacher_metrics[key]["fid"]
         gap = plain["fid"] - t_fid
         fids.append({"variant": row["variant"], "seed": int(row["seed"]), "images": n,

@@ -73,6 +73,11 @@ def make(folder):
              f"runner `{info['runner']}`, {len(summary)} runs ({int(summary['diverged'].sum())} diverged)"
              + (f" in {info['trials']} cohort trials (one teacher forward per step for the runs of a seed)"
                 if info.get("trials", len(summary)) < len(summary) else "") + ".", ""]
+    if "vae_params" in summary and summary["vae_params"].notna().any():
+        vae = summary[summary["vae_params"].notna()].iloc[0]
+        lines += [f"**Latent space.** The teacher and students denoise a frozen VAE's latents; their parameters and "
+                  f"MACs count the denoiser only. The VAE ({int(vae['vae_params']):,} parameters) decodes each sample "
+                  f"in {vae['vae_decode_macs'] / 1e6:,.1f} M MACs, once per image, before FID.", ""]
     headline_text = out_dir(folder) / "headline.txt"
     if headline_text.is_file():
         lines += ["## Result", "", headline_text.read_text().strip(), ""]

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liftplace import files, models
-from liftplace.teachers import load_teacher, teacher_process
+from liftplace.teachers import load_teacher, teacher_process, teacher_space
 
 STATE_FILE = "state.json"
 MANIFEST = "cohort.json"
@@ -175,7 +175,9 @@ def load_student(directory: str | Path, config, *, ema: bool = True, device="cpu
     """
     directory = Path(directory)
     teacher, _ = load_teacher(config.teacher.name, "cpu")
-    shape = (2, teacher.config.in_channels, config.data.resolution, config.data.resolution)
+    space = teacher_space(config.teacher.name)  # a latent teacher's denoiser is smaller than the images
+    size = space.size or config.data.resolution
+    shape = (2, space.channels, size, size)
     if not (directory / "student.safetensors").is_file():  # before the (slow) pruning
         raise FileNotFoundError(f"not a liftplace checkpoint (no student.safetensors): {directory}")
     student = models.build_student(teacher, config.student, seed=config.train.seed, example_shape=shape)

@@ -346,7 +346,7 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             _refuse("teacher.name", "the paper preset needs your teacher: --set teacher.name=DIR (a diffusers UNet2DModel or DDPM pipeline directory)")
         if not d.spec:
             _refuse("data.spec", "the paper preset needs your data: --set data.spec=folder:PATH (e.g. CelebA images)")
-    channels = 1
+    channels, size = 1, d.resolution  # the denoiser's input: pixels unless the teacher is latent
     if check_paths:
         try:
             check_dataset_spec(d.spec)
@@ -364,12 +364,24 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         if e.sampler_steps > process.num_train_timesteps:
             _refuse("eval.sampler_steps", f"{e.sampler_steps} is more than the teacher's {process.num_train_timesteps} "
                                           "training timesteps")
-        channels = net.get("in_channels", 1)
+        from liftplace.teachers import teacher_space
+
+        try:
+            space = teacher_space(teacher.name)
+        except (ValueError, FileNotFoundError) as err:
+            _refuse("teacher.name", str(err), type(err))
+        channels = space.channels
         if net.get("_class_name") == "UNet2DModel" and net.get("out_channels", channels) != channels:
             _refuse("teacher.name", f"{teacher.name}: its UNet predicts {net['out_channels']} channels from "
                                     f"{channels} (a learned variance?); a teacher must predict as many channels as it reads")
-        if net.get("sample_size") not in (None, d.resolution):
+        if space.latent and space.resolution() != d.resolution:
+            _refuse("data.resolution", f"{d.resolution} does not match the latent teacher's images: its sample size "
+                                       f"{space.size} is {space.factor}x smaller per side than the images its VAE "
+                                       f"encodes ({space.vae}); set data.resolution={space.resolution()}")
+        if net.get("sample_size") not in (None, d.resolution) and not space.latent:
             _refuse("data.resolution", f"{d.resolution} does not match the teacher's sample size {net['sample_size']}")
+        if space.latent:
+            size = space.size
         if s.prune_ratio is not None and net.get("_class_name") != "UNet2DModel":
             _refuse("student.prune_ratio", f"pruning needs a UNet2DModel teacher, {teacher.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
@@ -380,7 +392,7 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         _refuse("eval", str(err), type(err))
     if not objective_class(o.name).needs_features:  # feature objectives need the built networks' widths
         try:
-            make_objective(o.name, **config.objective_options(), shape=(channels, d.resolution, d.resolution))
+            make_objective(o.name, **config.objective_options(), shape=(channels, size, size))
         except ValueError as err:
             _refuse("objective", str(err))
 
@@ -404,7 +416,14 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
                 teacher, _ = load_teacher(name)  # its weights read and checked, on this machine's CPU
             except (ValueError, FileNotFoundError) as err:
                 _refuse("teacher.name", str(err), type(err))
-            checked_teachers[name] = int(teacher.config.in_channels)
+            from liftplace.teachers import load_vae, teacher_space
+
+            space = teacher_space(name)
+            try:
+                load_vae(space)  # a latent teacher's VAE: its weights read and checked too
+            except (ValueError, FileNotFoundError) as err:
+                _refuse("teacher.name", str(err), type(err))
+            checked_teachers[name] = space.image_channels  # the channels its data is read with
             del teacher
         channels = checked_teachers[name]
         key = (d.spec, d.resolution, channels)

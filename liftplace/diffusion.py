@@ -11,6 +11,7 @@ Three parameterizations, each on diffusers schedulers:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -31,10 +32,11 @@ SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "
 
 
 def make_process(prediction: str = "epsilon", num_train_timesteps: int = 1000,
-                 schedule: dict | None = None) -> NoiseProcess:
+                 schedule: dict | None = None, clip: float | None = 1.0) -> NoiseProcess:
     """The noise process for ``prediction`` (one of ``PREDICTIONS``) over ``num_train_timesteps``;
-    ``schedule``: DDPM noise levels (``SCHEDULE_FIELDS``), for epsilon and v only."""
-    return NoiseProcess(prediction, num_train_timesteps, schedule)
+    ``schedule``: DDPM noise levels (``SCHEDULE_FIELDS``), for epsilon and v only; ``clip``:
+    the sampler's bound on its clean estimate (None for latents, which are not in [-1, 1])."""
+    return NoiseProcess(prediction, num_train_timesteps, schedule, clip=clip)
 
 
 class NoiseProcess:
@@ -45,12 +47,16 @@ class NoiseProcess:
         num_train_timesteps: T; DDPM timesteps are integers in [0, T), flow timesteps are
             sigma * T with sigma in [0, 1].
         schedule: the DDPM noise levels' settings (``SCHEDULE_FIELDS``); empty for flow.
+        clip: sampling clips the clean estimate to [-clip, clip] at each DDIM step and the
+            result at the end (a DDIM scheduler's ``clip_sample_range``); None clips nothing
+            (latent space).
         scheduler: the diffusers training scheduler (``DDPMScheduler`` for epsilon and v,
             ``FlowMatchEulerDiscreteScheduler`` for flow); its ``betas`` and
             ``alphas_cumprod`` define the DDPM noise levels.
     """
 
-    def __init__(self, prediction: str = "epsilon", num_train_timesteps: int = 1000, schedule: dict | None = None):
+    def __init__(self, prediction: str = "epsilon", num_train_timesteps: int = 1000, schedule: dict | None = None,
+                 *, clip: float | None = 1.0):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         if not _is_int(num_train_timesteps) or num_train_timesteps < 2:
@@ -60,8 +66,11 @@ class NoiseProcess:
             raise ValueError(f"unknown schedule fields {unknown}; known: {', '.join(SCHEDULE_FIELDS)}")
         if schedule and prediction == "flow":
             raise ValueError("a DDPM schedule does not apply to flow prediction")
+        if clip is not None and not (isinstance(clip, numbers.Real) and 0 < clip < math.inf):
+            raise ValueError(f"clip must be a positive number or None, got {clip!r}")
         self.prediction = prediction
         self.num_train_timesteps = int(num_train_timesteps)
+        self.clip = None if clip is None else float(clip)
         self.schedule = {} if prediction == "flow" else {**_DEFAULT_SCHEDULE, **schedule}
         betas = self.schedule.get("trained_betas")
         if betas is not None and len(betas) != self.num_train_timesteps:
@@ -76,7 +85,8 @@ class NoiseProcess:
 
     def __repr__(self) -> str:
         return (f"NoiseProcess(prediction={self.prediction!r}, num_train_timesteps={self.num_train_timesteps}"
-                + (f", schedule={self.schedule!r})" if self.schedule not in ({}, _DEFAULT_SCHEDULE) else ")"))
+                + (f", schedule={self.schedule!r}" if self.schedule not in ({}, _DEFAULT_SCHEDULE) else "")
+                + (f", clip={self.clip!r})" if self.clip != 1.0 else ")"))
 
     def training_pair(
         self, x0: torch.Tensor, generator: torch.Generator | None = None
@@ -143,7 +153,7 @@ class NoiseProcess:
         DDPM processes use DDIM with eta = 0 and "leading" spacing: timesteps
         (steps-1)*k, ..., k, 0 with k = T // steps, and a last step to alpha_bar = 1
         (``set_alpha_to_one``), so the result is the model's clean estimate; the x0
-        estimate is clipped to [-1, 1] at each step. This is the DDIM paper's uniform skip;
+        estimate is clipped to [-clip, clip] at each step (not at all when clip is None). This is the DDIM paper's uniform skip;
         with very few steps it starts well below T - 1 (t = 500 for 2 steps). Flow uses
         Euler on sigma = linspace(1, 1/T, steps), then to 0.
 
@@ -159,7 +169,8 @@ class NoiseProcess:
             labels: optional class labels [B], passed through to predict_fn.
 
         Returns:
-            float32 samples of ``shape`` on ``device``, clamped to [-1, 1].
+            float32 samples of ``shape`` on ``device``, clamped to [-clip, clip] (as they are
+            when clip is None).
         """
         if not _is_int(steps) or not 1 <= steps <= self.num_train_timesteps:
             raise ValueError(f"steps must be an int in [1, {self.num_train_timesteps}], got {steps!r}")
@@ -180,7 +191,7 @@ class NoiseProcess:
             # DDIM indexes its tables with the timestep: a Python int works on any device.
             step_t = t if self.prediction == "flow" else int(t)
             x = scheduler.step(prediction, step_t, x).prev_sample
-        return x.float().clamp(-1.0, 1.0)
+        return x.float() if self.clip is None else x.float().clamp(-self.clip, self.clip)
 
     def _ddpm_config(self) -> dict:
         return dict(num_train_timesteps=self.num_train_timesteps, **self.schedule,
@@ -196,7 +207,8 @@ class NoiseProcess:
             num_train_timesteps=self.num_train_timesteps,
             trained_betas=self.scheduler.betas.tolist(),
             prediction_type=_DIFFUSERS_PREDICTION[self.prediction],
-            clip_sample=True,
+            clip_sample=self.clip is not None,
+            clip_sample_range=1.0 if self.clip is None else self.clip,
             set_alpha_to_one=True,
             steps_offset=0,
             timestep_spacing="leading",

@@ -40,14 +40,14 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
-from liftplace import checkpoints, models
+from liftplace import checkpoints, latents, models
 from liftplace.config import RunConfig
 from liftplace.data import load_dataset
 from liftplace.diffusion import NoiseProcess
-from liftplace.metrics import compute_metrics, protocol_record, real_images, stack_dataset
+from liftplace.metrics import compute_metrics, protocol_record, real_images
 from liftplace.objectives import Objective, make_objective, objective_class
 from liftplace.results import EVAL_COLUMNS, flatten
-from liftplace.teachers import generate, load_teacher, teacher_process
+from liftplace.teachers import Space, generate, load_teacher, load_vae, teacher_process, teacher_space
 
 Report = Callable[[dict, "Path | None"], None]
 # The settings the students of one cohort may differ in; everything else (teacher, data, seed,
@@ -168,6 +168,8 @@ class Run:
     stream: Stream
     trainees: list[Trainee]
     autocast: Callable
+    space: Space  # pixels, or a VAE's latents
+    vae: torch.nn.Module | None  # a latent teacher's frozen VAE: decodes samples for metrics and grids
     teacher_samples: torch.Tensor | None = None  # for samples.png, drawn once
 
 
@@ -197,8 +199,10 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     np.random.seed(tr.seed)
     random.seed(tr.seed)
     teacher, card = load_teacher(config.teacher.name, device)
-    train_set = load_dataset(config.data.spec, config.data.resolution, "train", models.in_channels(teacher))
-    images, labels = stack_dataset(train_set)
+    space = teacher_space(config.teacher.name)
+    vae = load_vae(space, device)
+    train_set = latents.load_split(config, "train", space, vae)  # a latent teacher's: encoded once, cached
+    images, labels = train_set.x0, train_set.labels
     stream = Stream(images, labels, train_set.num_classes, teacher_process(config.teacher.name, config.teacher.prediction), tr.batch, device,
                     torch.Generator().manual_seed(tr.seed * 1000 + rank))
     needs_features = any(objective_class(c.objective.name).needs_features for c in members.values())
@@ -211,6 +215,8 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         "teacher_fid": card.get("fid", float("nan")),
         **protocol_record(config.eval.protocol()),
     }
+    if vae is not None:  # the VAE's cost, apart from the denoisers' (its decoder runs once per sample)
+        static.update(vae_params=models.count_params(vae), vae_decode_macs=models.count_decode_macs(vae, example_shape))
     trainees = []
     for i, (variant, member) in enumerate(members.items()):
         torch.manual_seed(member.train.seed)
@@ -227,7 +233,7 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         trainees.append(trainee)
     bf16 = device.type == "cuda" and tr.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
-    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast)
+    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast, space, vae)
 
 
 def _trainee(variant, folder, config: RunConfig, student, teacher_taps, shape, device, world) -> Trainee:
@@ -340,7 +346,7 @@ def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, sav
                 if run.rank == 0 and evaluate and not row["diverged"]:
                     with trainee.own_rng():
                         row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
-                                                    run.stream.num_classes, run.device))
+                                                    run.stream.num_classes, run.device, space=run.space, vae=run.vae))
         except Exception:
             unevaluated = {v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}
             if ckpt_dir is not None:
@@ -516,13 +522,18 @@ def ema_weights(student, ema: EMAModel):
         ema.restore(student.parameters())
 
 
-def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device) -> dict:
-    """FID/KID/precision/recall of the EMA student."""
+def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device, *,
+                     space: Space | None = None, vae=None) -> dict:
+    """FID/KID/precision/recall of the EMA student; a latent student's samples are decoded by
+    ``vae`` first (the metrics compare images)."""
     protocol = config.eval.protocol()
-    val = load_dataset(config.data.spec, config.data.resolution, "val", models.in_channels(student))
+    channels = space.image_channels if space is not None else models.in_channels(student)
+    val = load_dataset(config.data.spec, config.data.resolution, "val", channels)
     with ema_weights(student, ema):
         fake = generate(student, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
                         num_classes=num_classes, device=device)
+    if vae is not None:
+        fake = latents.decode(vae, fake)
     return compute_metrics(fake, real_images(val, protocol.num_images), protocol, real_cache_key=val.name)
 
 
@@ -534,6 +545,10 @@ def save_samples(run: Run, trainee: Trainee, directory: Path) -> None:
         s = generate(trainee.student, run.stream.process, 32, **kwargs)
     if run.teacher_samples is None:
         run.teacher_samples = generate(run.teacher, run.stream.process, 32, **kwargs)
+        if run.vae is not None:
+            run.teacher_samples = latents.decode(run.vae, run.teacher_samples)
+    if run.vae is not None:
+        s = latents.decode(run.vae, s)
     t = run.teacher_samples
     grid = torch.cat([torch.cat([s[i:i + 4], t[i:i + 4]]) for i in range(0, 32, 4)])
     # Small images are blown up (nearest neighbour) so that the grid can be read on a screen.

@@ -6,6 +6,11 @@ samples are decoded for FID. Encoding takes the mean of the VAE's posterior (not
 that the same images and VAE always give the same latents, and scales it by the VAE's
 ``scaling_factor`` (the unit-variance convention of latent diffusion); ``decode`` undoes both.
 
+``load_split`` gives what a run trains on: the images of its data set, or their latents when
+its teacher is latent (``teachers.teacher_space``). The cache lives under
+``$LIFTPLACE_CACHE/latents`` (default ``~/.cache/liftplace/latents``), shared by every run and
+study on the machine: a study's trials encode once between them, the first to get there.
+
 The cache is a safetensors file named by the content it came from: the SHA-256 of the VAE's
 config and weight files and of the image and label tensors. A changed VAE or a changed image
 gives another name, so a stale cache is never read; a cache file that does not hold what its
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +33,41 @@ from safetensors.torch import save_file
 from liftplace import files
 
 ENCODE_BATCH = 250  # images per VAE call: bounds the encoder's activations, not the result
+
+
+def cache_root() -> Path:
+    """Where encoded data sets are cached (under LIFTPLACE_CACHE, as the FID statistics are)."""
+    return Path(os.environ.get("LIFTPLACE_CACHE", Path.home() / ".cache" / "liftplace")) / "latents"
+
+
+@dataclass
+class Split:
+    """A split of a run's data set, as its denoisers see it and as its metrics do."""
+
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1], at data.resolution
+    x0: torch.Tensor  # what the denoisers learn from: the images, or their latents
+    labels: torch.Tensor  # [N]
+    num_classes: int
+    name: str  # the data set's name (the key of its cached FID statistics)
+    vae: object = None  # a latent teacher's VAE
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """A denoiser's samples as images: decoded by the VAE in latent space."""
+        return samples if self.vae is None else decode(self.vae, samples)
+
+
+def load_split(config, split: str, space, vae, *, log: Callable[[str], object] = print) -> Split:
+    """The ``split`` ("train" or "val") of ``config``'s data set for a teacher of ``space`` (a
+    ``teachers.Space``, with its VAE from ``teachers.load_vae``): images loaded with the
+    channels the teacher (or its VAE) reads, and in latent space their latents, encoded once
+    and cached."""
+    from liftplace.data import load_dataset
+    from liftplace.metrics import stack_dataset
+
+    dataset = load_dataset(config.data.spec, config.data.resolution, split, space.image_channels)
+    images, labels = stack_dataset(dataset)
+    x0 = cached_encode(vae, space.vae, images, labels, cache_root(), log=log) if space.latent else images
+    return Split(images, x0, labels, dataset.num_classes, dataset.name, vae if space.latent else None)
 
 
 def vae_fingerprint(vae_dir: str | Path) -> str:

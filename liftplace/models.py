@@ -218,6 +218,17 @@ def count_macs(model: nn.Module, example_shape: Sequence[int], labels: torch.Ten
     return counter.get_total_flops() // 2
 
 
+def count_decode_macs(vae: nn.Module, latent_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of a VAE's decoding of one latent [1, *latent_shape[1:]] (counted
+    as ``count_macs`` counts): what each latent sample costs beyond its denoiser's steps."""
+    param = _first_param(vae)
+    z = torch.zeros((1, *latent_shape[1:]), device=param.device, dtype=param.dtype)
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        vae.decode(z)
+    return counter.get_total_flops() // 2
+
+
 def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Module | None = None) -> int:
     """Bytes one training step distilling ``teacher`` into ``student`` holds at its peak, for a
     batch of shape ``example_shape`` [B, C, H, W]: the teacher's forward without a graph, the

@@ -327,7 +327,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             best_fid=float(fids.min()) if len(fids) else np.nan,
         )
         for col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1", "student_params", "teacher_params",
-                    "compression", "student_macs", "teacher_macs", "images_per_s", "teacher_fid", "elapsed_s",
+                    "compression", "student_macs", "teacher_macs", "vae_params", "vae_decode_macs", "images_per_s", "teacher_fid", "elapsed_s",
                     "eval_extractor", "eval_num_images", "eval_sampler_steps", "eval_reference_images", "runner",
                     "final_checkpoint"):
             if col in group:

@@ -33,7 +33,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from liftplace import checkpoints, distill, files, results
-from liftplace.config import RunConfig, check_inputs, comparable, from_dict, set_value, teacher_config, validate
+from liftplace.config import RunConfig, check_inputs, comparable, from_dict, set_value, validate
 from liftplace.results import MetricsFile
 from liftplace.study import Study, autoscaling_ceiling, plan
 
@@ -218,13 +218,14 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
     """A step's bytes (times STEP_MARGIN) and the student's weight bytes: with the teacher as
     its own student (a bound, nothing built), or, ``exact``, with the config's student."""
     from liftplace import models
-    from liftplace.teachers import load_teacher
+    from liftplace.teachers import load_teacher, teacher_space
 
     name, d = config.teacher.name, config.data
     # The key from the teacher's config.json: its weights are read only when not yet estimated
     # (a study asks once per config, a cohort's configs share one estimate).
-    channels = int(teacher_config(config).get("in_channels", 1))
-    shape = (config.train.batch, channels, d.resolution, d.resolution)
+    space = teacher_space(name)  # the denoiser's input: a latent teacher's is smaller than the images
+    size = space.size or d.resolution
+    shape = (config.train.batch, space.channels, size, size)
     key = (name, shape, str(config.student) if exact else None)
     if key not in _STEPS:
         teacher = load_teacher(name)[0]

@@ -6,9 +6,11 @@ FID/KID with their protocol, the exact command) and ``samples.png`` (a grid to l
 The `cpu` preset's teachers ship inside the package under ``liftplace/assets/teachers``;
 ``load_teacher`` takes one of their names, any local diffusers UNet2DModel /
 DiTTransformer2DModel directory (a user's own DDPM for CIFAR-10 or CelebA works the same way),
-or a pixel-space diffusers pipeline directory (``DDPMPipeline`` / ``DDIMPipeline``:
-``model_index.json``, ``unet/``, ``scheduler/``), whose scheduler config then sets the noise
-process (``teacher_process``). Latent pipelines (``DiTPipeline``) are refused, naming the file.
+or a diffusers pipeline directory, whose scheduler config then sets the noise process
+(``teacher_process``): pixel space (``DDPMPipeline`` / ``DDIMPipeline``: ``model_index.json``,
+``unet/``, ``scheduler/``) or latent space (``DiTPipeline``: ``transformer/``, ``vae/``,
+``scheduler/``; its frozen ``AutoencoderKL`` encodes the data and decodes samples, see
+``teacher_space`` and ``liftplace.latents``). Other pipelines are refused, naming the file.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -38,8 +41,10 @@ MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransfo
 # Pipelines (model_index.json's _class_name) whose denoiser works on pixels: the component
 # that holds it. Their scheduler config decides the noise process.
 PIXEL_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet"}
-NOT_YET = {"DiTPipeline": "a latent pipeline (transformer/ and vae/); latent teachers are not supported yet",
-           "LDMPipeline": "a latent pipeline (unet/ and vqvae/); latent teachers are not supported yet"}
+# Pipelines whose denoiser works on a VAE's latents: (the denoiser's component, the VAE's).
+LATENT_PIPELINES = {"DiTPipeline": ("transformer", "vae")}
+NOT_YET = {"LDMPipeline": "a latent pipeline with a VQ autoencoder (vqvae/), which is not supported yet"}
+VAE_CLASSES = ("AutoencoderKL",)
 DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # a scheduler's prediction_type -> teacher.prediction
 
@@ -95,11 +100,88 @@ def _pipeline(name_or_path: str | Path) -> tuple[Path, str] | None:
     if not index.is_file():
         return None
     kind = _read_json(index).get("_class_name")
+    if kind in LATENT_PIPELINES:
+        return path, LATENT_PIPELINES[kind][0]
     if kind not in PIXEL_PIPELINES:
         what = NOT_YET.get(kind, "not a pipeline liftplace can distill")
         raise ValueError(f"teacher {index}: _class_name {kind!r} is {what}; supported pipelines: "
-                         f"{', '.join(PIXEL_PIPELINES)} (pixel space), or a UNet2DModel / DiTTransformer2DModel directory")
+                         f"{', '.join(PIXEL_PIPELINES)} (pixel space), {', '.join(LATENT_PIPELINES)} (latent space), "
+                         "or a UNet2DModel / DiTTransformer2DModel directory")
     return path, PIXEL_PIPELINES[kind]
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where a teacher's denoiser works, read from config files only (no weights).
+
+    ``channels`` x ``size`` x ``size`` is the denoiser's input (and prediction); the data is
+    loaded as ``image_channels`` x ``size * factor`` pixels. In pixel space ``factor`` is 1,
+    ``image_channels == channels`` and ``vae`` is None; a latent teacher names its VAE's
+    directory, which maps images to latents ``factor`` times smaller per side.
+    """
+
+    channels: int
+    size: int | None  # None: a model directory without sample_size (any data.resolution)
+    image_channels: int
+    factor: int = 1
+    vae: Path | None = None
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    def resolution(self) -> int | None:
+        """The image resolution the denoiser's sample size stands for (None: any)."""
+        return None if self.size is None else self.size * self.factor
+
+
+def teacher_space(name_or_path: str | Path) -> Space:
+    """The ``Space`` of a teacher: its denoiser's config.json and, for a latent pipeline, its
+    VAE's. A VAE that cannot serve the denoiser (another class, latent channels that differ
+    from the denoiser's input) is refused in one line naming the file."""
+    net = _read_json(teacher_path(name_or_path) / "config.json")
+    channels, size = int(net.get("in_channels", 1)), net.get("sample_size")
+    size = int(size) if isinstance(size, int) else None
+    found = _pipeline(name_or_path)
+    if found is None:
+        return Space(channels, size, channels)
+    pipeline = found[0]
+    kind = _read_json(pipeline / "model_index.json").get("_class_name")
+    if kind not in LATENT_PIPELINES:
+        return Space(channels, size, channels)
+    vae_dir = pipeline / LATENT_PIPELINES[kind][1]
+    file = vae_dir / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"teacher {pipeline / 'model_index.json'}: a {kind} needs its VAE in "
+                                f"{vae_dir.name}/config.json, which is missing")
+    vae = _read_json(file)
+    if vae.get("_class_name") not in VAE_CLASSES:
+        raise ValueError(f"teacher {file}: _class_name {vae.get('_class_name')!r} is not supported; supported VAEs: "
+                         f"{', '.join(VAE_CLASSES)}")
+    latent = int(vae.get("latent_channels", 4))
+    if latent != channels:
+        raise ValueError(f"teacher {file}: latent_channels {latent} differs from the denoiser's in_channels {channels}")
+    # AutoencoderKL halves the resolution in every down block but the last.
+    factor = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
+    return Space(channels, size, int(vae.get("in_channels", 3)), factor, vae_dir)
+
+
+def load_vae(space: Space, device: str | torch.device = "cpu"):
+    """A latent teacher's frozen VAE (eval mode, no gradients), or None in pixel space.
+    Refused like a teacher when its weights do not load or do not fit its config."""
+    if not space.latent:
+        return None
+    try:
+        vae, info = AutoencoderKL.from_pretrained(str(space.vae), use_safetensors=True, local_files_only=True,
+                                                  low_cpu_mem_usage=False, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        raise ValueError(f"teacher VAE {space.vae}: its weights do not load: {' '.join(lines[:2])}") from None
+    bad = [key for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
+    if bad:
+        raise ValueError(f"teacher VAE {space.vae}: config.json does not match its weights "
+                         f"({', '.join(f'{len(info[k])} {k}' for k in bad)})")
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
@@ -107,7 +189,8 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
     (T, the beta schedule and the prediction type, which must equal ``prediction``: a
     PredictionMismatch says which value to set); shipped teachers and model directories use
     ``prediction`` with the default schedule (linear betas 1e-4 .. 0.02 over 1,000 steps).
-    Sampling is DDIM (eta = 0) in both cases."""
+    Sampling is DDIM (eta = 0) in both cases, clipping as the scheduler config says
+    (``clip_sample``, ``clip_sample_range``; shipped teachers clip to [-1, 1])."""
     pipeline = pipeline_dir(name_or_path)
     if pipeline is None:
         return make_process(prediction)
@@ -128,8 +211,12 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
         raise ValueError(f"teacher {file}: variance_type {config['variance_type']!r} (a learned variance) is not "
                          "supported; supported: fixed_small, fixed_large")
     schedule = {key: config[key] for key in SCHEDULE_FIELDS if config.get(key) is not None}
+    # Sampling clips as the pipeline's own scheduler would: DDPM and DDIM schedulers clip the
+    # clean estimate unless clip_sample is false (as it should be for latents, which are not
+    # bounded by 1).
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
     try:
-        return make_process(prediction, config.get("num_train_timesteps", 1000), schedule)
+        return make_process(prediction, config.get("num_train_timesteps", 1000), schedule, clip=clip)
     except (ValueError, NotImplementedError) as err:  # diffusers: NotImplementedError for an unknown beta_schedule
         raise ValueError(f"teacher {file}: {err}") from None
 

@@ -156,3 +156,15 @@ def test_noise_at_gives_the_training_pairs_input(prediction):
     if prediction != "flow":
         with pytest.raises(ValueError, match="integers in"):
             process.noise_at(x0, 1000, noise)
+
+
+def test_sampling_clips_to_the_process_bound_and_latents_are_not_clipped():
+    """A latent teacher's scheduler says clip_sample=false: its samples keep their scale."""
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731 - an epsilon model that predicts no noise
+    unclipped = make_process("epsilon", clip=None).sample(zero, (64, 1, 4, 4), steps=2, seed=0)
+    assert unclipped.abs().max() > 2  # x0 = x_t / sqrt(alpha_bar): noise, at its own scale
+    for bound in (1.0, 2.0):
+        clipped = make_process("epsilon", clip=bound).sample(zero, (64, 1, 4, 4), steps=2, seed=0)
+        assert clipped.abs().max() == bound  # the estimate clipped at each step and at the end
+    with pytest.raises(ValueError, match="clip must be a positive number or None"):
+        make_process("epsilon", clip=0)

@@ -83,3 +83,99 @@ def test_a_vae_directory_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="needs config.json and .safetensors weights"):
         latents.vae_fingerprint(tmp_path)
+
+
+# --- a latent teacher: a DiTPipeline directory built and saved by diffusers' own classes -------
+
+def dit_pipeline(out, *, latent_channels=4, clip_sample=False):
+    """A tiny random class-conditional DiT (learned-sigma output, as DiT ships) on a 1-channel
+    AutoencoderKL that halves the resolution: 16x16 digits -> 4x8x8 latents."""
+    import diffusers
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                          num_layers=2, sample_size=8, patch_size=2, norm_num_groups=4,
+                                          num_embeds_ada_norm=10)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4)
+    scheduler = diffusers.DDIMScheduler(clip_sample=clip_sample)
+    diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dit_pipe(tmp_path_factory):
+    return dit_pipeline(tmp_path_factory.mktemp("pipelines") / "dit")
+
+
+def latent_config(pipe, **overrides):
+    from liftplace.config import resolve
+
+    return resolve("smoke", {"teacher.name": str(pipe), "student.prune_ratio": None, "student.param_ratio": 0.5,
+                             "train.steps": 4, "train.log_every": 2, "train.eval_every": 0, "eval.num_images": 8,
+                             "eval.sampler_steps": 2, **overrides})
+
+
+def test_a_dit_pipeline_distills_on_its_vae_latents_and_is_evaluated_on_decoded_images(dit_pipe, tmp_path, monkeypatch):
+    from liftplace import distill, metrics
+    from liftplace.checkpoints import load_student
+    from liftplace.teachers import load_vae, teacher_process, teacher_space
+
+    space = teacher_space(dit_pipe)
+    assert (space.channels, space.size, space.image_channels, space.factor) == (4, 8, 1, 2)
+    assert space.vae == dit_pipe / "vae" and space.resolution() == 16
+    assert teacher_process(dit_pipe, "epsilon").clip is None  # the scheduler's clip_sample=False: latents unclipped
+    config = latent_config(dit_pipe)
+    run = distill.build({None: config})
+    # the stream serves the VAE's latents of the training digits, as encode computes them
+    vae = load_vae(space)
+    train = latents.load_split(config, "train", space, vae, log=lambda _: None)
+    assert train.images.shape[1:] == (1, 16, 16) and run.stream.images.shape[1:] == (4, 8, 8)
+    assert torch.equal(run.stream.images, train.x0)
+    assert torch.allclose(train.x0[:8], latents.encode(vae, train.images[:8]), atol=1e-5)
+    # metrics compare decoded digits with the real ones: 1 channel, 16x16
+    seen = []
+    compute = distill.compute_metrics
+    monkeypatch.setattr(distill, "compute_metrics", lambda fake, real, *a, **k: seen.append((fake, real)) or compute(fake, real, *a, **k))
+    rows, kept = [], tmp_path / "kept"
+
+    def report(row, checkpoint):
+        rows.append(row)
+        if checkpoint is not None:
+            import shutil
+            shutil.copytree(checkpoint, kept, dirs_exist_ok=True)
+
+    last = distill.run(config, report, log=lambda *_: None)
+    fake, real = seen[-1]
+    assert fake.shape == real.shape == (8, 1, 16, 16) and fake.min() >= -1 and fake.max() <= 1
+    assert last["fid"] > 0 and last["student_params"] < last["teacher_params"]
+    assert last["vae_params"] > 0 and last["vae_decode_macs"] > 0  # the VAE's cost, apart from the denoisers'
+    from PIL import Image
+    assert Image.open(kept / "samples.png").size[0] > 8 * 64  # decoded 16x16 digits, blown up 4x
+    student, teacher, process = load_student(kept, config)
+    x = torch.randn(2, 4, 8, 8)
+    assert student(x, timestep=torch.tensor([5, 9]), class_labels=torch.tensor([1, 2])).sample.shape == (2, 8, 8, 8)
+    assert metrics.cache_root().parent / "latents" == latents.cache_root()
+
+
+def test_a_latent_pipeline_that_cannot_serve_is_refused_in_one_line(dit_pipe, tmp_path):
+    from liftplace.config import check_inputs
+
+    with pytest.raises(ValueError) as err:
+        latent_config(dit_pipe, **{"data.resolution": 8})
+    assert str(err.value) == (f"data.resolution: 8 does not match the latent teacher's images: its sample size 8 is "
+                              f"2x smaller per side than the images its VAE encodes ({dit_pipe / 'vae'}); "
+                              "set data.resolution=16")
+    wrong = dit_pipeline(tmp_path / "wrong", latent_channels=3)
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*vae/config.json: latent_channels 3 differs from "
+                                         r"the denoiser's in_channels 4$"):
+        latent_config(wrong)
+    # a VAE whose weights do not fit its config: refused before Ray by the input check
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(dit_pipe, broken)
+    config_file = broken / "vae" / "config.json"
+    config_file.write_text(config_file.read_text().replace('"layers_per_block": 1', '"layers_per_block": 2'))
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher VAE .*broken/vae: config.json does not match its weights"):
+        check_inputs([latent_config(broken)], log=lambda _: None)

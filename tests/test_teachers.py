@@ -137,16 +137,16 @@ def test_pipelines_and_schedulers_that_cannot_be_distilled_are_refused_naming_th
         assert "\n" not in message
         return message
 
-    # A latent DiT pipeline, built and saved by diffusers' own classes.
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
-                                          sample_size=4, patch_size=2, norm_num_groups=4, num_embeds_ada_norm=10)
-    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
-                                  latent_channels=4, norm_num_groups=4)
-    latent = tmp_path / "dit-pipe"
-    diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(str(latent))
+    # A latent pipeline of a layout not supported yet (a VQ autoencoder), saved by diffusers.
+    unet = diffusers.UNet2DModel.from_pretrained(str(tiny_teacher_dir), use_safetensors=True, local_files_only=True)
+    vq = diffusers.VQModel(in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                           latent_channels=1, norm_num_groups=4, num_vq_embeddings=8, vq_embed_dim=1)
+    latent = tmp_path / "ldm-pipe"
+    diffusers.LDMPipeline(vqvae=vq, unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(str(latent))
     message = refusal(latent)
     assert message.startswith("teacher.name: teacher ") and str(latent / "model_index.json") in message
-    assert "_class_name 'DiTPipeline' is a latent pipeline" in message and "not supported yet" in message
+    assert "_class_name 'LDMPipeline' is a latent pipeline with a VQ autoencoder" in message
+    assert "DiTPipeline (latent space)" in message
     # Schedulers: a class, a prediction type and a beta schedule that cannot be used, and a
     # prediction type that differs from teacher.prediction (which value to set).
     pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, cls="PNDMScheduler")
