@@ -761,6 +761,10 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         controller = logging.getLogger("ray.tune.execution.tune_controller")
         if _TRIAL_FAILED not in controller.filters:
             controller.addFilter(_TRIAL_FAILED)
+    if study.space:
+        # A search's rows without FID are expected (FID comes at evaluations only), in a resumed
+        # search too (its first row after the restore has none).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start = time.time()
     if resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
@@ -1000,8 +1004,6 @@ def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, 
 
     if len(trials) != 1:
         raise ValueError(f"a search has one base variant and one seed, got {len(trials)} trials")
-    # Rows without FID are expected (FID comes at evaluations only).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     evals = max(1, base.train.steps // base.train.eval_every) if base.train.eval_every else 1
     return tune.Tuner(
         trainable,

@@ -158,6 +158,34 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     assert saved["space"]["train.lr"] == "Float(0.0001, 0.003, LogUniform)"
 
 
+def test_a_search_killed_mid_trial_resumes_from_its_checkpoint(ray_session, tmp_path):
+    """A search resumed in another process: its study.json matches (the space once read as
+    memory addresses) and a trial restored from a checkpoint may report rows without FID (Tune's
+    strict metric check once failed the resumed study on its first such row)."""
+    address = ray_session.get_runtime_context().gcs_address
+    args = ["--preset", "smoke", "--samples", "2", "--max-concurrent", "1", "--storage", str(tmp_path),
+            *FAST, "--set", "train.steps=80", "--set", "train.eval_every=40"]
+    driver = subprocess.Popen([sys.executable, str(ROOT / "studies" / "tune_hparams.py"), *args, "--address", address],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = tmp_path / "tune_hparams"
+    deadline = time.time() + 600
+
+    def steps():
+        rows = [json.loads(line) for p in folder.glob("*/result.json") for line in p.read_text().splitlines() if line]
+        return max((r.get("step", 0) for r in rows), default=0)
+
+    while steps() < 20 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert 20 <= steps() < 80, "the driver should die inside the first trial, after its first checkpoint"
+    module = load_script("tune_hparams")
+    module.study_main(module.STUDY, [*args, "--resume"], report=False)
+    summary = summarize(load_study(folder))
+    assert len(summary) == 2 and summary["final_fid"].notna().all()
+    assert study_status(folder)[1] == "finished"
+
+
 def test_a_study_json_from_before_stable_space_names_is_upgraded_on_resume(tmp_path):
     from liftplace.results import claim_study
 
