@@ -32,11 +32,12 @@ SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "
 
 
 def make_process(prediction: str = "epsilon", num_train_timesteps: int = 1000,
-                 schedule: dict | None = None, clip: float | None = 1.0) -> NoiseProcess:
+                 schedule: dict | None = None, clip: float | None = 1.0, shift: float = 1.0) -> NoiseProcess:
     """The noise process for ``prediction`` (one of ``PREDICTIONS``) over ``num_train_timesteps``;
     ``schedule``: DDPM noise levels (``SCHEDULE_FIELDS``), for epsilon and v only; ``clip``:
-    the sampler's bound on its clean estimate (None for latents, which are not in [-1, 1])."""
-    return NoiseProcess(prediction, num_train_timesteps, schedule, clip=clip)
+    the sampler's bound on its clean estimate (None for latents, which are not in [-1, 1]);
+    ``shift``: flow only, the sampler's timestep shift (a FlowMatchEulerDiscreteScheduler's)."""
+    return NoiseProcess(prediction, num_train_timesteps, schedule, clip=clip, shift=shift)
 
 
 class NoiseProcess:
@@ -50,13 +51,15 @@ class NoiseProcess:
         clip: sampling clips the clean estimate to [-clip, clip] at each DDIM step and the
             result at the end (a DDIM scheduler's ``clip_sample_range``); None clips nothing
             (latent space).
+        shift: flow only: the sampler's sigmas sigma' = shift * sigma / (1 + (shift - 1) * sigma),
+            as diffusers' ``FlowMatchEulerDiscreteScheduler`` shifts them (1: none).
         scheduler: the diffusers training scheduler (``DDPMScheduler`` for epsilon and v,
             ``FlowMatchEulerDiscreteScheduler`` for flow); its ``betas`` and
             ``alphas_cumprod`` define the DDPM noise levels.
     """
 
     def __init__(self, prediction: str = "epsilon", num_train_timesteps: int = 1000, schedule: dict | None = None,
-                 *, clip: float | None = 1.0):
+                 *, clip: float | None = 1.0, shift: float = 1.0):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         if not _is_int(num_train_timesteps) or num_train_timesteps < 2:
@@ -71,6 +74,11 @@ class NoiseProcess:
         self.prediction = prediction
         self.num_train_timesteps = int(num_train_timesteps)
         self.clip = None if clip is None else float(clip)
+        if not (isinstance(shift, numbers.Real) and 0 < shift < math.inf):
+            raise ValueError(f"shift must be a positive number, got {shift!r}")
+        if shift != 1 and prediction != "flow":
+            raise ValueError("a timestep shift applies to flow prediction only")
+        self.shift = float(shift)
         self.schedule = {} if prediction == "flow" else {**_DEFAULT_SCHEDULE, **schedule}
         betas = self.schedule.get("trained_betas")
         if betas is not None and len(betas) != self.num_train_timesteps:
@@ -79,14 +87,15 @@ class NoiseProcess:
             # alpha_bar reaches 0 at the last step: an epsilon model's x0 estimate divides by it.
             raise ValueError("rescale_betas_zero_snr needs v prediction (with epsilon the last step's x0 is undefined)")
         if prediction == "flow":
-            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
+            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
         else:
             self.scheduler = DDPMScheduler(**self._ddpm_config())
 
     def __repr__(self) -> str:
         return (f"NoiseProcess(prediction={self.prediction!r}, num_train_timesteps={self.num_train_timesteps}"
                 + (f", schedule={self.schedule!r}" if self.schedule not in ({}, _DEFAULT_SCHEDULE) else "")
-                + (f", clip={self.clip!r})" if self.clip != 1.0 else ")"))
+                + (f", clip={self.clip!r}" if self.clip != 1.0 else "")
+                + (f", shift={self.shift!r})" if self.shift != 1.0 else ")"))
 
     def training_pair(
         self, x0: torch.Tensor, generator: torch.Generator | None = None
@@ -155,7 +164,7 @@ class NoiseProcess:
         (``set_alpha_to_one``), so the result is the model's clean estimate; the x0
         estimate is clipped to [-clip, clip] at each step (not at all when clip is None). This is the DDIM paper's uniform skip;
         with very few steps it starts well below T - 1 (t = 500 for 2 steps). Flow uses
-        Euler on sigma = linspace(1, 1/T, steps), then to 0.
+        Euler on sigma = linspace(1, 1/T, steps) (shifted by ``shift``), then to 0.
 
         Args:
             predict_fn: ``predict_fn(x_t [B, ...], t [B])`` (or ``(x_t, t, labels)`` when
@@ -199,7 +208,7 @@ class NoiseProcess:
 
     def _sampling_scheduler(self) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
         if self.prediction == "flow":
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
         # The training scheduler's own betas: every schedule it accepts samples on the same noise
         # levels (DDIM knows fewer beta_schedule names than DDPM: no "sigmoid"), and a zero-SNR
         # rescale is not applied twice.

@@ -46,6 +46,11 @@ LATENT_PIPELINES = {"DiTPipeline": ("transformer", "vae")}
 NOT_YET = {"LDMPipeline": "a latent pipeline with a VQ autoencoder (vqvae/), which is not supported yet"}
 VAE_CLASSES = ("AutoencoderKL",)
 DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)  # rectified flow: the model predicts noise - x0
+# FlowMatchEulerDiscreteScheduler settings that move its sigmas in ways the sampler does not
+# follow (a fixed ``shift`` it does follow): refused when set.
+FLOW_UNSUPPORTED = ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                    "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}  # a scheduler's prediction_type -> teacher.prediction
 
 
@@ -190,7 +195,9 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
     PredictionMismatch says which value to set); shipped teachers and model directories use
     ``prediction`` with the default schedule (linear betas 1e-4 .. 0.02 over 1,000 steps).
     Sampling is DDIM (eta = 0) in both cases, clipping as the scheduler config says
-    (``clip_sample``, ``clip_sample_range``; shipped teachers clip to [-1, 1])."""
+    (``clip_sample``, ``clip_sample_range``; shipped teachers clip to [-1, 1]). A pipeline with
+    a FlowMatchEulerDiscreteScheduler is rectified flow (``prediction`` must be "flow"),
+    sampled with Euler on the scheduler's sigmas."""
     pipeline = pipeline_dir(name_or_path)
     if pipeline is None:
         return make_process(prediction)
@@ -199,8 +206,11 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
         raise FileNotFoundError(f"teacher {pipeline}: no scheduler/scheduler_config.json (a DDPM/DDIM pipeline has one)")
     config = _read_json(file)
     kind = config.get("_class_name")
+    if kind in FLOW_SCHEDULERS:
+        return _flow_process(file, config, prediction, teacher_space(name_or_path))
     if kind not in DDPM_SCHEDULERS:
-        raise ValueError(f"teacher {file}: _class_name {kind!r} is not supported; supported: {', '.join(DDPM_SCHEDULERS)}")
+        raise ValueError(f"teacher {file}: _class_name {kind!r} is not supported; supported: "
+                         f"{', '.join(DDPM_SCHEDULERS + FLOW_SCHEDULERS)}")
     said = config.get("prediction_type", "epsilon")
     if said not in PREDICTION_TYPES:
         raise ValueError(f"teacher {file}: prediction_type {said!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
@@ -218,6 +228,23 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
     try:
         return make_process(prediction, config.get("num_train_timesteps", 1000), schedule, clip=clip)
     except (ValueError, NotImplementedError) as err:  # diffusers: NotImplementedError for an unknown beta_schedule
+        raise ValueError(f"teacher {file}: {err}") from None
+
+
+def _flow_process(file: Path, config: dict, prediction: str, space: Space) -> NoiseProcess:
+    """A FlowMatchEulerDiscreteScheduler's process: rectified flow, x_t = (1 - sigma) x0 +
+    sigma noise, the model fed sigma * T and predicting noise - x0 (teacher.prediction flow);
+    its fixed ``shift`` moves the sampler's sigmas as diffusers moves them."""
+    if prediction != "flow":
+        raise PredictionMismatch(f"{prediction!r}, but the teacher's {file} is a {config['_class_name']} "
+                                 "(rectified flow, velocity prediction): set teacher.prediction=flow")
+    for key in FLOW_UNSUPPORTED:
+        if config.get(key):
+            raise ValueError(f"teacher {file}: {key} {config[key]!r} is not supported; sampling follows a fixed shift only")
+    try:  # flow samples are not clipped in latent space, as no flow scheduler clips
+        return make_process("flow", config.get("num_train_timesteps", 1000), clip=None if space.latent else 1.0,
+                            shift=config.get("shift", 1.0))
+    except ValueError as err:
         raise ValueError(f"teacher {file}: {err}") from None
 
 

@@ -87,7 +87,7 @@ def test_a_vae_directory_without_weights_is_refused(tmp_path):
 
 # --- a latent teacher: a DiTPipeline directory built and saved by diffusers' own classes -------
 
-def dit_pipeline(out, *, latent_channels=4, clip_sample=False):
+def dit_pipeline(out, *, latent_channels=4, clip_sample=False, scheduler=None):
     """A tiny random class-conditional DiT (learned-sigma output, as DiT ships) on a 1-channel
     AutoencoderKL that halves the resolution: 16x16 digits -> 4x8x8 latents."""
     import diffusers
@@ -99,7 +99,7 @@ def dit_pipeline(out, *, latent_channels=4, clip_sample=False):
     vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
                                   layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4)
-    scheduler = diffusers.DDIMScheduler(clip_sample=clip_sample)
+    scheduler = scheduler or diffusers.DDIMScheduler(clip_sample=clip_sample)
     diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler).save_pretrained(str(out))
     return out
 
@@ -179,3 +179,32 @@ def test_a_latent_pipeline_that_cannot_serve_is_refused_in_one_line(dit_pipe, tm
     config_file.write_text(config_file.read_text().replace('"layers_per_block": 1', '"layers_per_block": 2'))
     with pytest.raises(ValueError, match=r"^teacher.name: teacher VAE .*broken/vae: config.json does not match its weights"):
         check_inputs([latent_config(broken)], log=lambda _: None)
+
+
+def test_a_flow_matching_dit_pipeline_distills_as_rectified_flow_with_its_shift(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from liftplace import distill
+    from liftplace.teachers import teacher_process
+
+    pipe = dit_pipeline(tmp_path / "flow", scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    with pytest.raises(ValueError, match=r"^teacher.prediction: 'epsilon', but the teacher's .*scheduler_config.json is a "
+                                         r"FlowMatchEulerDiscreteScheduler \(rectified flow, velocity prediction\): "
+                                         r"set teacher.prediction=flow$"):
+        latent_config(pipe)
+    process = teacher_process(pipe, "flow")
+    assert (process.prediction, process.shift, process.clip) == ("flow", 3.0, None)
+    # the sampler's sigmas are the ones diffusers' own scheduler steps through
+    ours, theirs = process._sampling_scheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours.set_timesteps(4)
+    theirs.set_timesteps(4)
+    assert torch.allclose(ours.sigmas, theirs.sigmas) and not torch.allclose(ours.sigmas, torch.linspace(1, 0, 5))
+    config = latent_config(pipe, **{"teacher.prediction": "flow"})
+    last = distill.run(config, lambda row, checkpoint: None, log=lambda *_: None)
+    assert last["step"] == 4 and last["fid"] > 0 and not last["diverged"]
+    # a scheduler setting the sampler does not follow is refused, naming it
+    file = pipe / "scheduler" / "scheduler_config.json"
+    file.write_text(file.read_text().replace('"use_dynamic_shifting": false', '"use_dynamic_shifting": true'))
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*scheduler_config.json: use_dynamic_shifting True is "
+                                         r"not supported; sampling follows a fixed shift only$"):
+        latent_config(pipe, **{"teacher.prediction": "flow"})
