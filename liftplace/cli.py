@@ -30,9 +30,22 @@ def cmd_teacher_train(args) -> None:
         args.out, arch=args.arch, size=args.size, data=args.data, resolution=args.resolution,
         prediction=args.prediction, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         protocol=protocol, command="liftplace " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
+        vae=args.vae,
     )
     print(f"saved {args.out}: {card['params']:,} params, FID {card['fid']:.2f} ({card['eval_extractor']}, "
           f"{card['eval_num_images']} images, {card['eval_sampler_steps']} steps), {card['train_wall_time_s']:.0f} s")
+
+
+def cmd_teacher_vae(args) -> None:
+    from liftplace.latents import train_vae
+    from liftplace.metrics import Protocol
+
+    card = train_vae(args.out, data=args.data, resolution=args.resolution, steps=args.steps, batch=args.batch,
+                     lr=args.lr, kl_weight=args.kl_weight, seed=args.seed, protocol=Protocol(num_images=args.eval_images),
+                     command="liftplace " + " ".join(sys.argv[1:]))
+    print(f"saved {args.out}: {card['params']:,} params, latents {tuple(card['latent_shape'])}, validation "
+          f"reconstruction MSE {card['val_recon_mse']:.4f}, FID of reconstructions {card['recon_fid']:.2f} "
+          f"({card['eval_extractor']}, {card['eval_num_images']} images), {card['train_wall_time_s']:.0f} s")
 
 
 def cmd_extractor_train(args) -> None:
@@ -143,8 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-images", type=int, default=1000)
     train.add_argument("--eval-steps", type=int, default=50)
+    train.add_argument("--vae", default=None, help="a saved AutoencoderKL directory: train a latent DiT on its "
+                                                    "latents, saved as a DiTPipeline directory")
     train.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_teacher_train)
+    vae = teacher.add_parser("vae", help="train a small AutoencoderKL for latent teachers (with a card)")
+    vae.add_argument("--out", required=True, help="a new directory")
+    vae.add_argument("--data", default="mnist")
+    vae.add_argument("--resolution", type=int, default=16)
+    vae.add_argument("--steps", type=int, default=2000)
+    vae.add_argument("--batch", type=int, default=64)
+    vae.add_argument("--lr", type=float, default=1e-3)
+    vae.add_argument("--kl-weight", type=float, default=1e-4)
+    vae.add_argument("--seed", type=int, default=0)
+    vae.add_argument("--eval-images", type=int, default=1000)
+    vae.set_defaults(func=cmd_teacher_vae)
 
     extractor = sub.add_parser("extractor", help="the FID feature extractor").add_subparsers(dest="action", required=True)
     etrain = extractor.add_parser("train", help="train the digits-cnn feature extractor on a labelled dataset")

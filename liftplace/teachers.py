@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from liftplace import models
+from liftplace import latents, models
 from liftplace.data import load_dataset
 from liftplace.diffusion import SCHEDULE_FIELDS, NoiseProcess, make_process
 from liftplace.metrics import Protocol, compute_metrics, protocol_record, real_images, stack_dataset
@@ -59,19 +59,19 @@ class PredictionMismatch(ValueError):
 
 
 def shipped_teachers() -> list[str]:
-    """Names of the teachers shipped with the package (e.g. "unet-m", "dit-s")."""
+    """Names of the teachers shipped with the package (e.g. "unet-m", "dit-s"): model
+    directories and pipeline directories (a latent teacher with its VAE)."""
     if not TEACHERS_DIR.is_dir():
         return []
-    return sorted(p.name for p in TEACHERS_DIR.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in TEACHERS_DIR.iterdir()
+                  if (p / "config.json").is_file() or (p / "model_index.json").is_file())
 
 
 def teacher_path(name_or_path: str | Path) -> Path:
     """Resolve a shipped name or a local directory; refuse anything else before it reaches
     diffusers (which would take a missing path for a hub id and try the network)."""
     name = str(name_or_path)
-    if name in shipped_teachers():
-        return TEACHERS_DIR / name
-    path = Path(name).expanduser()
+    path = TEACHERS_DIR / name if name in shipped_teachers() else Path(name).expanduser()
     if not path.is_dir():
         shipped = ", ".join(shipped_teachers()) or "none"
         raise FileNotFoundError(f"teacher not found: {name} is neither a directory nor a shipped teacher ({shipped})")
@@ -90,7 +90,7 @@ def teacher_path(name_or_path: str | Path) -> Path:
 
 def pipeline_dir(name_or_path: str | Path) -> Path | None:
     """The pipeline directory a teacher name points at (it holds model_index.json), or None
-    for a shipped teacher or a model directory. A pipeline of a layout that cannot be
+    for a model directory (shipped or not). A pipeline of a layout that cannot be
     distilled is refused here (ValueError naming the file and its _class_name)."""
     found = _pipeline(name_or_path)
     return found[0] if found is not None else None
@@ -98,9 +98,8 @@ def pipeline_dir(name_or_path: str | Path) -> Path | None:
 
 def _pipeline(name_or_path: str | Path) -> tuple[Path, str] | None:
     """(pipeline directory, the component that holds its denoiser), or None: see pipeline_dir."""
-    if str(name_or_path) in shipped_teachers():
-        return None
-    path = Path(name_or_path).expanduser()
+    name = str(name_or_path)
+    path = TEACHERS_DIR / name if name in shipped_teachers() else Path(name).expanduser()
     index = path / "model_index.json"
     if not index.is_file():
         return None
@@ -174,17 +173,21 @@ def teacher_space(name_or_path: str | Path) -> Space:
 def load_vae(space: Space, device: str | torch.device = "cpu"):
     """A latent teacher's frozen VAE (eval mode, no gradients), or None in pixel space.
     Refused like a teacher when its weights do not load or do not fit its config."""
-    if not space.latent:
-        return None
+    return load_vae_dir(space.vae, device) if space.latent else None
+
+
+def load_vae_dir(path: str | Path, device: str | torch.device = "cpu"):
+    """A saved AutoencoderKL directory, checked as ``load_vae`` checks a teacher's."""
+    path = Path(path)
     try:
-        vae, info = AutoencoderKL.from_pretrained(str(space.vae), use_safetensors=True, local_files_only=True,
+        vae, info = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
                                                   low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        raise ValueError(f"teacher VAE {space.vae}: its weights do not load: {' '.join(lines[:2])}") from None
+        raise ValueError(f"teacher VAE {path}: its weights do not load: {' '.join(lines[:2])}") from None
     bad = [key for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
     if bad:
-        raise ValueError(f"teacher VAE {space.vae}: config.json does not match its weights "
+        raise ValueError(f"teacher VAE {path}: config.json does not match its weights "
                          f"({', '.join(f'{len(info[k])} {k}' for k in bad)})")
     return vae.to(device).eval().requires_grad_(False)
 
@@ -302,7 +305,8 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"teacher {path}: its weights hold {bad} NaN or infinite values in {name}")
-    card_file = path / "card.json"
+    pipeline = pipeline_dir(name_or_path)  # a pipeline's card sits beside its model_index.json
+    card_file = (pipeline or path) / "card.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     return model.to(device).eval().requires_grad_(False), card
 
@@ -342,12 +346,16 @@ def generate(model, process, n: int, *, steps: int, seed: int, num_classes: int 
 
 
 def evaluate(model, process, data: str, resolution: int, protocol: Protocol, *, num_classes: int = 0,
-             device="cpu") -> dict:
-    """FID/KID/precision/recall of a model's samples against the validation split."""
-    val = load_dataset(data, resolution, "val", models.in_channels(model))
+             device="cpu", vae=None) -> dict:
+    """FID/KID/precision/recall of a model's samples against the validation split (a latent
+    model's samples decoded by ``vae`` first)."""
+    channels = vae.config.in_channels if vae is not None else models.in_channels(model)
+    val = load_dataset(data, resolution, "val", channels)
     real = real_images(val, protocol.num_images)
     fake = generate(model, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
                     num_classes=num_classes, device=device)
+    if vae is not None:
+        fake = latents.decode(vae, fake)
     return compute_metrics(fake, real, protocol, real_cache_key=val.name)
 
 
@@ -368,21 +376,34 @@ def train_teacher(
     protocol: Protocol | None = None,
     command: str | None = None,
     progress: bool = True,
+    vae: str | Path | None = None,
 ) -> dict:
     """Train a teacher from scratch, save it (EMA weights) with its card and sample grid.
 
     Returns the card. AdamW with a 200-step linear warm-up then cosine decay, gradient
     clipping, EMA; timesteps and noise from the noise process.
+
+    With ``vae`` (a saved AutoencoderKL directory, e.g. from ``latents.train_vae``) the teacher
+    is latent: a DiT trained on the VAE's latents of the data, saved as a ``DiTPipeline``
+    directory (``transformer/``, ``vae/``, ``scheduler/`` with ``clip_sample`` false; a flow
+    teacher gets a ``FlowMatchEulerDiscreteScheduler``) with card.json and decoded samples.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out (teachers are never overwritten)")
+    if vae is not None and arch != "dit":
+        raise ValueError(f"a latent teacher is a DiT (a DiTPipeline), not {arch!r}: use --arch dit")
     protocol = protocol or Protocol()
     torch.manual_seed(seed)
-    train = load_dataset(data, resolution, "train")
+    autoencoder = None
+    if vae is not None:
+        autoencoder = load_vae_dir(vae)
+    train = load_dataset(data, resolution, "train", autoencoder.config.in_channels if autoencoder is not None else None)
     images, labels = stack_dataset(train)
-    model = build_teacher(arch, size, channels=images.shape[1], resolution=resolution, num_classes=train.num_classes)
-    process = make_process(prediction)
+    if autoencoder is not None:
+        images = latents.encode(autoencoder, images)
+    model = build_teacher(arch, size, channels=images.shape[1], resolution=images.shape[-1], num_classes=train.num_classes)
+    process = make_process(prediction, clip=None if autoencoder is not None else 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -409,9 +430,12 @@ def train_teacher(
     model.eval()
     # Weights first: an evaluation that fails must not cost the training.
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    metrics = evaluate(model, process, data, resolution, protocol, num_classes=train.num_classes)
-    example = (1, images.shape[1], resolution, resolution)
+    if autoencoder is None:
+        model.save_pretrained(str(out), safe_serialization=True)
+    else:
+        _save_latent_pipeline(out, model, autoencoder, prediction, Path(vae))
+    metrics = evaluate(model, process, data, resolution, protocol, num_classes=train.num_classes, vae=autoencoder)
+    example = (1, *images.shape[1:])
     card = {
         "name": out.name,
         "arch": arch,
@@ -431,6 +455,9 @@ def train_teacher(
         "final_loss": round(loss.item(), 5),
         "params": models.count_params(model),
         "macs": models.count_macs(model, example),
+        **({} if autoencoder is None else {
+            "vae": Path(vae).name, "latent_shape": list(images.shape[1:]), "vae_params": models.count_params(autoencoder),
+            "vae_decode_macs": models.count_decode_macs(autoencoder, example)}),
         **metrics,
         **protocol_record(protocol),
         "command": command or shlex.join(sys.argv),
@@ -438,5 +465,25 @@ def train_teacher(
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     grid = generate(model, process, 64, steps=protocol.sampler_steps, seed=protocol.seed, num_classes=train.num_classes)
+    if autoencoder is not None:
+        grid = latents.decode(autoencoder, grid)
     save_image((grid + 1) / 2, str(out / "samples.png"), nrow=8, padding=1)
     return card
+
+
+def _save_latent_pipeline(out: Path, model, vae, prediction: str, vae_dir: Path) -> None:
+    """A latent teacher as diffusers saves a DiTPipeline, with the scheduler it was trained
+    under (the default linear schedule, or rectified flow) and the VAE's card beside it."""
+    import shutil
+
+    from diffusers import DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
+
+    if prediction == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    else:
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                  prediction_type={v: k for k, v in PREDICTION_TYPES.items()}[prediction],
+                                  clip_sample=False)
+    DiTPipeline(transformer=model, vae=vae, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    if (vae_dir / "card.json").is_file():
+        shutil.copy(vae_dir / "card.json", out / "vae" / "card.json")

@@ -208,3 +208,45 @@ def test_a_flow_matching_dit_pipeline_distills_as_rectified_flow_with_its_shift(
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*scheduler_config.json: use_dynamic_shifting True is "
                                          r"not supported; sampling follows a fixed shift only$"):
         latent_config(pipe, **{"teacher.prediction": "flow"})
+
+
+def test_a_vae_and_a_latent_dit_trained_here_make_a_pipeline_that_loads_by_its_shipped_name(tmp_path, monkeypatch):
+    from liftplace import teachers
+    from liftplace.metrics import Protocol
+
+    protocol = Protocol(num_images=16, sampler_steps=2)
+    card = latents.train_vae(tmp_path / "vae", steps=3, batch=8, protocol=protocol, progress=False, command="test")
+    assert card["latent_shape"] == [4, 8, 8] and card["params"] > 0 and card["recon_fid"] > 0
+    vae = teachers.load_vae_dir(tmp_path / "vae")
+    from liftplace.data import load_dataset
+    from liftplace.metrics import stack_dataset
+    images, _ = stack_dataset(load_dataset("mnist", 16, "train"))
+    # scaling_factor makes the training latents unit-variance, as latent diffusion wants them
+    assert abs(float(latents.encode(vae, images).std()) - 1) < 1e-3
+    with pytest.raises(ValueError, match="a latent teacher is a DiT"):
+        teachers.train_teacher(tmp_path / "unet", arch="unet", vae=tmp_path / "vae")
+    out = tmp_path / "shipped" / "dit-latent-test"
+    card = teachers.train_teacher(out, arch="dit", size="tiny", steps=3, batch=8, protocol=protocol, progress=False,
+                                  command="test", vae=tmp_path / "vae")
+    assert card["latent_shape"] == [4, 8, 8] and card["vae_params"] == latents_params(vae)
+    assert (out / "vae" / "card.json").is_file() and (out / "samples.png").is_file()
+    assert json_of(out / "model_index.json")["_class_name"] == "DiTPipeline"
+    assert json_of(out / "scheduler" / "scheduler_config.json")["clip_sample"] is False
+    # shipped: found by its name, read as a latent pipeline, its card beside model_index.json
+    monkeypatch.setattr(teachers, "TEACHERS_DIR", tmp_path / "shipped")
+    assert "dit-latent-test" in teachers.shipped_teachers()
+    assert teachers.teacher_path("dit-latent-test") == out / "transformer"
+    space = teachers.teacher_space("dit-latent-test")
+    assert space.latent and space.vae == out / "vae" and space.resolution() == 16
+    model, loaded_card = teachers.load_teacher("dit-latent-test")
+    assert loaded_card["fid"] == card["fid"] and teachers.teacher_process("dit-latent-test", "epsilon").clip is None
+
+
+def latents_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
