@@ -57,6 +57,9 @@ class StudentConfig:
     # pruning: the fewest channels a GroupNorm group keeps (1: as many groups as divide, as every
     # measured preset's student; 3 lets the 90% students of unet-xs and unet-s learn)
     min_group_channels: int = 1
+    # a DiT teacher: the transformer blocks the student keeps (None: all), evenly spaced from the
+    # first to the last, with their weights (depth pruning, as TinyFusion and BK-SDM remove blocks)
+    depth: int | None = None
 
 
 @dataclass
@@ -199,7 +202,7 @@ def _absolute_paths(config: RunConfig) -> None:
 # Keys added after configs were first saved, with the value that reproduces what a config
 # saved without them ran: a run folder's config.json and a checkpoint's digest from before a key
 # existed still match a config that leaves it at this value (``comparable``).
-ADDED_KEYS = {("student", "min_group_channels"): 1}
+ADDED_KEYS = {("student", "min_group_channels"): 1, ("student", "depth"): None}
 
 
 def comparable(config: dict) -> dict:
@@ -308,6 +311,8 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         _refuse("student", "set exactly one of student.prune_ratio and student.param_ratio")
     if isinstance(s.min_group_channels, bool) or not isinstance(s.min_group_channels, int) or s.min_group_channels < 1:
         _refuse("student.min_group_channels", f"must be an integer >= 1, got {s.min_group_channels!r}")
+    if s.depth is not None and (isinstance(s.depth, bool) or not isinstance(s.depth, int) or s.depth < 1):
+        _refuse("student.depth", f"must be an integer >= 1 (transformer blocks kept) or none, got {s.depth!r}")
     if s.prune_ratio is not None and not 0.0 <= s.prune_ratio < 1.0:
         _refuse("student.prune_ratio", f"must be in [0, 1), got {s.prune_ratio}")
     if s.param_ratio is not None and not 0.0 < s.param_ratio <= 1.0:
@@ -382,8 +387,18 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             _refuse("data.resolution", f"{d.resolution} does not match the teacher's sample size {net['sample_size']}")
         if space.latent:
             size = space.size
-        if s.prune_ratio is not None and net.get("_class_name") != "UNet2DModel":
-            _refuse("student.prune_ratio", f"pruning needs a UNet2DModel teacher, {teacher.name} is a {net.get('_class_name')}; "
+        if s.depth is not None:
+            layers = net.get("num_layers")
+            if net.get("_class_name") != "DiTTransformer2DModel":
+                _refuse("student.depth", f"depth pruning needs a DiT teacher (transformer blocks), {teacher.name} is a "
+                                         f"{net.get('_class_name')}")
+            if s.depth > layers:
+                _refuse("student.depth", f"{s.depth} is more than the teacher's {layers} transformer blocks")
+            if s.prune_ratio is None:
+                _refuse("student.depth", "depth pruning keeps the teacher's weights: use it with student.prune_ratio "
+                                         "(0 keeps every head and MLP unit), not param_ratio")
+        if s.prune_ratio is not None and net.get("_class_name") not in ("UNet2DModel", "DiTTransformer2DModel"):
+            _refuse("student.prune_ratio", f"pruning needs a UNet2DModel or DiT teacher, {teacher.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
     try:
         if check_paths:  # the protocol checks that a weights file exists

@@ -275,7 +275,8 @@ def prune_student(
     importance: str = "magnitude",
     min_group_channels: int = 1,
 ) -> UNet2DModel:
-    """A copy of a UNet teacher with ``ratio`` of the channels of every layer pruned away.
+    """A copy of a UNet teacher with ``ratio`` of the channels of every layer pruned away (a
+    DiT teacher: ``ratio`` of every block's attention heads and MLP units, see ``_prune_dit``).
 
     Structured pruning with torch-pruning, layer by layer (no global ranking): the student
     keeps the teacher's weights at the surviving channels, and its input and output shapes
@@ -294,9 +295,12 @@ def prune_student(
     if len(example_shape) != 4:
         raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
     net = _unwrap(teacher)
+    if isinstance(net, DiTTransformer2DModel):
+        return _prune_dit(net, ratio, example_shape, importance)
     if not isinstance(net, UNet2DModel):
         raise ValueError(
-            f"prune_student supports UNet2DModel teachers, got {type(net).__name__}; use fresh_student instead"
+            f"prune_student supports UNet2DModel and DiTTransformer2DModel teachers, got {type(net).__name__}; "
+            "use fresh_student instead"
         )
     student = copy.deepcopy(net)
     # torch-pruning traces its dependency graph through autograd: a frozen teacher (as
@@ -335,6 +339,55 @@ def prune_student(
         p.requires_grad_(name not in frozen)
     # Tracing leaves the model in eval mode; give back the teacher's mode.
     return student.train(net.training)
+
+
+def _prune_dit(net: DiTTransformer2DModel, ratio: float, example_shape: Sequence[int], importance: str):
+    """A copy of a DiT with ``ratio`` of every block's attention heads and MLP hidden units
+    pruned away by torch-pruning (whole heads: the same heads of q, k and v, and the matching
+    inputs of the output projection). The residual width, the embeddings, adaLN and the output
+    layers stay whole, so parameters shrink less than the ratio (DiT-s at 0.5: ~75%); depth
+    pruning (``keep_blocks``) removes the rest."""
+    student = copy.deepcopy(net)
+    student.requires_grad_(True)  # torch-pruning traces through autograd
+    attentions = [m for m in student.modules() if isinstance(m, Attention)]
+    prunable = {layer for attn in attentions for layer in (attn.to_q, attn.to_k, attn.to_v)}
+    prunable |= {block.ff.net[0].proj for block in student.transformer_blocks}
+    ignored = [m for m in student.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in prunable]
+    heads = {layer: attn.heads for attn in attentions for layer in (attn.to_q, attn.to_k, attn.to_v)}
+    param = _first_param(student)
+    example = (torch.randn(tuple(example_shape), device=param.device, dtype=param.dtype),
+               torch.ones(example_shape[0], dtype=torch.long, device=param.device),
+               torch.zeros(example_shape[0], dtype=torch.long, device=param.device))
+    # A block keeps at least one head and one MLP unit: torch-pruning skips a layer that would
+    # keep none, leaving it whole. Its head count to remove comes from the one global head ratio
+    # (a per-layer ratio is not used for heads), and DiT blocks all have the same heads; the
+    # half head keeps float rounding from removing one head too many.
+    most = max(attn.heads for attn in attentions) if attentions else 1
+    keep = max(1, int(most * (1 - ratio)))
+    pruner = tp.pruner.BasePruner(
+        student, example, importance=IMPORTANCES[importance](), pruning_ratio=ratio,
+        pruning_ratio_dict=_narrow_layer_ratios(student, ratio), global_pruning=False, ignored_layers=ignored,
+        num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=1 - (keep + 0.5) / most,
+        forward_fn=lambda model, inputs: model(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample)
+    pruner.step()
+    _sync_attention_sizes(student)
+    return student.train(net.training).requires_grad_(True)
+
+
+def keep_blocks(model: DiTTransformer2DModel, depth: int) -> DiTTransformer2DModel:
+    """A copy of a DiT that keeps ``depth`` of its transformer blocks, evenly spaced from the
+    first to the last (their weights untouched): depth pruning."""
+    net = _unwrap(model)
+    if not isinstance(net, DiTTransformer2DModel):
+        raise ValueError(f"depth pruning needs a DiTTransformer2DModel, got {type(net).__name__}")
+    layers = len(net.transformer_blocks)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= layers:
+        raise ValueError(f"depth must be an integer in [1, {layers}], got {depth!r}")
+    kept = sorted({round(i * (layers - 1) / max(1, depth - 1)) for i in range(depth)}) if depth > 1 else [0]
+    student = copy.deepcopy(net)
+    student.transformer_blocks = nn.ModuleList([student.transformer_blocks[i] for i in kept])
+    student.register_to_config(num_layers=depth)
+    return student
 
 
 def student_groups(channels: int, teacher_groups: int, min_channels: int = 1) -> int:
@@ -412,7 +465,9 @@ def build_student(teacher: nn.Module, student, *, seed: int, example_shape: Sequ
     teacher (deterministic, so a checkpoint needs no pickled module) or fresh, initialised from
     ``seed`` (a fresh student's init is part of the run's seed)."""
     if student.prune_ratio is not None:
-        return prune_student(teacher, student.prune_ratio, example_shape=example_shape, importance=student.importance,
+        depth = getattr(student, "depth", None)
+        source = keep_blocks(teacher, depth) if depth is not None else teacher
+        return prune_student(source, student.prune_ratio, example_shape=example_shape, importance=student.importance,
                              min_group_channels=student.min_group_channels)
     torch.manual_seed(seed)
     return fresh_student(teacher, student.param_ratio)

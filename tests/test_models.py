@@ -139,9 +139,9 @@ def test_bad_prune_ratios_are_refused(unet, ratio):
         prune_student(unet, ratio)
 
 
-def test_prune_refuses_dit_and_unknown_importance(unet, dit):
-    with pytest.raises(ValueError, match="supports UNet2DModel teachers, got DiTTransformer2DModel"):
-        prune_student(dit, 0.5)
+def test_prune_refuses_other_models_and_unknown_importance(unet, dit):
+    with pytest.raises(ValueError, match="supports UNet2DModel and DiTTransformer2DModel teachers, got Linear"):
+        prune_student(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="unknown importance 'taylor'"):
         prune_student(unet, 0.5, importance="taylor")
 
@@ -300,3 +300,73 @@ def test_min_group_channels_keeps_groups_wide_enough_and_changes_nothing_else():
     assert all(torch.equal(p, q) for p, q in zip(narrow.parameters(), wide.parameters()))
     x, t = torch.randn(SHAPE), torch.tensor([10, 500])
     assert predict(wide, x, t).shape == SHAPE
+
+
+# --- transformer students: heads and MLP units (torch-pruning), and depth -----------------------
+
+def _rows(student_w, teacher_w):
+    """Indices of the teacher's rows that the student's rows are (exact copies), in order."""
+    return [next(i for i in range(len(teacher_w)) if torch.equal(row, teacher_w[i])) for row in student_w]
+
+
+def test_a_pruned_dit_is_its_teacher_without_the_pruned_heads_and_mlp_units():
+    import copy
+
+    from liftplace.models import build_dit, keep_blocks, predict, prune_student
+
+    torch.manual_seed(0)
+    teacher = build_dit("s", in_channels=1, resolution=16, num_classes=10).eval()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([3, 400, 990]), torch.tensor([1, 5, 9])
+    same = prune_student(teacher, 0.0, example_shape=(2, 1, 16, 16)).eval()
+    assert torch.equal(predict(same, x, t, y), predict(teacher, x, t, y))  # ratio 0: an exact copy
+    student = prune_student(teacher, 0.5, example_shape=(2, 1, 16, 16)).eval()
+    masked = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for s_block, m_block in zip(student.transformer_blocks, masked.transformer_blocks):
+            s_attn, m_attn = s_block.attn1, m_block.attn1
+            head = m_attn.inner_dim // m_attn.heads
+            assert s_attn.heads == 2 and s_attn.to_q.out_features == 2 * head  # whole heads, 4 -> 2
+            kept = {name: _rows(getattr(s_attn, name).weight, getattr(m_attn, name).weight)
+                    for name in ("to_q", "to_k", "to_v")}
+            assert kept["to_q"] == kept["to_k"] == kept["to_v"]  # the same heads of q, k and v
+            heads = sorted({i // head for i in kept["to_q"]})
+            assert kept["to_q"] == [h * head + j for h in heads for j in range(head)]
+            assert torch.equal(s_attn.to_out[0].weight, m_attn.to_out[0].weight[:, kept["to_q"]])
+            # the teacher with the removed heads' values and the removed MLP units zeroed
+            gone = [i for i in range(m_attn.inner_dim) if i not in kept["to_q"]]
+            m_attn.to_v.weight[gone] = 0
+            m_attn.to_v.bias[gone] = 0
+            proj = m_block.ff.net[0].proj
+            units = _rows(s_block.ff.net[0].proj.weight, proj.weight)
+            assert len(units) == proj.out_features // 2
+            assert torch.equal(s_block.ff.net[2].weight, m_block.ff.net[2].weight[:, units])
+            dropped = [i for i in range(proj.out_features) if i not in units]
+            proj.weight[dropped] = 0
+            proj.bias[dropped] = 0
+    torch.testing.assert_close(predict(student, x, t, y), predict(masked, x, t, y), rtol=1e-5, atol=1e-5)
+    # depth: blocks evenly spaced from the first to the last, their weights untouched
+    shallow = keep_blocks(teacher, 2)
+    assert len(shallow.transformer_blocks) == 2 and shallow.config.num_layers == 2
+    for mine, theirs in zip(shallow.transformer_blocks, [teacher.transformer_blocks[0], teacher.transformer_blocks[3]]):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    with pytest.raises(ValueError, match=r"depth must be an integer in \[1, 4\]"):
+        keep_blocks(teacher, 5)
+
+
+def test_student_depth_is_a_dit_option_checked_before_training(tmp_path):
+    from liftplace.config import resolve
+    from liftplace.models import build_student, count_params
+    from liftplace.teachers import load_teacher
+
+    config = resolve("smoke", {"teacher.name": "dit-s", "student.prune_ratio": 0.9, "student.depth": 2})
+    teacher, _ = load_teacher("dit-s")
+    student = build_student(teacher, config.student, seed=0, example_shape=(2, 1, 16, 16))
+    assert len(student.transformer_blocks) == 2 and count_params(student) < 0.4 * count_params(teacher)
+    for overrides, message in (
+            ({"teacher.name": "unet-xs", "student.depth": 2}, "student.depth: depth pruning needs a DiT teacher"),
+            ({"teacher.name": "dit-s", "student.depth": 5}, "student.depth: 5 is more than the teacher's 4 transformer blocks"),
+            ({"teacher.name": "dit-s", "student.depth": 0}, "student.depth: must be an integer >= 1"),
+            ({"teacher.name": "dit-s", "student.depth": 2, "student.prune_ratio": None, "student.param_ratio": 0.5},
+             "student.depth: depth pruning keeps the teacher's weights")):
+        with pytest.raises(ValueError, match=message):
+            resolve("smoke", overrides)
