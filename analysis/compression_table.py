@@ -14,13 +14,17 @@ from common import cli, load, protocol_line, save_table, seeds_note
 
 def make(folder):
     _, summary, info = load(folder)
-    ok = summary[~summary["diverged"]]
-    table = ok.groupby(["config/student/prune_ratio", "config/objective/name"], sort=False).agg(
+    ok = summary[~summary["diverged"]].copy()
+    # A transformer student may also be depth-pruned: its blocks kept join the ratio in the label.
+    ok["pruning"] = (ok["config/student/prune_ratio"] * 100).round().astype(int).astype(str) + "%"
+    if "config/student/depth" in ok and ok["config/student/depth"].notna().any():
+        depth = ok["config/student/depth"]
+        ok["pruning"] += depth.map(lambda d: "" if pd.isna(d) else f", {int(d)} blocks")
+    table = ok.groupby(["pruning", "config/objective/name"], sort=False).agg(
         iterations=("steps", "max"), macs=("student_macs", "first"), params=("student_params", "first"),
         fid=("final_fid", "mean"), fid_std=("final_fid", "std"), precision=("final_precision", "mean"),
         recall=("final_recall", "mean"), seeds=("final_fid", "size")).reset_index()
-    table = table.rename(columns={"config/student/prune_ratio": "pruning", "config/objective/name": "method"})
-    table["pruning"] = (table["pruning"] * 100).round().astype(int).astype(str) + "%"
+    table = table.rename(columns={"config/objective/name": "method"})
     table["macs"] = (table["macs"] / 1e6).round(2).astype(str) + "M"
     table["params"] = (table["params"] / 1e3).round(1).astype(str) + "K"
     caption = (f"{info['name']}: students pruned from the teacher, mean over {seeds_note(summary)} seeds "

@@ -2,8 +2,8 @@
 
     python analysis/fid_vs_k.py RESULTS_DIR      (a finished ablate_k study)
 
-K is the number of elements per group: lift is one group per channel (K = H*W), place
-num_groups G is K = H*W / G. Lower FID is better.
+K is the number of elements per group: lift is one group per channel (K = H*W, of the
+denoiser's input: a latent teacher's latents), place num_groups G is K = H*W / G. Lower FID is better.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from common import cli, fid_by_variant, load, plt, protocol_line, save_figure, s
 
 def group_size(row) -> float:
     name = row["config/objective/name"]
-    n = row["config/data/resolution"] ** 2  # elements per channel, the default group domain
+    # elements per channel, the default group domain: the denoiser's side squared (a latent
+    # teacher's latents are smaller than the images; rows from before latents have no such column)
+    side = row.get("denoiser_size")
+    n = (row["config/data/resolution"] if side is None or np.isnan(side) else side) ** 2
     if name == "lift":
         return n
     if name == "place":

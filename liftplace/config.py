@@ -397,6 +397,9 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             if s.prune_ratio is None:
                 _refuse("student.depth", "depth pruning keeps the teacher's weights: use it with student.prune_ratio "
                                          "(0 keeps every head and MLP unit), not param_ratio")
+            if objective_class(o.name).needs_features:
+                _refuse("student.depth", f"objective {o.name} matches the student's blocks with the teacher's one by "
+                                         "one, and a depth-pruned student has fewer: use kd, lift or place")
         if s.prune_ratio is not None and net.get("_class_name") not in ("UNet2DModel", "DiTTransformer2DModel"):
             _refuse("student.prune_ratio", f"pruning needs a UNet2DModel or DiT teacher, {teacher.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
@@ -421,8 +424,11 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
     from liftplace.data import check_images, load_dataset
     from liftplace.teachers import load_teacher
 
+    from diffusers import DiTTransformer2DModel
+
     checked_teachers: dict[str, int] = {}
-    checked_data: dict[tuple, tuple[int, int]] = {}
+    classes: dict[str, int | None] = {}
+    checked_data: dict[tuple, tuple[int, int, int]] = {}
     said: set = set()
     for config in configs:
         name, d = config.teacher.name, config.data
@@ -438,7 +444,9 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
                 load_vae(space)  # a latent teacher's VAE: its weights read and checked too
             except (ValueError, FileNotFoundError) as err:
                 _refuse("teacher.name", str(err), type(err))
-            checked_teachers[name] = space.image_channels  # the channels its data is read with
+            # the channels its data is read with, and a DiT's label table (its classes)
+            checked_teachers[name] = space.image_channels
+            classes[name] = teacher.config.num_embeds_ada_norm if isinstance(teacher, DiTTransformer2DModel) else None
             del teacher
         channels = checked_teachers[name]
         key = (d.spec, d.resolution, channels)
@@ -450,11 +458,14 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
                 except ValueError as err:
                     _refuse("data.spec", str(err))
             try:
-                sizes = tuple(len(load_dataset(d.spec, d.resolution, split, channels)) for split in ("train", "val"))
+                splits = [load_dataset(d.spec, d.resolution, split, channels) for split in ("train", "val")]
             except ValueError as err:
                 _refuse("data.spec", f"{err} (teacher {name})")
-            checked_data[key] = sizes
-        train_size, val_size = checked_data[key]
+            checked_data[key] = (len(splits[0]), len(splits[1]), splits[0].num_classes)
+        train_size, val_size, num_classes = checked_data[key]
+        if classes[name] is not None and num_classes > classes[name]:
+            _refuse("data.spec", f"{d.spec} has {num_classes} classes, more than the {classes[name]} that teacher "
+                                 f"{name} embeds (num_embeds_ada_norm)")
         if config.eval.num_images > val_size and (key, config.eval.num_images) not in said:
             said.add((key, config.eval.num_images))
             log(f"eval: {d.spec} has {val_size:,} validation images, fewer than eval.num_images="

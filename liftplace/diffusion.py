@@ -178,7 +178,7 @@ class NoiseProcess:
             labels: optional class labels [B], passed through to predict_fn.
 
         Returns:
-            float32 samples of ``shape`` on ``device``, clamped to [-clip, clip] (as they are
+            float32 samples of ``shape`` on ``device``, clamped to [-clip, clip] (not clamped
             when clip is None).
         """
         if not _is_int(steps) or not 1 <= steps <= self.num_train_timesteps:

@@ -213,6 +213,7 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         "teacher_macs": models.count_macs(teacher, example_shape),
         "world_size": world,
         "teacher_fid": card.get("fid", float("nan")),
+        "denoiser_size": int(images.shape[-1]),  # the side the denoisers see: a latent teacher's is smaller
         **protocol_record(config.eval.protocol()),
     }
     if vae is not None:  # the VAE's cost, apart from the denoisers' (its decoder runs once per sample)

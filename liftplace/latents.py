@@ -9,7 +9,8 @@ that the same images and VAE always give the same latents, and scales it by the 
 ``load_split`` gives what a run trains on: the images of its data set, or their latents when
 its teacher is latent (``teachers.teacher_space``). The cache lives under
 ``$LIFTPLACE_CACHE/latents`` (default ``~/.cache/liftplace/latents``), shared by every run and
-study on the machine: a study's trials encode once between them, the first to get there.
+study on the machine: once a data set is encoded, later trials read it (trials that start
+together may each encode it; the last write wins, atomically, with the same content).
 
 The cache is a safetensors file named by the content it came from: the SHA-256 of the VAE's
 config and weight files and of the image and label tensors. A changed VAE or a changed image
@@ -121,8 +122,10 @@ def cached_encode(vae, vae_dir: str | Path, images: torch.Tensor, labels: torch.
                   *, log: Callable[[str], object] = print) -> torch.Tensor:
     """``encode(vae, images)``, read from ``cache_dir`` when these images were encoded by this
     VAE before (the VAE as saved in ``vae_dir``), else computed and written there."""
-    # The VAE's dtype too: the same weights run in float16 give other latents.
-    vae_key = f"{vae_fingerprint(vae_dir)}|{next(vae.parameters()).dtype}"
+    # The VAE's dtype and device kind too: the same weights in float16, or on a GPU, give
+    # (slightly) other latents.
+    weight = next(vae.parameters())
+    vae_key = f"{vae_fingerprint(vae_dir)}|{weight.dtype}|{weight.device.type}"
     data_key = data_fingerprint(images, labels)
     key = hashlib.sha256(f"{vae_key}|{data_key}".encode()).hexdigest()
     path = Path(cache_dir) / f"latents-{key[:20]}.safetensors"

@@ -179,7 +179,7 @@ def last_checkpoint(rows: list[dict], trial: Path | None = None) -> str | None:
 # Tune domain, which holds its memory address ("<ray.tune.search.sample.Float object at 0x7f..>")
 # and so differed in every process.
 _ADDRESS_REPR = re.compile(r"<ray\.tune\.search\.sample\.(\w+) object at 0x[0-9a-f]+>")
-_DOMAIN_PREFIX = {"Categorical": "choice(", "Float": "Float(", "Integer": "Integer("}
+_DOMAIN_PREFIX = {"Categorical": "choice(", "Float": "Float(", "Integer": "Integer(", "Function": "sample_from("}
 
 
 def _upgrade_space(existing: dict, info: dict) -> dict:
@@ -327,7 +327,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             best_fid=float(fids.min()) if len(fids) else np.nan,
         )
         for col in ("kid", "precision", "recall", "loss", "w", "beta0", "beta1", "student_params", "teacher_params",
-                    "compression", "student_macs", "teacher_macs", "vae_params", "vae_decode_macs", "images_per_s", "teacher_fid", "elapsed_s",
+                    "compression", "student_macs", "teacher_macs", "vae_params", "vae_decode_macs", "denoiser_size", "images_per_s", "teacher_fid", "elapsed_s",
                     "eval_extractor", "eval_num_images", "eval_sampler_steps", "eval_reference_images", "runner",
                     "final_checkpoint"):
             if col in group:

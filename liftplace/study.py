@@ -150,11 +150,15 @@ def describe_domain(domain) -> str:
         return f"choice({list(domain.categories)!r})"
     if not hasattr(domain, "get_sampler"):
         return repr(domain)
-    sampler = domain.get_sampler()
-    if type(sampler).__name__ == "Quantized":
-        text = f"{sampler.sampler} q={sampler.q!r}"
-    else:
-        text = str(sampler) + "".join(f" {k}={v!r}" for k, v in sorted(vars(sampler).items()))
+    if callable(getattr(domain, "func", None)):  # tune.sample_from: the function's name
+        return f"sample_from({getattr(domain.func, '__module__', '?')}.{getattr(domain.func, '__qualname__', '?')})"
+
+    def sampler_text(sampler) -> str:
+        if type(sampler).__name__ == "Quantized":
+            return f"{sampler_text(sampler.sampler)} q={sampler.q!r}"
+        return str(sampler) + "".join(f" {k}={v!r}" for k, v in sorted(vars(sampler).items()))
+
+    text = sampler_text(domain.get_sampler())
     if hasattr(domain, "lower"):
         return f"{type(domain).__name__}({domain.lower!r}, {domain.upper!r}, {text})"
     return f"{type(domain).__name__}({text})"

@@ -305,9 +305,9 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"teacher {path}: its weights hold {bad} NaN or infinite values in {name}")
-    pipeline = pipeline_dir(name_or_path)  # a pipeline's card sits beside its model_index.json
-    card_file = (pipeline or path) / "card.json"
-    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    pipeline = pipeline_dir(name_or_path)  # a pipeline's card sits beside its model_index.json (or in its model's folder)
+    cards = [file for file in ([pipeline / "card.json"] if pipeline else []) + [path / "card.json"] if file.is_file()]
+    card = json.loads(cards[0].read_text()) if cards else {}
     return model.to(device).eval().requires_grad_(False), card
 
 

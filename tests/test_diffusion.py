@@ -165,6 +165,20 @@ def test_sampling_clips_to_the_process_bound_and_latents_are_not_clipped():
     assert unclipped.abs().max() > 2  # x0 = x_t / sqrt(alpha_bar): noise, at its own scale
     for bound in (1.0, 2.0):
         clipped = make_process("epsilon", clip=bound).sample(zero, (64, 1, 4, 4), steps=2, seed=0)
-        assert clipped.abs().max() == bound  # the estimate clipped at each step and at the end
+        assert clipped.abs().max() == bound  # the result clamped at the end
+    # ... and the clean estimate at each step, as diffusers' DDIM with clip_sample_range does
+    from diffusers import DDIMScheduler
+
+    model = lambda x, t: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)  # noqa: E731 - depends on x and t
+    ours = make_process("epsilon", clip=2.0).sample(model, (8, 1, 4, 4), steps=4, seed=3)
+    ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         clip_sample=True, clip_sample_range=2.0, set_alpha_to_one=True, timestep_spacing="leading")
+    ddim.set_timesteps(4)
+    x = torch.randn((8, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    for t in ddim.timesteps:
+        x = ddim.step(model(x, t.repeat(8)), int(t), x).prev_sample
+    torch.testing.assert_close(ours, x.clamp(-2, 2))
+    no_step_clip = make_process("epsilon", clip=None).sample(model, (8, 1, 4, 4), steps=4, seed=3)
+    assert not torch.allclose(no_step_clip.clamp(-2, 2), ours)  # the per-step clipping changed the path
     with pytest.raises(ValueError, match="clip must be a positive number or None"):
         make_process("epsilon", clip=0)

@@ -87,7 +87,7 @@ def test_a_vae_directory_without_weights_is_refused(tmp_path):
 
 # --- a latent teacher: a DiTPipeline directory built and saved by diffusers' own classes -------
 
-def dit_pipeline(out, *, latent_channels=4, clip_sample=False, scheduler=None):
+def dit_pipeline(out, *, latent_channels=4, clip_sample=False, scheduler=None, classes=10):
     """A tiny random class-conditional DiT (learned-sigma output, as DiT ships) on a 1-channel
     AutoencoderKL that halves the resolution: 16x16 digits -> 4x8x8 latents."""
     import diffusers
@@ -95,7 +95,7 @@ def dit_pipeline(out, *, latent_channels=4, clip_sample=False, scheduler=None):
     torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                           num_layers=2, sample_size=8, patch_size=2, norm_num_groups=4,
-                                          num_embeds_ada_norm=10)
+                                          num_embeds_ada_norm=classes)
     vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
                                   layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4)
@@ -167,6 +167,10 @@ def test_a_latent_pipeline_that_cannot_serve_is_refused_in_one_line(dit_pipe, tm
     assert str(err.value) == (f"data.resolution: 8 does not match the latent teacher's images: its sample size 8 is "
                               f"2x smaller per side than the images its VAE encodes ({dit_pipe / 'vae'}); "
                               "set data.resolution=16")
+    # more classes in the data than the transformer embeds: refused before Ray, naming both
+    few = dit_pipeline(tmp_path / "few", classes=5)
+    with pytest.raises(ValueError, match=r"^data.spec: mnist has 10 classes, more than the 5 that teacher .*few embeds"):
+        check_inputs([latent_config(few)], log=lambda _: None)
     wrong = dit_pipeline(tmp_path / "wrong", latent_channels=3)
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*vae/config.json: latent_channels 3 differs from "
                                          r"the denoiser's in_channels 4$"):
@@ -194,11 +198,20 @@ def test_a_flow_matching_dit_pipeline_distills_as_rectified_flow_with_its_shift(
         latent_config(pipe)
     process = teacher_process(pipe, "flow")
     assert (process.prediction, process.shift, process.clip) == ("flow", 3.0, None)
-    # the sampler's sigmas are the ones diffusers' own scheduler steps through
-    ours, theirs = process._sampling_scheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0)
-    ours.set_timesteps(4)
+    # sampling feeds the model the shifted timesteps diffusers' own scheduler steps through
+    seen = []
+    process.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), (1, 4, 8, 8), steps=4)
+    theirs, plain = FlowMatchEulerDiscreteScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler()
     theirs.set_timesteps(4)
-    assert torch.allclose(ours.sigmas, theirs.sigmas) and not torch.allclose(ours.sigmas, torch.linspace(1, 0, 5))
+    plain.set_timesteps(4)
+    assert torch.allclose(torch.tensor(seen), theirs.timesteps) and not torch.allclose(theirs.timesteps, plain.timesteps)
+    # sigma' = shift * sigma / (1 + (shift - 1) * sigma) over an even grid from 1 to the smallest
+    # training sigma, itself already shifted (diffusers shifts that end twice)
+    def shifted(sigma):
+        return 3 * sigma / (1 + 2 * sigma)
+
+    grid = torch.linspace(1, shifted(torch.tensor(1 / 1000)).item(), 4)
+    torch.testing.assert_close(theirs.timesteps / 1000, shifted(grid))
     config = latent_config(pipe, **{"teacher.prediction": "flow"})
     last = distill.run(config, lambda row, checkpoint: None, log=lambda *_: None)
     assert last["step"] == 4 and last["fid"] > 0 and not last["diverged"]

@@ -355,17 +355,26 @@ def test_a_pruned_dit_is_its_teacher_without_the_pruned_heads_and_mlp_units():
 
 def test_student_depth_is_a_dit_option_checked_before_training(tmp_path):
     from liftplace.config import resolve
-    from liftplace.models import build_student, count_params
+    from liftplace.models import build_student, count_params, keep_blocks, prune_student
     from liftplace.teachers import load_teacher
 
     config = resolve("smoke", {"teacher.name": "dit-s", "student.prune_ratio": 0.9, "student.depth": 2})
     teacher, _ = load_teacher("dit-s")
     student = build_student(teacher, config.student, seed=0, example_shape=(2, 1, 16, 16))
-    assert len(student.transformer_blocks) == 2 and count_params(student) < 0.4 * count_params(teacher)
+    # the shares the README states: heads and MLP alone, with depth, one block
+    assert len(student.transformer_blocks) == 2 and round(count_params(student) / count_params(teacher), 2) == 0.30
+    share = {}
+    for ratio, depth in ((0.5, None), (0.9, None), (0.0, 2), (0.9, 1)):
+        source = keep_blocks(teacher, depth) if depth else teacher
+        share[ratio, depth] = round(count_params(prune_student(source, ratio, example_shape=(2, 1, 16, 16)))
+                                    / count_params(teacher), 2)
+    assert share == {(0.5, None): 0.75, (0.9, None): 0.57, (0.0, 2): 0.51, (0.9, 1): 0.16}
     for overrides, message in (
             ({"teacher.name": "unet-xs", "student.depth": 2}, "student.depth: depth pruning needs a DiT teacher"),
             ({"teacher.name": "dit-s", "student.depth": 5}, "student.depth: 5 is more than the teacher's 4 transformer blocks"),
             ({"teacher.name": "dit-s", "student.depth": 0}, "student.depth: must be an integer >= 1"),
+            ({"teacher.name": "dit-s", "student.depth": 2, "objective.name": "kd+feat"},
+             "student.depth: objective kd\\+feat matches the student's blocks with the teacher's one by one"),
             ({"teacher.name": "dit-s", "student.depth": 2, "student.prune_ratio": None, "student.param_ratio": 0.5},
              "student.depth: depth pruning keeps the teacher's weights")):
         with pytest.raises(ValueError, match=message):

@@ -106,6 +106,10 @@ def test_a_ddpm_pipeline_loads_with_the_noise_process_its_scheduler_names(tiny_t
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(models.predict(model, x, torch.tensor([3, 400])), models.predict(unet.eval(), x, torch.tensor([3, 400])))
     assert card == {}  # a pipeline carries no card
+    (pipe / "unet" / "card.json").write_text('{"fid": 7.5}')  # a card in the model's folder is read
+    assert load_teacher(pipe)[1] == {"fid": 7.5}
+    (pipe / "card.json").write_text('{"fid": 6.5}')  # one beside model_index.json comes first
+    assert load_teacher(pipe)[1] == {"fid": 6.5}
     process = teacher_process(pipe, "v")
     # The noise levels are the scheduler's own (cosine, T = 500), not the default linear ones.
     expected = DDPMScheduler(**settings).alphas_cumprod
