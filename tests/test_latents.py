@@ -263,3 +263,30 @@ def json_of(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_a_study_on_a_latent_teacher_runs_and_reports_on_decoded_images(ray_session, dit_pipe, tmp_path):
+    """ablate_k as cohorts on a DiT pipeline (Ray Tune), then its whole report: the error maps
+    and the linear correction work on latents, FIDs on decoded digits."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("study_ablate_k_latent", root / "studies" / "ablate_k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = module.study_main(module.STUDY, [
+        "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), "--set", f"teacher.name={dit_pipe}",
+        "--set", "student.prune_ratio=0.5", "--set", "student.depth=1", "--set", "train.steps=10",
+        "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2"])
+    from liftplace.results import load_study, summarize
+
+    summary = summarize(load_study(folder))
+    assert len(summary) == len(module.STUDY.variants) and summary["final_fid"].notna().all()
+    assert (summary["denoiser_size"] == 8).all() and (summary["vae_params"] > 0).all()
+    report = (folder / "analysis" / "REPORT.md").read_text()
+    assert "**Latent space.**" in report and "Not built" not in report
+    for figure in ("error_maps.png", "linear_correction.png", "fid_vs_k.png", "headline.png"):
+        assert (folder / "analysis" / figure).is_file()
+    sys.modules.pop("study_ablate_k_latent", None)
