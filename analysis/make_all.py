@@ -72,7 +72,8 @@ def make(folder):
     lines += [f"**Protocol.** {protocol_line(summary if len(summary) else df)}. Preset `{info['preset']}`, {info['seeds']} seeds per variant, "
              f"runner `{info['runner']}`, {len(summary)} runs ({int(summary['diverged'].sum())} diverged)"
              + (f" in {info['trials']} cohort trials (one teacher forward per step for the runs of a seed)"
-                if info.get("trials", len(summary)) < len(summary) else "") + ".", ""]
+                if info.get("cohort") != "off" and info.get("trials", len(summary)) < len(summary) else "")
+             + (", each a trial of an Optuna search" if info.get("space") else "") + ".", ""]
     if "vae_params" in summary and summary["vae_params"].notna().any():
         vae = summary[summary["vae_params"].notna()].iloc[0]
         lines += [f"**Latent space.** The teacher and students denoise a frozen VAE's latents; their parameters and "

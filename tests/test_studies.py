@@ -137,6 +137,8 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     folder = module.study_main(module.STUDY, ["--preset", "smoke", "--samples", "3", "--storage", str(tmp_path),
                                               *FAST, "--set", "train.steps=12"])
     assert (folder / "analysis" / "REPORT.md").stat().st_size > 0 and (folder / "analysis" / "error_maps.png").is_file()
+    protocol = (folder / "analysis" / "REPORT.md").read_text()
+    assert "3 runs (0 diverged), each a trial of an Optuna search." in protocol and "cohort trials" not in protocol
     df = load_study(folder)
     summary = summarize(df)
     assert len(summary) == 3 and summary["final_fid"].notna().all()
