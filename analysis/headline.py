@@ -18,6 +18,8 @@ best variant's teacher.
 
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -181,7 +183,11 @@ def make(folder):
     _, summary, info = load(folder)
     table = versus(summary)
     best = best_variant(summary)
-    against = references(summary).get(best, REFERENCE) if best is not None else REFERENCE
+    if best is None:  # no variant has a kd to be compared with (a search): its best one, alone
+        means = {v: finals(summary, v).mean() for v in summary["variant"].unique()
+                 if v != REFERENCE and len(finals(summary, v))}
+        best = min(means, key=means.get) if means else None
+    against = (references(summary).get(best) or REFERENCE) if best is not None else REFERENCE
     shown = [v for v in (against, best) if v is not None and v in set(summary["variant"])]
     panels = sample_panels(summary, shown)
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.6 + 2.4 * len(panels), 4.2),
@@ -200,13 +206,16 @@ def make(folder):
     ax.set_xlim(-0.6, len(shown) - 0.4)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("final FID (lower is better)")
-    ax.set_title(f"{info['name']}: {against} vs the best variant", fontsize=10)
+    # A study without the reference (a search over place alone) shows its best variant only.
+    ax.set_title(f"{info['name']}: {against} vs the best variant" if against in shown
+                 else f"{info['name']}: the best variant (no {against} run)", fontsize=10)
     # Under the axes: inside, a legend can hide a seed's point.
     if ax.get_legend_handles_labels()[0]:  # (a partial study may have nothing to plot yet)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3 if panels else 1, frameon=False)
     for panel_ax, (title, image) in zip(axes[0, 1:], panels):
         panel_ax.imshow(image, cmap="gray")
-        panel_ax.set_title(title, fontsize=9)
+        # Long variant names (a search's sampled values) are wrapped, so that titles do not run together.
+        panel_ax.set_title(textwrap.fill(title, 28), fontsize=8)
         panel_ax.axis("off")
     paths = save_figure(fig, folder, "headline", footer=protocol_line(summary) + "; samples: same noise in every grid")
     caption = (f"{info['name']}: each variant's mean final FID against its {REFERENCE} run's (column reference; "
