@@ -7,7 +7,8 @@ Held fixed: the preset's teacher, steps, batch, lr, seeds. Reported: FID, precis
 parameters and MACs of each student.
 Cost: `cpu` preset (teacher unet-m), 18 variants x 2 seeds as 2 cohort trials of 18 students,
 about 2 hours on a 2-core laptop (estimated from measured step costs: the 50% students are 25x
-the 90% ones; not run at this preset yet); `paper`,
+the 90% ones); started once at load 5-11, it made 400 of its 4,000 steps in 22 minutes (~3.3 h
+at that load, extrapolated) and was stopped at a checkpoint; not finished yet. `paper`,
 36 GPU runs of 100k steps on the user's DDPM (the paper's table uses one seed).
 
     python studies/compression.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
