@@ -4,7 +4,10 @@ A run's rows are one JSON object per reported step: ``step``, ``loss`` and its p
 (``loss_task``, ``loss_distill``, ``loss_coarse``, ``loss_fine``, ``loss_feat``), ``w``, ``beta0``,
 ``beta1`` (batch means), ``grad_norm``, ``diverged``, ``fid``/``kid``/``precision``/``recall``
 (``EVAL_COLUMNS``: NaN between evaluations), ``student_params``, ``teacher_params``,
-``compression``, MACs, ``images_per_s``, ``elapsed_s`` and the FID protocol (``eval_*``). They
+``compression``, MACs (the denoisers'), ``denoiser_size`` (the side the denoisers see: smaller
+than the images for a latent teacher), for a latent teacher ``vae_params`` and ``vae_decode_macs``
+(one decode per generated image), ``images_per_s``, ``elapsed_s`` and the FID protocol
+(``eval_*``). They
 are written to ``metrics.jsonl`` by ``liftplace distill`` (``MetricsFile``) and to Tune's
 ``result.json`` in a study; both are JSON-lines files read by ``read_jsonl``. A study's folder (written by
 ``liftplace.sweep`` under Ray Tune)::
