@@ -442,7 +442,7 @@ def train_teacher(
         "size": size,
         "data": data,
         "resolution": resolution,
-        "channels": images.shape[1],
+        "channels": autoencoder.config.in_channels if autoencoder is not None else images.shape[1],  # the images'
         "num_classes": train.num_classes,
         "prediction": prediction,
         "steps": steps,

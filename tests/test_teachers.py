@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from liftplace import models
+from liftplace import latents, models
 from liftplace.diffusion import make_process
-from liftplace.teachers import generate, load_teacher, shipped_teachers, train_teacher
+from liftplace.teachers import generate, load_teacher, load_vae, shipped_teachers, teacher_process, teacher_space, train_teacher
 
 CARD_KEYS = {
     "arch", "size", "data", "resolution", "prediction", "steps", "batch", "lr", "seed", "train_wall_time_s",
@@ -64,7 +64,7 @@ SHIPPED = shipped_teachers()
 
 
 def test_the_cpu_preset_teachers_are_shipped():
-    assert {"unet-xs", "unet-s", "unet-m", "unet-l", "dit-s"} <= set(SHIPPED)
+    assert {"unet-xs", "unet-s", "unet-m", "unet-l", "dit-s", "dit-latent"} <= set(SHIPPED)
     params = [load_teacher(f"unet-{s}")[1]["params"] for s in ("xs", "s", "m", "l")]
     assert params == sorted(params) and params[-1] / params[0] > 8
 
@@ -74,7 +74,13 @@ def test_shipped_teacher_loads_samples_and_has_a_complete_card(name):
     model, card = load_teacher(name)
     assert CARD_KEYS <= set(card)
     assert card["params"] == models.count_params(model)
-    images = generate(model, make_process(card["prediction"]), 4, steps=2, seed=0, num_classes=card["num_classes"])
+    # a latent teacher (a pipeline with its VAE) samples latents, decoded into the card's images
+    space = teacher_space(name)
+    process = teacher_process(name, card["prediction"])
+    images = generate(model, process, 4, steps=2, seed=0, num_classes=card["num_classes"])
+    if space.latent:
+        assert images.shape[1:] == (space.channels, space.size, space.size) and process.clip is None
+        images = latents.decode(load_vae(space), images)
     assert images.shape == (4, card["channels"], card["resolution"], card["resolution"])
     assert images.min() >= -1 and images.max() <= 1
 
