@@ -109,11 +109,11 @@ def verdict(row, reference: str) -> str:
     return f"{'better' if row['difference'] < 0 else 'worse'} than {against} (p_holm {row['p_holm']:.2g})"
 
 
-def best_variant(summary: pd.DataFrame, reference: str = REFERENCE) -> str | None:
+def best_variant(summary: pd.DataFrame, reference: str = REFERENCE, *, alone: bool = False) -> str | None:
     """The variant, other than the references, with the lowest mean final FID (diverged runs
-    excluded) and a reference to be compared with."""
+    excluded) and a reference to be compared with (``alone``: with or without one)."""
     means = {v: finals(summary, v).mean() for v, against in references(summary, reference).items()
-             if against is not None and len(finals(summary, v))}
+             if (alone or against is not None) and len(finals(summary, v))}
     return min(means, key=means.get) if means else None
 
 
@@ -182,11 +182,8 @@ def sample_panels(summary: pd.DataFrame, variants: list[str]) -> list[tuple[str,
 def make(folder):
     _, summary, info = load(folder)
     table = versus(summary)
-    best = best_variant(summary)
-    if best is None:  # no variant has a kd to be compared with (a search): its best one, alone
-        means = {v: finals(summary, v).mean() for v in summary["variant"].unique()
-                 if v != REFERENCE and len(finals(summary, v))}
-        best = min(means, key=means.get) if means else None
+    # Where no variant has a kd to be compared with (a search), its best one, alone.
+    best = best_variant(summary) or best_variant(summary, alone=True)
     against = (references(summary).get(best) or REFERENCE) if best is not None else REFERENCE
     shown = [v for v in (against, best) if v is not None and v in set(summary["variant"])]
     panels = sample_panels(summary, shown)

@@ -42,12 +42,11 @@ from torchvision.utils import save_image
 
 from liftplace import checkpoints, latents, models
 from liftplace.config import RunConfig
-from liftplace.data import load_dataset
 from liftplace.diffusion import NoiseProcess
-from liftplace.metrics import compute_metrics, protocol_record, real_images
+from liftplace.metrics import protocol_record
 from liftplace.objectives import Objective, make_objective, objective_class
 from liftplace.results import EVAL_COLUMNS, flatten
-from liftplace.teachers import Space, generate, load_teacher, load_vae, teacher_process, teacher_space
+from liftplace.teachers import evaluate, generate, load_teacher, load_vae, teacher_process, teacher_space
 
 Report = Callable[[dict, "Path | None"], None]
 # The settings the students of one cohort may differ in; everything else (teacher, data, seed,
@@ -168,7 +167,6 @@ class Run:
     stream: Stream
     trainees: list[Trainee]
     autocast: Callable
-    space: Space  # pixels, or a VAE's latents
     vae: torch.nn.Module | None  # a latent teacher's frozen VAE: decodes samples for metrics and grids
     teacher_samples: torch.Tensor | None = None  # for samples.png, drawn once
 
@@ -234,7 +232,7 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         trainees.append(trainee)
     bf16 = device.type == "cuda" and tr.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
-    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast, space, vae)
+    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast, vae)
 
 
 def _trainee(variant, folder, config: RunConfig, student, teacher_taps, shape, device, world) -> Trainee:
@@ -347,7 +345,7 @@ def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, sav
                 if run.rank == 0 and evaluate and not row["diverged"]:
                     with trainee.own_rng():
                         row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
-                                                    run.stream.num_classes, run.device, space=run.space, vae=run.vae))
+                                                    run.stream.num_classes, run.device, vae=run.vae))
         except Exception:
             unevaluated = {v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}
             if ckpt_dir is not None:
@@ -523,19 +521,12 @@ def ema_weights(student, ema: EMAModel):
         ema.restore(student.parameters())
 
 
-def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device, *,
-                     space: Space | None = None, vae=None) -> dict:
-    """FID/KID/precision/recall of the EMA student; a latent student's samples are decoded by
-    ``vae`` first (the metrics compare images)."""
-    protocol = config.eval.protocol()
-    channels = space.image_channels if space is not None else models.in_channels(student)
-    val = load_dataset(config.data.spec, config.data.resolution, "val", channels)
+def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device, *, vae=None) -> dict:
+    """FID/KID/precision/recall of the EMA student (``teachers.evaluate``: a latent student's
+    samples are decoded by ``vae`` first, the metrics compare images)."""
     with ema_weights(student, ema):
-        fake = generate(student, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
-                        num_classes=num_classes, device=device)
-    if vae is not None:
-        fake = latents.decode(vae, fake)
-    return compute_metrics(fake, real_images(val, protocol.num_images), protocol, real_cache_key=val.name)
+        return evaluate(student, process, config.data.spec, config.data.resolution, config.eval.protocol(),
+                        num_classes=num_classes, device=device, vae=vae)
 
 
 def save_samples(run: Run, trainee: Trainee, directory: Path) -> None:

@@ -175,7 +175,6 @@ def train_vae(out: str | Path, *, data: str = "mnist", resolution: int = 16, ste
     The card states the reconstruction error and the FID of the reconstructed validation images:
     the best FID a latent teacher on this VAE can reach under the protocol.
     """
-    import math
     import shlex
     import sys
     import time
@@ -186,6 +185,8 @@ def train_vae(out: str | Path, *, data: str = "mnist", resolution: int = 16, ste
 
     from liftplace.data import load_dataset
     from liftplace.metrics import Protocol, compute_metrics, protocol_record, real_images, stack_dataset
+    from liftplace.models import count_params
+    from liftplace.teachers import warmup_cosine
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -198,9 +199,7 @@ def train_vae(out: str | Path, *, data: str = "mnist", resolution: int = 16, ste
                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
                         **VAE_SPEC)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(200, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+    sched = warmup_cosine(opt, steps)  # as teachers are trained
     gen = torch.Generator().manual_seed(seed)
     start = time.time()
     vae.train()
@@ -235,7 +234,7 @@ def train_vae(out: str | Path, *, data: str = "mnist", resolution: int = 16, ste
             "steps": steps, "batch": batch, "lr": lr, "kl_weight": kl_weight, "seed": seed,
             "scaling_factor": scale, "train_wall_time_s": round(train_time, 1),
             "val_recon_mse": float(torch.nn.functional.mse_loss(recon, real)),
-            "params": sum(p.numel() for p in vae.parameters()),
+            "params": count_params(vae),
             **{f"recon_{k}": v for k, v in metrics.items()}, **protocol_record(protocol),
             "command": command or shlex.join(sys.argv), "torch": torch.__version__}
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -212,9 +212,14 @@ def count_macs(model: nn.Module, example_shape: Sequence[int], labels: torch.Ten
     param = _first_param(_unwrap(model))
     x = torch.zeros((1, *example_shape[1:]), device=param.device, dtype=param.dtype)
     t = torch.zeros(1, dtype=torch.long, device=param.device)
+    return _macs(lambda: predict(_unwrap(model), x, t, None if labels is None else labels[:1]))
+
+
+def _macs(call: Callable[[], object]) -> int:
+    """MACs of ``call()`` (FLOPs / 2 by torch's FlopCounterMode, CPU attention included)."""
     cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        predict(_unwrap(model), x, t, None if labels is None else labels[:1])
+        call()
     return counter.get_total_flops() // 2
 
 
@@ -223,10 +228,7 @@ def count_decode_macs(vae: nn.Module, latent_shape: Sequence[int]) -> int:
     as ``count_macs`` counts): what each latent sample costs beyond its denoiser's steps."""
     param = _first_param(vae)
     z = torch.zeros((1, *latent_shape[1:]), device=param.device, dtype=param.dtype)
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        vae.decode(z)
-    return counter.get_total_flops() // 2
+    return _macs(lambda: vae.decode(z))
 
 
 def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Module | None = None) -> int:

@@ -177,19 +177,9 @@ def load_vae(space: Space, device: str | torch.device = "cpu"):
 
 
 def load_vae_dir(path: str | Path, device: str | torch.device = "cpu"):
-    """A saved AutoencoderKL directory, checked as ``load_vae`` checks a teacher's."""
+    """A saved AutoencoderKL directory, checked as a teacher's weights are (``_load_checked``)."""
     path = Path(path)
-    try:
-        vae, info = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
-                                                  low_cpu_mem_usage=False, output_loading_info=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        raise ValueError(f"teacher VAE {path}: its weights do not load: {' '.join(lines[:2])}") from None
-    bad = [key for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
-    if bad:
-        raise ValueError(f"teacher VAE {path}: config.json does not match its weights "
-                         f"({', '.join(f'{len(info[k])} {k}' for k in bad)})")
-    return vae.to(device).eval().requires_grad_(False)
+    return _load_checked(AutoencoderKL, path, f"teacher VAE {path}").to(device).eval().requires_grad_(False)
 
 
 def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
@@ -279,6 +269,18 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
                          f"supported: {', '.join(MODEL_CLASSES)}")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"teacher {path} has no .safetensors weights (pickled weights are not loaded)")
+    model = _load_checked(cls, path, f"teacher {path}")
+    pipeline = pipeline_dir(name_or_path)  # a pipeline's card sits beside its model_index.json (or in its model's folder)
+    cards = [file for file in ([pipeline / "card.json"] if pipeline else []) + [path / "card.json"] if file.is_file()]
+    card = json.loads(cards[0].read_text()) if cards else {}
+    return model.to(device).eval().requires_grad_(False), card
+
+
+def _load_checked(cls, path: Path, what: str):
+    """``cls.from_pretrained(path)`` from safetensors, refused with one ValueError starting with
+    ``what`` when the weights do not load, do not fit config.json (diffusers' own loading info:
+    missing, unexpected and mismatched keys, after its renaming of older keys) or hold NaN or
+    infinite values."""
     from safetensors import SafetensorError
 
     # Its warning about weights "newly initialized" would be a second line: the check says it.
@@ -292,23 +294,20 @@ def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):
         # A size mismatch, a damaged or missing file: diffusers' own message, on one line (torch's
         # "Error(s) in loading state_dict" says what differs on its second line).
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        raise ValueError(f"teacher {path}: its weights do not load: {' '.join(lines[:2])}") from None
+        raise ValueError(f"{what}: its weights do not load: {' '.join(lines[:2])}") from None
     finally:
         loader.setLevel(level)
-    problems = [f"{len(info[key])} {what} (e.g. {_key_name(info[key][0])})"
-                for key, what in (("mismatched_keys", "tensors differ in shape"),
+    problems = [f"{len(info[key])} {kind} (e.g. {_key_name(info[key][0])})"
+                for key, kind in (("mismatched_keys", "tensors differ in shape"),
                                   ("missing_keys", "tensors of config.json missing from the weights"),
                                   ("unexpected_keys", "weights not in config.json")) if info.get(key)]
     if problems:
-        raise ValueError(f"teacher {path}: config.json does not match its weights: {'; '.join(problems)}")
+        raise ValueError(f"{what}: config.json does not match its weights: {'; '.join(problems)}")
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"teacher {path}: its weights hold {bad} NaN or infinite values in {name}")
-    pipeline = pipeline_dir(name_or_path)  # a pipeline's card sits beside its model_index.json (or in its model's folder)
-    cards = [file for file in ([pipeline / "card.json"] if pipeline else []) + [path / "card.json"] if file.is_file()]
-    card = json.loads(cards[0].read_text()) if cards else {}
-    return model.to(device).eval().requires_grad_(False), card
+            raise ValueError(f"{what}: its weights hold {bad} NaN or infinite values in {name}")
+    return model
 
 
 def _key_name(entry) -> str:
@@ -359,6 +358,14 @@ def evaluate(model, process, data: str, resolution: int, protocol: Protocol, *, 
     return compute_metrics(fake, real, protocol, real_cache_key=val.name)
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate of teachers and VAEs trained here: a linear warm-up over min(200,
+    steps / 10) steps, then a cosine decay to 0 at ``steps``."""
+    warmup = min(200, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+
+
 def train_teacher(
     out: str | Path,
     *,
@@ -405,9 +412,7 @@ def train_teacher(
     model = build_teacher(arch, size, channels=images.shape[1], resolution=images.shape[-1], num_classes=train.num_classes)
     process = make_process(prediction, clip=None if autoencoder is not None else 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(200, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+    sched = warmup_cosine(opt, steps)
     ema = EMAModel(model.parameters(), decay=ema_decay)
     gen = torch.Generator().manual_seed(seed)
     start = time.time()

@@ -136,8 +136,10 @@ def test_a_dit_pipeline_distills_on_its_vae_latents_and_is_evaluated_on_decoded_
     assert torch.allclose(train.x0[:8], latents.encode(vae, train.images[:8]), atol=1e-5)
     # metrics compare decoded digits with the real ones: 1 channel, 16x16
     seen = []
-    compute = distill.compute_metrics
-    monkeypatch.setattr(distill, "compute_metrics", lambda fake, real, *a, **k: seen.append((fake, real)) or compute(fake, real, *a, **k))
+    from liftplace import teachers
+
+    compute = teachers.compute_metrics  # what distill's evaluation calls (teachers.evaluate)
+    monkeypatch.setattr(teachers, "compute_metrics", lambda fake, real, *a, **k: seen.append((fake, real)) or compute(fake, real, *a, **k))
     rows, kept = [], tmp_path / "kept"
 
     def report(row, checkpoint):
@@ -226,6 +228,7 @@ def test_a_flow_matching_dit_pipeline_distills_as_rectified_flow_with_its_shift(
 def test_a_vae_and_a_latent_dit_trained_here_make_a_pipeline_that_loads_by_its_shipped_name(tmp_path, monkeypatch):
     from liftplace import teachers
     from liftplace.metrics import Protocol
+    from liftplace.models import count_params
 
     protocol = Protocol(num_images=16, sampler_steps=2)
     card = latents.train_vae(tmp_path / "vae", steps=3, batch=8, protocol=protocol, progress=False, command="test")
@@ -241,7 +244,7 @@ def test_a_vae_and_a_latent_dit_trained_here_make_a_pipeline_that_loads_by_its_s
     out = tmp_path / "shipped" / "dit-latent-test"
     card = teachers.train_teacher(out, arch="dit", size="tiny", steps=3, batch=8, protocol=protocol, progress=False,
                                   command="test", vae=tmp_path / "vae")
-    assert card["latent_shape"] == [4, 8, 8] and card["vae_params"] == latents_params(vae)
+    assert card["latent_shape"] == [4, 8, 8] and card["vae_params"] == count_params(vae)
     assert (out / "vae" / "card.json").is_file() and (out / "samples.png").is_file()
     assert json_of(out / "model_index.json")["_class_name"] == "DiTPipeline"
     assert json_of(out / "scheduler" / "scheduler_config.json")["clip_sample"] is False
@@ -253,10 +256,6 @@ def test_a_vae_and_a_latent_dit_trained_here_make_a_pipeline_that_loads_by_its_s
     assert space.latent and space.vae == out / "vae" and space.resolution() == 16
     model, loaded_card = teachers.load_teacher("dit-latent-test")
     assert loaded_card["fid"] == card["fid"] and teachers.teacher_process("dit-latent-test", "epsilon").clip is None
-
-
-def latents_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def json_of(path):
