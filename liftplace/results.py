@@ -201,19 +201,30 @@ def _upgrade_space(existing: dict, info: dict) -> dict:
     return {**existing, "space": upgraded}
 
 
+# Fields of study.json that describe a study without defining it: the study file's docstring is
+# prose (its measured cost and result are written into it as they come), so editing it does not
+# make the study folder another study.
+_PROSE = ("description",)
+
+
+def _defining(info: dict) -> dict:
+    return {k: v for k, v in info.items() if k not in _PROSE}
+
+
 def claim_study(folder: Path, info: dict, resume: bool) -> None:
-    """Write study.json, refusing a folder that holds another study (or this one, without --resume)."""
+    """Write study.json, refusing a folder that holds another study (or this one, without --resume).
+    Only the description may differ on --resume; the file then takes the new one."""
     info_file = folder / STUDY_FILE
     if info_file.is_file():
         existing = json.loads(info_file.read_text())
         upgraded = _upgrade_space(existing, info)
-        if upgraded != info:
+        if _defining(upgraded) != _defining(info):
             raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
                                   "choose another --storage")
         if not resume:
             raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
                                   "or choose another --storage")
-        if upgraded != existing:
+        if info != existing:
             files.write_text(info_file, json.dumps(info, indent=2) + "\n")
         return
     if folder.exists() and any(folder.iterdir()):

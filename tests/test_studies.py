@@ -212,6 +212,22 @@ def test_a_study_json_from_before_stable_space_names_is_upgraded_on_resume(tmp_p
                     resume=True)
 
 
+def test_a_study_whose_docstring_was_edited_resumes_and_any_other_change_is_refused(tmp_path):
+    from liftplace.results import claim_study
+
+    info = {"name": "s", "description": "Cost: not measured yet.", "seeds": 2, "trials": 2}
+    folder = tmp_path / "s"
+    claim_study(folder, info, resume=False)
+    measured = {**info, "description": "Cost: 2 h 10 min, measured."}
+    with pytest.raises(FileExistsError, match="already holds this study"):
+        claim_study(folder, measured, resume=False)  # a docstring edit is still the same study
+    claim_study(folder, measured, resume=True)
+    assert json.loads((folder / "study.json").read_text()) == measured
+    with pytest.raises(FileExistsError, match="different study"):
+        claim_study(folder, {**measured, "seeds": 3}, resume=True)
+    assert json.loads((folder / "study.json").read_text()) == measured
+
+
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_ends_a_study_with_one_line_and_the_resume_command(ray_session, tmp_path, sig, status):
     address = ray_session.get_runtime_context().gcs_address
