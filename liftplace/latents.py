@@ -33,7 +33,48 @@ from safetensors.torch import save_file
 
 from liftplace import files
 
-ENCODE_BATCH = 250  # images per VAE call: bounds the encoder's activations, not the result
+# Image pixels per VAE call when encoding or decoding (1,024 images of 16x16, 64 of 64x64, 4 of
+# 256x256): bounds the VAE's activations at any resolution, where a fixed number of images per
+# call would not (250 images of 256x256 in a Stable-Diffusion-sized VAE hold tens of GiB).
+# ``vae_memory`` estimates a call: 1.4 GiB for an 84M-parameter SD-class VAE (the same at 64,
+# 256 and 512 pixels), 0.1 GiB for the shipped dit-latent's. (The mid-block's attention over
+# latent tokens is not bounded by this: it grows with the latents' side.)
+ENCODE_PIXELS = 2**18
+
+
+def vae_factor(config) -> int:
+    """How many times smaller per side an AutoencoderKL's latents are than its images, from its
+    config (a dict or ``vae.config``): it halves the resolution in every down block but the last."""
+    return 2 ** (len(config.get("block_out_channels", [64])) - 1)
+
+
+def chunk_size(pixels_per_image: int) -> int:
+    """Images per VAE call for images of ``pixels_per_image`` pixels (height x width)."""
+    return max(1, ENCODE_PIXELS // max(pixels_per_image, 1))
+
+
+def vae_memory(vae, image_channels: int, size: int) -> int:
+    """Bytes a latent run's frozen VAE holds at its peak: its weights, plus the activations of
+    the larger of one encode and one decode call (no graph) at ``chunk_size`` images of
+    ``image_channels`` x ``size`` x ``size``. Estimated without computing anything, on a "meta"
+    copy under torch's MemTracker, as ``models.step_memory`` estimates a training step."""
+    import copy
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    vae = copy.deepcopy(vae).to("meta").requires_grad_(True)  # MemTracker hooks every parameter's gradient
+    count, small = chunk_size(size * size), size // vae_factor(vae.config)
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    peaks = []
+    for call, shape in ((lambda x: vae.encode(x).latent_dist.mean, (count, image_channels, size, size)),
+                        (lambda z: vae.decode(z).sample, (count, vae.config.latent_channels, small, small))):
+        tracker = MemTracker()
+        tracker.track_external(vae)
+        with tracker, torch.no_grad():
+            call(torch.empty(shape, device="meta"))
+        peak = tracker.get_tracker_snapshot("peak")
+        peaks.append(sum(snap["Total"] for device, snap in peak.items() if device.type == "meta"))
+    return weights + max(peaks)
 
 
 def cache_root() -> Path:
@@ -100,9 +141,10 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, *, batch: int = ENCODE_BATCH) -> torch.Tensor:
+def encode(vae, images: torch.Tensor, *, batch: int | None = None) -> torch.Tensor:
     """Latents [N, c, h, w] of images [N, C, H, W] in [-1, 1]: the posterior mean times the
-    VAE's scaling_factor, float32 on the CPU."""
+    VAE's scaling_factor, float32 on the CPU; ``batch`` images per call (default: ``chunk_size``)."""
+    batch = batch or chunk_size(images.shape[-2] * images.shape[-1])
     device = next(vae.parameters()).device
     scale = float(vae.config.scaling_factor)
     out = [vae.encode(chunk.to(device)).latent_dist.mean.float().cpu() * scale for chunk in images.split(batch)]
@@ -110,8 +152,9 @@ def encode(vae, images: torch.Tensor, *, batch: int = ENCODE_BATCH) -> torch.Ten
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, *, batch: int = ENCODE_BATCH) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, *, batch: int | None = None) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] from latents as ``encode`` returns them."""
+    batch = batch or chunk_size(latents.shape[-2] * latents.shape[-1] * vae_factor(vae.config) ** 2)
     device = next(vae.parameters()).device
     scale = float(vae.config.scaling_factor)
     out = [vae.decode(chunk.to(device) / scale).sample.float().clamp(-1, 1).cpu() for chunk in latents.split(batch)]

@@ -217,8 +217,8 @@ _STEPS: dict = {}  # (teacher, shape, student settings or None) -> (step bytes x
 def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
     """A step's bytes (times STEP_MARGIN) and the student's weight bytes: with the teacher as
     its own student (a bound, nothing built), or, ``exact``, with the config's student."""
-    from liftplace import models
-    from liftplace.teachers import load_teacher, teacher_space
+    from liftplace import latents, models
+    from liftplace.teachers import load_teacher, load_vae, teacher_space
 
     name, d = config.teacher.name, config.data
     # The key from the teacher's config.json: its weights are read only when not yet estimated
@@ -234,7 +234,10 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
             student = models.build_student(teacher, config.student, seed=config.train.seed,
                                            example_shape=(2, *shape[1:]))
         weights = sum(p.numel() * p.element_size() for p in student.parameters())
-        _STEPS[key] = models.step_memory(teacher, shape, student if exact else None) * STEP_MARGIN, weights
+        step = models.step_memory(teacher, shape, student if exact else None)
+        if space.latent:  # the worker also holds the frozen VAE, and encodes and decodes in chunks
+            step += latents.vae_memory(load_vae(space), space.image_channels, d.resolution)
+        _STEPS[key] = step * STEP_MARGIN, weights
     return _STEPS[key]
 
 

@@ -165,9 +165,7 @@ def teacher_space(name_or_path: str | Path) -> Space:
     latent = int(vae.get("latent_channels", 4))
     if latent != channels:
         raise ValueError(f"teacher {file}: latent_channels {latent} differs from the denoiser's in_channels {channels}")
-    # AutoencoderKL halves the resolution in every down block but the last.
-    factor = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
-    return Space(channels, size, int(vae.get("in_channels", 3)), factor, vae_dir)
+    return Space(channels, size, int(vae.get("in_channels", 3)), latents.vae_factor(vae), vae_dir)
 
 
 def load_vae(space: Space, device: str | torch.device = "cpu"):

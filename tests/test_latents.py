@@ -41,6 +41,38 @@ def test_encode_is_the_scaled_posterior_mean_and_decode_undoes_the_scale(vae_dir
     assert torch.equal(latents.encode(vae, x, batch=4), z)  # the mean, not a sample: the same every time
 
 
+def test_vae_calls_hold_a_bounded_number_of_pixels_at_any_resolution(vae_dir, monkeypatch):
+    """encode and decode split their input so that no VAE call sees more than ENCODE_PIXELS
+    image pixels, and the split does not change the result."""
+    vae = load(vae_dir)
+    monkeypatch.setattr(latents, "ENCODE_PIXELS", 3 * 16 * 16)  # three 16x16 images per call
+    seen = []
+    for name in ("encode", "decode"):
+        real = getattr(vae, name)
+        monkeypatch.setattr(vae, name, lambda x, _real=real: seen.append(x.shape) or _real(x))
+    x = images(7)
+    z = latents.encode(vae, x)
+    assert [s[0] for s in seen] == [3, 3, 1]
+    seen.clear()
+    out = latents.decode(vae, z)  # latents of 8x8: the images they decode to are 16x16
+    assert [s[0] for s in seen] == [3, 3, 1] and out.shape == x.shape
+    assert torch.allclose(z, latents.encode(vae, x, batch=7), atol=1e-6)
+    assert latents.chunk_size(256 * 256) == 1 and latents.chunk_size(16 * 16) == 3
+
+
+def test_the_vae_memory_estimate_counts_one_call_of_the_chunk_size(vae_dir, monkeypatch):
+    """vae_memory: the weights plus the larger call's activations, on meta tensors (no compute).
+    A call holds a chunk of ENCODE_PIXELS pixels, so twice the pixels per call is about twice
+    the activations."""
+    vae = load(vae_dir)
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    one = latents.vae_memory(vae, 1, 16)
+    assert weights + latents.ENCODE_PIXELS * 8 * 4 < one  # at least one float32 activation of 8 channels
+    monkeypatch.setattr(latents, "ENCODE_PIXELS", 2 * latents.ENCODE_PIXELS)
+    assert 1.8 < (latents.vae_memory(vae, 1, 16) - weights) / (one - weights) < 2.2
+    assert all(p.device.type == "cpu" for p in vae.parameters())  # the VAE itself is untouched
+
+
 def test_the_cache_is_read_back_and_is_keyed_on_the_vae_and_the_data(vae_dir, tmp_path, monkeypatch):
     vae = load(vae_dir)
     x, y = images(), torch.arange(6)
@@ -159,6 +191,21 @@ def test_a_dit_pipeline_distills_on_its_vae_latents_and_is_evaluated_on_decoded_
     x = torch.randn(2, 4, 8, 8)
     assert student(x, timestep=torch.tensor([5, 9]), class_labels=torch.tensor([1, 2])).sample.shape == (2, 8, 8, 8)
     assert metrics.cache_root().parent / "latents" == latents.cache_root()
+
+
+def test_the_memory_check_counts_a_latent_teachers_vae(dit_pipe, monkeypatch):
+    """A latent run's step estimate is the denoisers' step on latents plus the VAE's weights
+    and one encode/decode call, both times the margin."""
+    from liftplace import models, sweep
+    from liftplace.teachers import load_teacher, load_vae, teacher_space
+
+    monkeypatch.setattr(sweep, "_STEPS", {})
+    config = latent_config(dit_pipe, **{"train.batch": 16})
+    step, _ = sweep._step_estimate(config, exact=False)
+    space = teacher_space(dit_pipe)
+    denoiser = models.step_memory(load_teacher(str(dit_pipe))[0], (16, 4, 8, 8))
+    vae = latents.vae_memory(load_vae(space), 1, 16)
+    assert step == pytest.approx((denoiser + vae) * sweep.STEP_MARGIN) and vae > denoiser / 100
 
 
 def test_a_latent_pipeline_that_cannot_serve_is_refused_in_one_line(dit_pipe, tmp_path):
