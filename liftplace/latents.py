@@ -10,7 +10,7 @@ that the same images and VAE always give the same latents, and scales it by the 
 its teacher is latent (``teachers.teacher_space``). The cache lives under
 ``$LIFTPLACE_CACHE/latents`` (default ``~/.cache/liftplace/latents``), shared by every run and
 study on the machine: once a data set is encoded, later trials read it (trials that start
-together may each encode it; the last write wins, atomically, with the same content).
+together wait on a lock file beside it while the first one encodes).
 
 The cache is a safetensors file named by the content it came from: the SHA-256 of the VAE's
 config and weight files and of the image and label tensors. A changed VAE or a changed image
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -172,16 +173,19 @@ def cached_encode(vae, vae_dir: str | Path, images: torch.Tensor, labels: torch.
     data_key = data_fingerprint(images, labels)
     key = hashlib.sha256(f"{vae_key}|{data_key}".encode()).hexdigest()
     path = Path(cache_dir) / f"latents-{key[:20]}.safetensors"
-    if path.is_file():
-        latents, why = _read(path, vae_key, data_key, len(images))
-        if latents is not None:
-            return latents
-        log(f"latents: {path} {why}; encoding again")
-    latents = encode(vae, images)
-    metadata = {"vae": vae_key, "data": data_key, "count": str(len(images)), "vae_dir": str(Path(vae_dir).resolve()),
-                "scaling_factor": json.dumps(float(vae.config.scaling_factor))}
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    files.atomic_write(path, lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp), metadata=metadata))
+    # Trials that start together on one machine take turns: the first encodes, the others wait
+    # on the lock file and then read its result.
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            latents, why = _read(path, vae_key, data_key, len(images))
+            if latents is not None:
+                return latents
+            log(f"latents: {path} {why}; encoding again")
+        latents = encode(vae, images)
+        metadata = {"vae": vae_key, "data": data_key, "count": str(len(images)),
+                    "vae_dir": str(Path(vae_dir).resolve()), "scaling_factor": json.dumps(float(vae.config.scaling_factor))}
+        files.atomic_write(path, lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp), metadata=metadata))
     log(f"latents: encoded {len(images):,} images to {tuple(latents.shape[1:])} with {vae_dir}; cached in {path}")
     return latents
 

@@ -88,9 +88,9 @@ def test_the_cache_is_read_back_and_is_keyed_on_the_vae_and_the_data(vae_dir, tm
     monkeypatch.setattr(latents, "encode", counting)
     first = latents.cached_encode(vae, vae_dir, x, y, cache, log=said.append)
     again = latents.cached_encode(vae, vae_dir, x, y, cache, log=said.append)
-    assert calls["n"] == 1 and torch.equal(first, again) and len(list(cache.iterdir())) == 1
+    assert calls["n"] == 1 and torch.equal(first, again) and len(list(cache.glob("*.safetensors"))) == 1
     assert "encoded 6 images to (2, 8, 8)" in said[0] and len(said) == 1
-    (path,) = cache.iterdir()
+    (path,) = cache.glob("*.safetensors")  # beside it, its lock file
     # Another image, other labels, another VAE: encoded again, into another file.
     changed = x.clone()
     changed[3, 0, 5, 5] += 0.25
@@ -101,7 +101,7 @@ def test_the_cache_is_read_back_and_is_keyed_on_the_vae_and_the_data(vae_dir, tm
         vae.encoder.conv_in.weight.mul_(1.5)
     vae.save_pretrained(str(other_dir))
     moved = latents.cached_encode(vae, other_dir, x, y, cache, log=said.append)
-    assert calls["n"] == 4 and len(list(cache.iterdir())) == 4 and not torch.allclose(moved, first)
+    assert calls["n"] == 4 and len(list(cache.glob("*.safetensors"))) == 4 and not torch.allclose(moved, first)
     # A damaged cache file is encoded again and replaced, with a line saying so.
     path.write_bytes(path.read_bytes()[:100])
     vae = load(vae_dir)
@@ -115,6 +115,33 @@ def test_a_vae_directory_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="needs config.json and .safetensors weights"):
         latents.vae_fingerprint(tmp_path)
+
+
+def test_trials_that_start_together_encode_a_data_set_once(vae_dir, tmp_path, monkeypatch):
+    """Two callers at once: the second waits on the cache's lock while the first encodes (slowly
+    here), then reads what it wrote."""
+    import threading
+    import time
+
+    vae = load(vae_dir)
+    x, y = images(), torch.arange(6)
+    calls = []
+    encode = latents.encode
+
+    def slow(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(1.0)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "encode", slow)
+    out, said = {}, []
+    threads = [threading.Thread(target=lambda n=n: out.__setitem__(n, latents.cached_encode(
+        vae, vae_dir, x, y, tmp_path / "cache", log=said.append)), name=f"trial{n}") for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(said) == 1 and torch.equal(out[0], out[1])
 
 
 # --- a latent teacher: a DiTPipeline directory built and saved by diffusers' own classes -------
