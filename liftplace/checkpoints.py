@@ -9,7 +9,8 @@ files (nothing is unpickled)::
     objective.safetensors    the objective's parameters ("_empty" when it has none)
     optimizer.pt             the optimizer's state_dict (rank 0)
     rng_rank{r}.pt           rank r's data/noise generator, torch's global and CUDA's RNG
-    state.json               {"step", "world_size", "ema_optimization_step", "config_digest"}: written last
+    state.json               {"step", "world_size", "ema_optimization_step", "config_digest",
+                             "teacher_fingerprint"}: written last
 
 A cohort's checkpoint (several students trained on one stream) holds one such folder per
 student that has not diverged (``m0``, ``m1``, ...) and ``cohort.json`` (written last)::
@@ -60,19 +61,27 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(comparable(config), sort_keys=True).encode()).hexdigest()
 
 
-def _check_digest(directory: Path, state: dict, digest: str | None) -> None:
+def _check_digest(directory: Path, state: dict, digest: str | None, teacher: str | None = None) -> None:
+    """Refuse a checkpoint of another config, or of a teacher whose files changed since (a
+    checkpoint written before teachers were fingerprinted is not checked for the latter)."""
     saved = state.get("config_digest")
     if digest is not None and saved is not None and saved != digest:
         raise ValueError(f"the checkpoint {directory} was trained under a different config than the one given "
                          f"(digest {saved[:12]} vs {digest[:12]}); resume with that run's own preset and --set values")
+    saved = state.get("teacher_fingerprint")
+    if teacher is not None and saved is not None and saved != teacher:
+        raise ValueError(f"the checkpoint {directory} was trained with other teacher files than teacher.name has now "
+                         f"(fingerprint {saved[:12]} vs {teacher[:12]}: its weights, config or scheduler config "
+                         "changed since); resume with the teacher it was trained with")
 
 
 def save(directory: Path, step: int, student, ema, opt, objective, gen: torch.Generator, rank: int, world: int,
-         digest: str | None = None) -> None:
+         digest: str | None = None, teacher: str | None = None) -> None:
     """Write one checkpoint into directory, all files or none (``files.write_all``): a write
     that fails (a full disk, an error) leaves a checkpoint already there whole. Rank 0 writes
     the weights and the optimizer; every rank its own RNG state (its data stream is its own).
-    ``digest``: config_digest of the run's config."""
+    ``digest``: config_digest of the run's config; ``teacher``: its teacher's
+    ``teachers.teacher_fingerprint``."""
     writers = {}
     if rank == 0:
         writers["student.safetensors"] = lambda p: save_file(_tensors(student.state_dict()), str(p))
@@ -82,7 +91,7 @@ def save(directory: Path, step: int, student, ema, opt, objective, gen: torch.Ge
     writers[f"rng_rank{rank}.pt"] = lambda p: torch.save(_rng_state(gen), p)
     if rank == 0:
         state = {"step": step, "world_size": world, "ema_optimization_step": ema.optimization_step,
-                 "config_digest": digest}
+                 "config_digest": digest, "teacher_fingerprint": teacher}
         writers[STATE_FILE] = lambda p: p.write_text(json.dumps(state))
     files.write_all(directory, writers)
 
@@ -119,16 +128,17 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def check(directory: str | Path, digest: str | None = None) -> int:
+def check(directory: str | Path, digest: str | None = None, teacher: str | None = None) -> int:
     """Read every file of a checkpoint (a run's or a cohort's) without a model; returns its
     step. Refuses a missing or corrupt checkpoint, or (given the digest of the config a run is
-    about to resume under) one trained under another config, with one line, before a run starts."""
+    about to resume under) one trained under another config or (given ``teacher``, its teacher's
+    fingerprint) with other teacher files, with one line, before a run starts."""
     directory = Path(directory)
     if (directory / MANIFEST).is_file():
         manifest = read_manifest(directory)
         for member in manifest["members"]:
             if member["diverged_at"] is None:
-                check(directory / member["folder"])
+                check(directory / member["folder"], teacher=teacher)  # members' configs differ; their teacher not
         return manifest["step"]
     with _reading(directory):
         state = json.loads((directory / STATE_FILE).read_text())
@@ -137,18 +147,18 @@ def check(directory: str | Path, digest: str | None = None) -> int:
             load_file(str(directory / name))
         for path in [directory / "optimizer.pt", *sorted(directory.glob("rng_rank*.pt"))]:
             torch.load(path, weights_only=True)
-    _check_digest(directory, state, digest)
+    _check_digest(directory, state, digest, teacher)
     return step
 
 
 def restore(directory: Path, student, ema, opt, objective, gen: torch.Generator, rank: int,
-            digest: str | None = None) -> int:
+            digest: str | None = None, teacher: str | None = None) -> int:
     """Load a run's state into its live objects; returns the step the checkpoint was taken at.
-    A checkpoint of another config (``digest``) is refused."""
+    A checkpoint of another config (``digest``) or teacher (``teacher``) is refused."""
     directory = Path(directory)
     with _reading(directory):
         state = json.loads((directory / STATE_FILE).read_text())
-    _check_digest(directory, state, digest)
+    _check_digest(directory, state, digest, teacher)
     with _reading(directory):
         student.load_state_dict(load_file(str(directory / "student.safetensors")))
         ema.shadow_params = _ema_tensors(directory, student)

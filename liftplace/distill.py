@@ -46,7 +46,8 @@ from liftplace.diffusion import NoiseProcess
 from liftplace.metrics import protocol_record
 from liftplace.objectives import Objective, make_objective, objective_class
 from liftplace.results import EVAL_COLUMNS, flatten
-from liftplace.teachers import evaluate, generate, load_teacher, load_vae, teacher_process, teacher_space
+from liftplace.teachers import (evaluate, generate, load_teacher, load_vae, teacher_fingerprint, teacher_process,
+                                teacher_space)
 
 Report = Callable[[dict, "Path | None"], None]
 # The settings the students of one cohort may differ in; everything else (teacher, data, seed,
@@ -168,6 +169,7 @@ class Run:
     trainees: list[Trainee]
     autocast: Callable
     vae: torch.nn.Module | None  # a latent teacher's frozen VAE: decodes samples for metrics and grids
+    teacher_key: str  # teachers.teacher_fingerprint: kept in checkpoints, checked on resume
     teacher_samples: torch.Tensor | None = None  # for samples.png, drawn once
 
 
@@ -232,7 +234,8 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         trainees.append(trainee)
     bf16 = device.type == "cuda" and tr.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
-    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast, vae)
+    return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast, vae,
+               teacher_fingerprint(config.teacher.name))
 
 
 def _trainee(variant, folder, config: RunConfig, student, teacher_taps, shape, device, world) -> Trainee:
@@ -363,7 +366,7 @@ def save_checkpoint(run: Run, directory: Path, step: int) -> None:
             with trainee.own_rng():
                 checkpoints.save(directory / trainee.folder, step, trainee.student, trainee.ema, trainee.opt,
                                  trainee.objective, run.stream.generator, run.rank, run.world,
-                                 checkpoints.config_digest(trainee.config.to_dict()))
+                                 checkpoints.config_digest(trainee.config.to_dict()), run.teacher_key)
     if len(run.trainees) > 1 and run.rank == 0:
         checkpoints.save_manifest(directory, step, [(t.variant, t.folder, t.diverged_at) for t in run.trainees])
 
@@ -375,7 +378,8 @@ def restore_checkpoint(run: Run, directory: Path) -> int:
         trainee = run.trainees[0]
         with trainee.own_rng():
             return checkpoints.restore(directory, trainee.student, trainee.ema, trainee.opt, trainee.objective,
-                                       run.stream.generator, run.rank, checkpoints.config_digest(trainee.config.to_dict()))
+                                       run.stream.generator, run.rank, checkpoints.config_digest(trainee.config.to_dict()),
+                                       run.teacher_key)
     manifest = checkpoints.read_manifest(directory)
     saved = [(m["variant"], m["folder"]) for m in manifest["members"]]
     if saved != [(t.variant, t.folder) for t in run.trainees]:
@@ -387,7 +391,7 @@ def restore_checkpoint(run: Run, directory: Path) -> int:
             with trainee.own_rng():
                 checkpoints.restore(directory / trainee.folder, trainee.student, trainee.ema, trainee.opt,
                                     trainee.objective, run.stream.generator, run.rank,
-                                    checkpoints.config_digest(trainee.config.to_dict()))
+                                    checkpoints.config_digest(trainee.config.to_dict()), run.teacher_key)
     return int(manifest["step"])
 
 

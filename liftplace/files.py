@@ -7,6 +7,8 @@ that fails removes its temporary file, so no debris is left for a later run to t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -98,3 +100,22 @@ def check_writable(path: str | Path, what: str) -> None:
         probe.unlink()
     except OSError as err:
         raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
+
+
+def digest_files(root: str | Path, paths: list[Path]) -> str:
+    """SHA-256 over files (each one's name relative to root, then its content), in sorted order.
+    A JSON file counts by what it says, not how it is laid out (keys sorted, no whitespace), so
+    that a config rewritten with other indentation is the same config."""
+    root, digest = Path(root), hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        if path.suffix == ".json":
+            try:
+                digest.update(json.dumps(json.loads(path.read_text()), sort_keys=True).encode())
+                continue
+            except ValueError:
+                pass  # not valid JSON: its bytes
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

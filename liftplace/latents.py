@@ -121,13 +121,7 @@ def vae_fingerprint(vae_dir: str | Path) -> str:
     if missing or len(paths) < 2:
         raise FileNotFoundError(f"VAE {vae_dir}: needs config.json and .safetensors weights "
                                 f"(missing: {', '.join(missing) or 'weights'})")
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return files.digest_files(vae_dir, paths)
 
 
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:

@@ -489,7 +489,9 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         rows = results.read_metrics(out / "metrics.jsonl")
         last = results.last_checkpoint(rows)
         if last is not None:
-            checkpoints.check(last, checkpoints.config_digest(config.to_dict()))
+            from liftplace.teachers import teacher_fingerprint
+
+            checkpoints.check(last, checkpoints.config_digest(config.to_dict()), teacher_fingerprint(config.teacher.name))
         if rows and rows[-1]["step"] >= config.train.steps and (
                 rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
             print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")

@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from liftplace import latents, models
+from liftplace import files, latents, models
 from liftplace.data import load_dataset
 from liftplace.diffusion import SCHEDULE_FIELDS, NoiseProcess, make_process
 from liftplace.metrics import Protocol, compute_metrics, protocol_record, real_images, stack_dataset
@@ -112,6 +112,18 @@ def _pipeline(name_or_path: str | Path) -> tuple[Path, str] | None:
                          f"{', '.join(PIXEL_PIPELINES)} (pixel space), {', '.join(LATENT_PIPELINES)} (latent space), "
                          "or a UNet2DModel / DiTTransformer2DModel directory")
     return path, PIXEL_PIPELINES[kind]
+
+
+def teacher_fingerprint(name_or_path: str | Path) -> str:
+    """SHA-256 of what a teacher is: its config and weight files and, for a pipeline, every
+    component's (scheduler config, VAE) too; not its card or samples. A checkpoint keeps it, so
+    that resuming after the teacher's files changed (retrained in place, an edited
+    scheduler_config.json) is refused."""
+    found = _pipeline(name_or_path)
+    root = found[0] if found is not None else teacher_path(name_or_path)
+    paths = [p for pattern in ("**/*.json", "**/*.safetensors") for p in root.glob(pattern)
+             if p.is_file() and p.name != "card.json"]
+    return files.digest_files(root, paths)
 
 
 @dataclass(frozen=True)

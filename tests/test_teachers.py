@@ -241,3 +241,50 @@ def test_a_pipeline_teacher_distills_under_its_own_noise_process(tiny_teacher_di
     rows = []
     last = distill.run(config, lambda row, checkpoint: rows.append(row), log=lambda *_: None)
     assert [r["step"] for r in rows] == [2, 4] and not last["diverged"] and last["fid"] > 0
+
+
+def test_a_checkpoint_is_refused_after_its_teachers_files_changed(tiny_teacher_dir, tmp_path):
+    """The teacher's fingerprint covers its weights, configs and scheduler config, not its card;
+    a checkpoint keeps it, and resuming after an edit of scheduler_config.json (which the run's
+    config does not show) is refused in one line, before and inside the run. A checkpoint from
+    before fingerprints still resumes."""
+    import json
+    import shutil
+
+    from liftplace import checkpoints, distill
+    from liftplace.config import resolve
+    from liftplace.teachers import teacher_fingerprint
+
+    pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir)
+    first = teacher_fingerprint(pipe)
+    (pipe / "card.json").write_text("{}")
+    assert teacher_fingerprint(pipe) == first  # the card describes the teacher, it is not the teacher
+    config = resolve("smoke", {"teacher.name": str(pipe), "student.prune_ratio": 0.5, "train.steps": 4,
+                               "train.log_every": 2, "train.checkpoint_every": 2, "train.eval_every": 0,
+                               "eval.num_images": 8, "eval.sampler_steps": 2})
+    kept = tmp_path / "kept"
+
+    def report(row, checkpoint):
+        if checkpoint is not None and not kept.exists():
+            shutil.copytree(checkpoint, kept)  # step 2's
+
+    distill.run(config, report, log=lambda *_: None)
+    assert json.loads((kept / "state.json").read_text())["teacher_fingerprint"] == first
+    schedule = pipe / "scheduler" / "scheduler_config.json"
+    settings = json.loads(schedule.read_text())
+    schedule.write_text(json.dumps({**settings, "beta_end": 0.03}))
+    assert teacher_fingerprint(pipe) != first
+    digest = checkpoints.config_digest(config.to_dict())
+    with pytest.raises(ValueError, match=r"^the checkpoint .* was trained with other teacher files than teacher\.name"):
+        checkpoints.check(kept, digest, teacher_fingerprint(pipe))
+    with pytest.raises(ValueError, match="other teacher files"):
+        distill.run(config, lambda *_: None, kept, log=lambda *_: None)
+    schedule.write_text(json.dumps(settings))
+    assert checkpoints.check(kept, digest, teacher_fingerprint(pipe)) == 2  # the same files again: accepted
+    state = json.loads((kept / "state.json").read_text())
+    del state["teacher_fingerprint"]
+    (kept / "state.json").write_text(json.dumps(state))
+    schedule.write_text(json.dumps({**settings, "beta_end": 0.03}))
+    rows = []
+    distill.run(config, lambda row, checkpoint: rows.append(row), kept, log=lambda *_: None)
+    assert [r["step"] for r in rows] == [4]  # older checkpoints carry no fingerprint: not checked
