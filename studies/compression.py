@@ -6,10 +6,12 @@ outputs (through 1x1 adapters); lift and place are this method.
 Held fixed: the preset's teacher, steps, batch, lr, seeds. Reported: FID, precision, recall,
 parameters and MACs of each student.
 Cost: `cpu` preset (teacher unet-m), 18 variants x 2 seeds as 2 cohort trials of 18 students,
-about 2 hours on a 2-core laptop (estimated from measured step costs: the 50% students are 25x
-the 90% ones); started once at load 5-11, it made 400 of its 4,000 steps in 22 minutes (~3.3 h
-at that load, extrapolated) and was stopped at a checkpoint; not finished yet. `paper`,
-36 GPU runs of 100k steps on the user's DDPM (the paper's table uses one seed).
+not finished. Run in three pieces at load 2-11 (tests beside it): 21 min 55 s for steps 0-200
+of 2,000 per trial, a 9.5-minute restart whose steps were lost, then 2 h 23 min from step 200
+to the checkpoint at 1,600 (6.1 s per 18-student cohort step in each trial; the 50% students
+cost ~25x the 90% ones). The whole study at that load: ~3.5-4 h, extrapolated (the ~2 h
+estimated from step costs was too low); `--resume` finishes it. `paper`, 36 GPU runs of 100k
+steps on the user's DDPM (the paper's table uses one seed).
 
     python studies/compression.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
