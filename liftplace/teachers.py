@@ -121,7 +121,8 @@ def teacher_fingerprint(name_or_path: str | Path) -> str:
     scheduler_config.json) is refused."""
     found = _pipeline(name_or_path)
     root = found[0] if found is not None else teacher_path(name_or_path)
-    paths = [p for pattern in ("**/*.json", "**/*.safetensors") for p in root.glob(pattern)
+    deep = "**/" if found is not None else ""  # a model directory: its own files, not its subfolders'
+    paths = [p for pattern in (f"{deep}*.json", f"{deep}*.safetensors") for p in root.glob(pattern)
              if p.is_file() and p.name != "card.json"]
     return files.digest_files(root, paths)
 
