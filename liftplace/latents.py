@@ -61,21 +61,15 @@ def vae_memory(vae, image_channels: int, size: int) -> int:
     copy under torch's MemTracker, as ``models.step_memory`` estimates a training step."""
     import copy
 
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from liftplace.models import meta_peak, weight_bytes
 
     vae = copy.deepcopy(vae).to("meta").requires_grad_(True)  # MemTracker hooks every parameter's gradient
     count, small = chunk_size(size * size), size // vae_factor(vae.config)
-    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
-    peaks = []
-    for call, shape in ((lambda x: vae.encode(x).latent_dist.mean, (count, image_channels, size, size)),
-                        (lambda z: vae.decode(z).sample, (count, vae.config.latent_channels, small, small))):
-        tracker = MemTracker()
-        tracker.track_external(vae)
-        with tracker, torch.no_grad():
-            call(torch.empty(shape, device="meta"))
-        peak = tracker.get_tracker_snapshot("peak")
-        peaks.append(sum(snap["Total"] for device, snap in peak.items() if device.type == "meta"))
-    return weights + max(peaks)
+    with torch.no_grad():
+        encode = meta_peak(lambda: vae.encode(torch.empty(count, image_channels, size, size, device="meta")), vae)
+        decode = meta_peak(lambda: vae.decode(torch.empty(count, vae.config.latent_channels, small, small,
+                                                          device="meta")), vae)
+    return weight_bytes(vae) + max(encode, decode)
 
 
 def cache_root() -> Path:

@@ -248,8 +248,6 @@ def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Mo
     resident memory a real CPU step adds (unet-m, its 90% student, 28x28): 84 MiB estimated vs
     110 MiB at batch 64, 1,279 vs 1,401 MiB at batch 1,024; the caller adds a margin. The
     distillation loss itself (a few tensors the size of the output) is left out."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     if len(example_shape) != 4:
         raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
     # MemTracker hooks every parameter's gradient, so both copies must ask for one; the teacher
@@ -258,15 +256,32 @@ def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Mo
     student = copy.deepcopy(_unwrap(student) if student is not None else teacher).to("meta").requires_grad_(True)
     x = torch.empty(tuple(example_shape), device="meta")
     t = torch.zeros(example_shape[0], dtype=torch.long, device="meta")
-    tracker = MemTracker()
-    tracker.track_external(teacher, student)
-    with tracker:
+
+    def step():
         with torch.no_grad():
             target = predict(teacher, x, t).float()
         ((predict(student, x, t).float() - target) ** 2).mean().backward()
+
+    return meta_peak(step, teacher, student) + 3 * weight_bytes(student)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def meta_peak(call: Callable[[], object], *modules: nn.Module) -> int:
+    """Peak bytes torch's MemTracker sees while ``call()`` runs on "meta" ``modules`` (their
+    weights included): an estimate that computes nothing. The modules' parameters must require
+    gradients (MemTracker hooks each one's gradient)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*modules)
+    with tracker:
+        call()
     peak = tracker.get_tracker_snapshot("peak")
-    weights = sum(p.numel() * p.element_size() for p in student.parameters())
-    return int(sum(snap["Total"] for device, snap in peak.items() if device.type == "meta")) + 3 * weights
+    return int(sum(snap["Total"] for device, snap in peak.items() if device.type == "meta"))
 
 
 def prune_student(

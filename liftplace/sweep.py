@@ -233,7 +233,7 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
         if exact:
             student = models.build_student(teacher, config.student, seed=config.train.seed,
                                            example_shape=(2, *shape[1:]))
-        weights = sum(p.numel() * p.element_size() for p in student.parameters())
+        weights = models.weight_bytes(student)
         step = models.step_memory(teacher, shape, student if exact else None)
         if space.latent:  # the worker also holds the frozen VAE, and encodes and decodes in chunks
             step += latents.vae_memory(load_vae(space), space.image_channels, d.resolution)
