@@ -4,7 +4,9 @@
                                    [--eval-every 500] [--threads 1] [--out curve.csv] [--set key=value ...]
 
 In one process, without Ray: the variants (objective names; ``place`` is K = 16) train as one
-cohort on one teacher forward per step, evaluated every ``--eval-every`` steps under the
+cohort on one teacher forward per step. A variant may carry its own settings of the keys a
+cohort's students may differ in (learning rate, EMA decay, objective, student), after colons:
+``--variants kd,kd:train.lr=2e-3,place:train.ema_decay=0`` compares three students on one stream, evaluated every ``--eval-every`` steps under the
 preset's protocol (the teacher's card is measured under the same one). Prints one line per
 evaluation and writes every evaluated row (variant, step, FID, KID, precision, recall, loss,
 elapsed seconds) to ``--out`` as CSV, so that curves for several settings can be compared
@@ -32,6 +34,12 @@ OBJECTIVES = {
 COLUMNS = ["variant", "step", "fid", "kid", "precision", "recall", "loss", "elapsed_s"]
 
 
+def own_settings(variant: str) -> list[str]:
+    """``place:train.lr=2e-3`` -> the objective's settings, then that variant's own."""
+    objective, *extra = variant.split(":")
+    return [*(f"{k}={x}" for k, x in OBJECTIVES[objective].items()), *extra]
+
+
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cpu")
@@ -43,13 +51,20 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in OBJECTIVES]
+    unknown = [v for v in variants if v.split(":")[0] not in OBJECTIVES]
     if unknown:
-        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}")
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}, each optionally "
+                     "followed by :key=value settings")
+    if len(set(variants)) < len(variants):
+        parser.error("a variant is named twice")
     torch.set_num_threads(args.threads)
     common = [*args.set, f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
               f"train.checkpoint_every={args.steps}"]
-    members = {v: resolve(args.preset, [*common, *(f"{k}={x}" for k, x in OBJECTIVES[v].items())]) for v in variants}
+    try:
+        members = {v: resolve(args.preset, [*common, *own_settings(v)]) for v in variants}
+        distill.check_cohort(members)
+    except ValueError as error:  # a malformed setting, or one the students must share
+        parser.error(str(error))
     rows: list[dict] = []
     start = time.perf_counter()
 

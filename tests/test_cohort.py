@@ -119,3 +119,28 @@ def test_students_that_cannot_share_a_stream_are_refused(tiny_teacher_dir):
     assert distill.cohort_key(smoke(tiny_teacher_dir, **{"train.lr": 1.0, "objective.name": "kd"})) == \
         distill.cohort_key(smoke(tiny_teacher_dir))
     assert distill.cohort_key(smoke(tiny_teacher_dir, **{"train.seed": 1})) != distill.cohort_key(smoke(tiny_teacher_dir))
+
+
+def test_the_fid_curve_benchmark_gives_each_variant_its_own_settings_on_one_stream(tiny_teacher_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "fid_curve.py"
+    spec = importlib.util.spec_from_file_location("fid_curve", path)
+    fid_curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid_curve)
+    common = ["--preset", "smoke", "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "curve.csv"),
+              "--set", f"teacher.name={tiny_teacher_dir}", "--set", "student.prune_ratio=0.5",
+              "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2"]
+    frame = fid_curve.main([*common, "--variants", "kd,kd:train.ema_decay=0,kd:train.lr=3e-3"]).set_index("variant")
+    assert list(frame.index) == ["kd", "kd:train.ema_decay=0", "kd:train.lr=3e-3"]
+    # The EMA decay changes only the weights that are evaluated: same training loss, another FID.
+    assert frame.loc["kd", "loss"] == frame.loc["kd:train.ema_decay=0", "loss"]
+    assert frame.loc["kd", "fid"] != frame.loc["kd:train.ema_decay=0", "fid"]
+    # The learning rate changes the first update, so the loss at step 2.
+    assert frame.loc["kd", "loss"] != frame.loc["kd:train.lr=3e-3", "loss"]
+    # A setting the students must share, a malformed one, or a repeated variant: refused (exit 2).
+    for variants in ("kd,kd:train.batch=8", "kd,kd:lr", "kd,kd", "mse"):
+        with pytest.raises(SystemExit) as refused:
+            fid_curve.main([*common, "--variants", variants])
+        assert refused.value.code == 2
