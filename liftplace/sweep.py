@@ -865,10 +865,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _trial_steps(trial) -> int:
+def _trial_train(trial) -> dict:
     run = trial.config["run"]
     config = run["members"][0]["config"] if "members" in run else run["config"]
-    return int(config["train"]["steps"])
+    return config["train"]
+
+
+def _trial_steps(trial) -> int:
+    return int(_trial_train(trial)["steps"])
 
 
 def _final_fids(result: dict) -> str:
@@ -911,9 +915,16 @@ class StudyConsole(Callback):
         elapsed = time.time() - self.start
         rate = self._rate(trials)
         eta = f"ETA {_duration((total - finished) / rate)}" if rate else "ETA after the first rows"
+        # A trial past its last row before the final step is sampling its students for the
+        # final FIDs, which the steps do not count (minutes for a cohort); say so, or the line
+        # looks stuck at 99%.
+        evaluating = sum(t.status == "RUNNING" and t.trial_id in self.steps
+                         and self.steps[t.trial_id] + int(_trial_train(t)["log_every"]) >= _trial_steps(t)
+                         for t in trials)
         return (f"[{_duration(elapsed)}] trials: {done} done, {running} running, {pending} pending"
                 + (f", {failed} failed" if failed else "")
-                + f"; steps {finished:,}/{total:,} ({100 * finished / max(total, 1):.0f}%); {eta}")
+                + f"; steps {finished:,}/{total:,} ({100 * finished / max(total, 1):.0f}%); {eta}"
+                + (f" + the final evaluation ({evaluating} of {running} running trials in it)" if evaluating else ""))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()

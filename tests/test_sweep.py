@@ -184,8 +184,8 @@ def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch)
     console = sweep.StudyConsole(3, every=30, log=lines.append)
 
     def trial(i, status="RUNNING"):
-        members = [{"variant": "kd", "config": {"train": {"steps": 100}}},
-                   {"variant": "place", "config": {"train": {"steps": 100}}}]
+        members = [{"variant": "kd", "config": {"train": {"steps": 100, "log_every": 10}}},
+                   {"variant": "place", "config": {"train": {"steps": 100, "log_every": 10}}}]
         return SimpleNamespace(trial_id=str(i), status=status, config={"run": {"members": members}},
                                last_result={})
 
@@ -215,6 +215,11 @@ def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch)
     a.status, a.last_result = "TERMINATED", {"members": {"kd": {"fid": 12.345}, "place": {"diverged": True}}}
     console.on_trial_complete(0, trials, a)
     assert lines[-1].endswith("in 2m05s: kd FID 12.35 | place diverged")
+    assert "final evaluation" not in " ".join(lines)
+    console.on_trial_result(0, trials, b, {"step": 90})  # b's last row before the final one
+    clock[0] += 300
+    console.on_step_end(0, trials)  # b samples its students now: the line says so
+    assert lines[-1].endswith("steps 190/300 (63%); ETA 2m38s + the final evaluation (1 of 1 running trials in it)")
 
 
 def test_configs_saved_before_a_key_was_added_still_resume():
