@@ -109,12 +109,28 @@ def verdict(row, reference: str) -> str:
     return f"{'better' if row['difference'] < 0 else 'worse'} than {against} (p_holm {row['p_holm']:.2g})"
 
 
+OURS = ("lift", "place")  # this method's objectives; task, feat and kd+feat are baselines
+
+
+def is_ours(summary: pd.DataFrame, variant: str) -> bool:
+    """Whether a variant trains with LIFT or PLACE (by its objective's config column, or, in a
+    summary without config columns, by the first word of its name)."""
+    column = "config/objective/name"
+    if column in summary:
+        return summary.loc[summary["variant"] == variant, column].iloc[0] in OURS
+    return variant.split()[0] in OURS
+
+
 def best_variant(summary: pd.DataFrame, reference: str = REFERENCE, *, alone: bool = False) -> str | None:
-    """The variant, other than the references, with the lowest mean final FID (diverged runs
-    excluded) and a reference to be compared with (``alone``: with or without one)."""
+    """The LIFT/PLACE variant with the lowest mean final FID (diverged runs excluded) and a
+    reference to be compared with (``alone``: with or without one). A study with baselines
+    beside kd (``compression``: task, feat, kd+feat) headlines its best LIFT/PLACE variant,
+    not a better baseline; a study without LIFT/PLACE variants, its best variant other than kd."""
     means = {v: finals(summary, v).mean() for v, against in references(summary, reference).items()
              if (alone or against is not None) and len(finals(summary, v))}
-    return min(means, key=means.get) if means else None
+    ours = {v: m for v, m in means.items() if is_ours(summary, v)}
+    pool = ours or means
+    return min(pool, key=pool.get) if pool else None
 
 
 def teacher_fid(summary: pd.DataFrame, variant: str | None) -> float | None:
@@ -136,7 +152,8 @@ def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERE
         return f"No comparison with {reference}: the study has no finished {reference} run or no other variant."
     row = table[table["variant"] == best].iloc[0]
     x = finals(summary, best)
-    parts = [f"Best LIFT/PLACE variant: **{best}**, final FID {x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f} "
+    label = "Best LIFT/PLACE variant" if is_ours(summary, best) else f"Best variant other than {reference}"
+    parts = [f"{label}: **{best}**, final FID {x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f} "
              f"over {len(x)} seeds, against {against} {ref.mean():.2f} ± {ref.std(ddof=1) if len(ref) > 1 else 0:.2f} "
              f"over {len(ref)}{teacher_text} (mean ± std)."]
     if not np.isnan(row["ci95_low"]):
@@ -204,7 +221,8 @@ def make(folder):
     ax.set_ylim(bottom=0)
     ax.set_ylabel("final FID (lower is better)")
     # A study without the reference (a search over place alone) shows its best variant only.
-    ax.set_title(f"{info['name']}: {against} vs the best variant" if against in shown
+    which = "the best LIFT/PLACE variant" if best is not None and is_ours(summary, best) else "the best variant"
+    ax.set_title(f"{info['name']}: {against} vs {which}" if against in shown
                  else f"{info['name']}: the best variant (no {against} run)", fontsize=10)
     # Under the axes: inside, a legend can hide a seed's point.
     if ax.get_legend_handles_labels()[0]:  # (a partial study may have nothing to plot yet)

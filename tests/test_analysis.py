@@ -103,6 +103,25 @@ def test_variants_of_another_teacher_are_compared_with_the_kd_run_of_their_own_t
     assert headline.references(fixed_summary()) == {"place": "kd", "lift": "kd"}
 
 
+def test_the_headline_is_the_best_lift_place_variant_even_where_a_baseline_beats_it():
+    """compression also trains task, feat and kd+feat: a baseline better than every LIFT/PLACE
+    variant (task 50% here) is not this method's headline."""
+    rows = []
+    for method, fids in (("kd", [3.6, 3.8, 3.7]), ("task", [4.0, 4.1, 4.0]), ("place", [10.0, 12.0, 11.0]),
+                         ("lift", [25.0, 26.0, 27.0])):
+        for seed, fid in enumerate(fids):
+            rows.append({"variant": f"{method} 50%", "final_fid": fid, "diverged": False,
+                         "config/objective/name": method, "config/student/prune_ratio": 0.5,
+                         "config/train/seed": seed, "teacher_fid": 3.0})
+    summary = pd.DataFrame(rows)
+    assert headline.best_variant(summary) == "place 50%"
+    assert headline.sentence(summary, headline.versus(summary)).startswith("Best LIFT/PLACE variant: **place 50%**")
+    # Without LIFT/PLACE variants the best other variant leads, named for what it is.
+    baselines = summary[summary["config/objective/name"].isin(["kd", "task"])]
+    assert headline.best_variant(baselines) == "task 50%"
+    assert headline.sentence(baselines, headline.versus(baselines)).startswith("Best variant other than kd: **task 50%**")
+
+
 def test_bootstrap_interval_is_deterministic_and_degenerate_for_one_value():
     assert stability.bootstrap_ci([1.0, 2.0, 3.0]) == stability.bootstrap_ci([1.0, 2.0, 3.0])
     assert all(np.isnan(stability.bootstrap_ci([5.0])))
