@@ -14,6 +14,10 @@ import pandas as pd  # noqa: E402
 
 from liftplace.results import load_study, read_study_info, summarize  # noqa: E402
 
+# This method's objectives. The figures that single out one student beside kd's pick the best of
+# these, not a better baseline (compression also trains task, feat and kd+feat).
+OURS = ("lift", "place")
+
 
 def load(folder):
     """(rows, per-run summary, study info) of a study, finished or not.

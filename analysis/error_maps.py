@@ -19,7 +19,7 @@ import dataclasses
 import pandas as pd
 import torch
 
-from common import cli, load, plt, save_figure
+from common import OURS, cli, load, plt, save_figure
 from liftplace import models
 from liftplace.checkpoints import load_student
 from liftplace.latents import load_split
@@ -72,7 +72,7 @@ def pick_students(summary: pd.DataFrame) -> list:
     means = ok.groupby("variant")["final_fid"].mean()
     kind = ok.drop_duplicates("variant").set_index("variant")["config/objective/name"]
     kd = [v for v in means.sort_values().index if kind[v] == "kd"]
-    ours = [v for v in means.sort_values().index if kind[v] in ("place", "lift")]
+    ours = [v for v in means.sort_values().index if kind[v] in OURS]
     chosen = (kd[:1] + ours[:1]) or list(means.sort_values().index[:1])
     return [ok[ok["variant"] == v].iloc[0] for v in chosen]
 

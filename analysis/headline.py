@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from common import cli, load, plt, protocol_line, save_figure, save_table
+from common import OURS, cli, load, plt, protocol_line, save_figure, save_table
 
 REFERENCE = "kd"
 ALPHA = 0.05
@@ -107,9 +107,6 @@ def verdict(row, reference: str) -> str:
         return f"no difference shown (p_holm {row['p_holm']:.2g})"
     against = row.get("reference") or reference
     return f"{'better' if row['difference'] < 0 else 'worse'} than {against} (p_holm {row['p_holm']:.2g})"
-
-
-OURS = ("lift", "place")  # this method's objectives; task, feat and kd+feat are baselines
 
 
 def is_ours(summary: pd.DataFrame, variant: str) -> bool:
