@@ -47,11 +47,13 @@ def make(folder):
     evals = df[df["fid"].notna()]
     # FID along training only where runs evaluated more than once (the stability study does).
     curves_shown = len(evals) and evals.groupby("run").size().max() > 1
-    if curves_shown:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
-    else:
-        fig, ax2 = plt.subplots(figsize=(5, 4))
     variants = list(summary["variant"].drop_duplicates())
+    # The final-FID panel widens with the variants (compression has 18), so their names fit.
+    width = max(4.0, 0.45 * len(variants))
+    if curves_shown:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(6 + width, 4), gridspec_kw={"width_ratios": [6, width]})
+    else:
+        fig, ax2 = plt.subplots(figsize=(1 + width, 4))
     for i, variant in enumerate(variants):
         curves = evals[evals["variant"] == variant].pivot_table(index="step", columns="run", values="fid")
         if curves_shown and not curves.empty:
@@ -65,7 +67,7 @@ def make(folder):
         ax.set_ylabel("FID of the EMA student (lower is better)")
         ax.set_title(f"{info['name']}: FID along training (mean, band = min..max)", fontsize=10)
         ax.legend(fontsize=8)
-    ax2.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
+    ax2.set_xticks(range(len(variants)), variants, rotation=20 if len(variants) <= 6 else 60, ha="right", fontsize=8)
     ax2.set_ylabel("final FID")
     ax2.set_title(f"{info['name']}: final FID per seed", fontsize=10)
     paths = save_figure(fig, folder, "stability", footer=protocol_line(summary))
