@@ -6,12 +6,15 @@ outputs (through 1x1 adapters); lift and place are this method.
 Held fixed: the preset's teacher, steps, batch, lr, seeds. Reported: FID, precision, recall,
 parameters and MACs of each student.
 Cost: `cpu` preset (teacher unet-m), 18 variants x 2 seeds as 2 cohort trials of 18 students,
-not finished. Run in three pieces at load 2-11 (tests beside it): 21 min 55 s for steps 0-200
-of 2,000 per trial, a 9.5-minute restart whose steps were lost, then 2 h 23 min from step 200
-to the checkpoint at 1,600 (6.1 s per 18-student cohort step in each trial; the 50% students
-cost ~25x the 90% ones). The whole study at that load: ~3.5-4 h, extrapolated (the ~2 h
-estimated from step costs was too low); `--resume` finishes it. `paper`, 36 GPU runs of 100k
-steps on the user's DDPM (the paper's table uses one seed).
+**3 h 54 min measured** in three resumed pieces at load 2-11 (tests beside it): 21 min 55 s for
+steps 0-200 of 2,000 per trial, 2 h 23 min for 200-1,600, and 1 h 08 min 50 s for 1,600-2,000,
+the final FIDs of 36 students (~35 min of it) and the report (plus a 9.5-minute restart whose
+steps were lost). A cohort step of 18 students costs ~6 s per trial; the 50% students cost ~25x
+the 90% ones. Result (final FID, mean of 2 seeds; teacher 2.98): kd is best at every ratio
+(50/70/90%: 3.68 / 4.23 / 11.7); training on the data alone (task) 4.04 / 5.58 / 12.9, kd+feat
+5.06 / 4.92 / 15.9, feat 6.14 / 6.35 / 24.6, place K=16 10.6 / 13.2 / 24.1, lift 25.7 / 42.5 /
+52.6. LIFT and PLACE trail kd and even task at every ratio; with 2 seeds no difference is
+tested. `paper`: 36 GPU runs of 100k steps on the user's DDPM (the paper's table uses one seed).
 
     python studies/compression.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
