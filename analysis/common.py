@@ -19,6 +19,19 @@ from liftplace.results import load_study, read_study_info, summarize  # noqa: E4
 OURS = ("lift", "place")
 
 
+def kd_and_best_ours(summary: pd.DataFrame) -> list[str]:
+    """Among variants with a student to load (not diverged, a final checkpoint): kd's variant
+    with the best mean final FID and the best LIFT/PLACE variant (the best other variant where
+    there is none), in that order."""
+    ok = summary[~summary["diverged"] & summary["final_checkpoint"].notna()]
+    means = ok.groupby("variant")["final_fid"].mean().sort_values()
+    kind = ok.drop_duplicates("variant").set_index("variant")["config/objective/name"]
+    kd = [v for v in means.index if kind[v] == "kd"]
+    others = [v for v in means.index if v not in kd]
+    ours = [v for v in others if kind[v] in OURS]
+    return kd[:1] + (ours or others)[:1]
+
+
 def load(folder):
     """(rows, per-run summary, study info) of a study, finished or not.
 

@@ -19,7 +19,7 @@ import dataclasses
 import pandas as pd
 import torch
 
-from common import OURS, cli, load, plt, save_figure
+from common import cli, kd_and_best_ours, load, plt, save_figure
 from liftplace import models
 from liftplace.checkpoints import load_student
 from liftplace.latents import load_split
@@ -67,14 +67,9 @@ def config_channels(config) -> int:
 
 
 def pick_students(summary: pd.DataFrame) -> list:
-    """kd's first seed and the first seed of the LIFT/PLACE variant with the best mean FID."""
+    """The first seed of kd's student and of the best LIFT/PLACE variant's."""
     ok = summary[~summary["diverged"] & summary["final_checkpoint"].notna()].sort_values("seed")
-    means = ok.groupby("variant")["final_fid"].mean()
-    kind = ok.drop_duplicates("variant").set_index("variant")["config/objective/name"]
-    kd = [v for v in means.sort_values().index if kind[v] == "kd"]
-    ours = [v for v in means.sort_values().index if kind[v] in OURS]
-    chosen = (kd[:1] + ours[:1]) or list(means.sort_values().index[:1])
-    return [ok[ok["variant"] == v].iloc[0] for v in chosen]
+    return [ok[ok["variant"] == v].iloc[0] for v in kd_and_best_ours(summary)]
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import OURS, load, out_dir, plt, save_figure, save_table
+from common import kd_and_best_ours, load, out_dir, plt, save_figure, save_table
 from liftplace import models
 from liftplace.checkpoints import load_student
 from liftplace.latents import load_split
@@ -85,25 +85,13 @@ def first_seeds(summary: pd.DataFrame) -> pd.DataFrame:
     return ok.sort_values("seed").drop_duplicates("variant").sort_values("variant")
 
 
-def fid_variants(summary: pd.DataFrame) -> list[str]:
-    """kd (the paper's observation is about a KD student) and the best LIFT/PLACE variant by mean
-    FID (the best other variant where there is none)."""
-    ok = summary[~summary["diverged"] & summary["final_checkpoint"].notna()]  # a student to load
-    means = ok.groupby("variant")["final_fid"].mean().sort_values()
-    kind = ok.drop_duplicates("variant").set_index("variant")["config/objective/name"]
-    kd = [v for v in means.index if kind[v] == "kd"]
-    others = [v for v in means.index if v not in kd]
-    ours = [v for v in others if kind[v] in OURS]
-    return kd[:1] + (ours or others)[:1]
-
-
 def measure(folder, *, num_images: int | None = None, all_variants: bool = False, device: str = "cpu", log=print):
     """(per-timestep shares for every variant's first seed, FID table for the chosen ones)."""
     _, summary, _ = load(folder)
     picks = first_seeds(summary)
     if picks.empty:
         raise ValueError(f"no non-diverged trial with a final checkpoint under {folder}")
-    sampled = set(picks["variant"]) if all_variants else set(fid_variants(summary))
+    sampled = set(picks["variant"]) if all_variants else set(kd_and_best_ours(summary))
     shares, fids, teacher_metrics = [], [], {}
     for _, row in picks.iterrows():
         config = trial_config(folder, row["trial_dir"], row["variant"])

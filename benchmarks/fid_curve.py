@@ -6,11 +6,11 @@
 In one process, without Ray: the variants (objective names; ``place`` is K = 16) train as one
 cohort on one teacher forward per step. A variant may carry its own settings of the keys a
 cohort's students may differ in (learning rate, EMA decay, objective, student), after colons:
-``--variants kd,kd:train.lr=2e-3,place:train.ema_decay=0`` compares three students on one stream, evaluated every ``--eval-every`` steps under the
-preset's protocol (the teacher's card is measured under the same one). Prints one line per
-evaluation and writes every evaluated row (variant, step, FID, KID, precision, recall, loss,
-elapsed seconds) to ``--out`` as CSV, so that curves for several settings can be compared
-(this is how the `cpu` preset's regime was chosen; README, "Choosing the cpu preset").
+``--variants kd,kd:train.lr=2e-3,place:train.ema_decay=0`` compares three students on one
+stream. Every student is evaluated every ``--eval-every`` steps under the preset's protocol
+(the teacher's card is measured under the same one). Prints one line per evaluation and
+writes every evaluated row (variant, step, FID, KID, precision, recall, loss, elapsed seconds)
+to ``--out`` as CSV, so that curves for several settings can be compared (this is how the `cpu` preset's regime was chosen; README, "Choosing the cpu preset").
 """
 
 from __future__ import annotations

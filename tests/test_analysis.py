@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 
+import common  # noqa: E402
 import headline  # noqa: E402
 import stability  # noqa: E402
 
@@ -116,8 +117,10 @@ def test_the_headline_is_the_best_lift_place_variant_even_where_a_baseline_beats
     summary = pd.DataFrame(rows)
     assert headline.best_variant(summary) == "place 50%"
     assert headline.sentence(summary, headline.versus(summary)).startswith("Best LIFT/PLACE variant: **place 50%**")
-    import linear_correction  # the Figure-2 probe samples kd's student and the same one
-    assert linear_correction.fid_variants(summary.assign(final_checkpoint="ckpt")) == ["kd 50%", "place 50%"]
+    # The Figure-2 probe and the error maps take kd's student and the same one.
+    loadable = summary.assign(final_checkpoint="ckpt", seed=summary["config/train/seed"])
+    assert common.kd_and_best_ours(loadable) == ["kd 50%", "place 50%"]
+    assert [row["variant"] for row in error_maps.pick_students(loadable)] == ["kd 50%", "place 50%"]
     # Without LIFT/PLACE variants the best other variant leads, named for what it is.
     baselines = summary[summary["config/objective/name"].isin(["kd", "task"])]
     assert headline.best_variant(baselines) == "task 50%"
