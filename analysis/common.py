@@ -16,7 +16,7 @@ from liftplace.results import load_study, read_study_info, summarize  # noqa: E4
 
 # This method's objectives. The figures that single out one student beside kd's pick the best of
 # these, not a better baseline (compression also trains task, feat and kd+feat).
-OURS = ("lift", "place")
+OURS = ("lift", "place", "place+feat")
 
 
 def kd_and_best_ours(summary: pd.DataFrame) -> list[str]:
@@ -112,6 +112,9 @@ def save_table(table: pd.DataFrame, folder, name: str, caption: str, bold: dict 
     latex = shown.copy()
     for col in latex.columns:
         latex[col] = latex[col].astype(str).str.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True)
+        # LaTeX reads % as a comment and _ as a subscript: "50%" and "fid_mean" must be escaped.
+        latex[col] = latex[col].str.replace("%", r"\%").str.replace("_", r"\_")
+    latex.columns = [str(c).replace("%", r"\%").replace("_", r"\_") for c in latex.columns]
     tex.write_text(latex.to_latex(index=False, escape=False, caption=caption.replace("%", r"\%")))
     return [md, tex]
 

@@ -8,7 +8,9 @@ under the same protocol; beside it, sample grids of kd's and the best variant's 
 and the teacher, all from the same noise. Table ``versus_kd``: for every variant, the difference
 of its mean final FID from kd's (negative: better than kd) with a Welch 95% confidence interval,
 the ratio of means, Welch's t-test p-value and Holm's correction over the variants, and a plain
-verdict (with fewer than 3 seeds on either side the study is too small to tell).
+verdict (with fewer than 3 seeds on either side the study is too small to tell). The sentence
+(``headline.txt``, REPORT.md's "Result") ends with what the premise gate (``premise.py``) says of
+it: only a setting that passes the gate is said to test the paper's claim.
 
 Each variant is compared with the kd run of its own setting: where variants differ in more than
 the objective (``teacher_scale``: the teacher; ``compression``: the pruning ratio), "place
@@ -51,6 +53,25 @@ def holm(pvalues: list[float]) -> list[float]:
     return list(adjusted)
 
 
+def setting_columns(summary: pd.DataFrame) -> list[str]:
+    """The config columns that tell settings apart: those that differ between variants, other
+    than the objective's and the seed (``compression``: the pruning ratio; ``teacher_scale``: the
+    teacher)."""
+    firsts = summary.drop_duplicates("variant").set_index("variant")
+    return [c for c in firsts.columns if c.startswith("config/") and not c.startswith("config/objective/")
+            and c != "config/train/seed" and firsts[c].astype(str).nunique() > 1]
+
+
+def setting_keys(summary: pd.DataFrame) -> pd.Series:
+    """variant -> its setting (a tuple of the ``setting_columns`` values, as text; () where
+    variants differ in the objective alone)."""
+    firsts = summary.drop_duplicates("variant").set_index("variant")
+    columns = setting_columns(summary)
+    if not columns:
+        return pd.Series([()] * len(firsts), firsts.index, dtype=object)
+    return firsts[columns].astype(str).apply(tuple, axis=1)
+
+
 def references(summary: pd.DataFrame, reference: str = REFERENCE) -> dict[str, str | None]:
     """For every variant that is not a reference, the kd variant it is compared with: the one
     whose settings, other than the objective's, are the same (the config columns that differ
@@ -60,9 +81,7 @@ def references(summary: pd.DataFrame, reference: str = REFERENCE) -> dict[str, s
     objective = "config/objective/name"
     if objective not in firsts:
         return {v: reference if reference in firsts.index else None for v in firsts.index if v != reference}
-    settings = [c for c in firsts.columns if c.startswith("config/") and not c.startswith("config/objective/")
-                and c != "config/train/seed" and firsts[c].astype(str).nunique() > 1]
-    key = firsts[settings].astype(str).apply(tuple, axis=1) if settings else pd.Series([()] * len(firsts), firsts.index)
+    key = setting_keys(summary)
     kds = [v for v in firsts.index if firsts.loc[v, objective] == reference]
     out = {}
     for variant in firsts.index:
@@ -138,15 +157,23 @@ def teacher_fid(summary: pd.DataFrame, variant: str | None) -> float | None:
     return float(values.iloc[0]) if len(values) else None
 
 
-def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERENCE) -> str:
-    """The result in one paragraph, for the top of REPORT.md."""
+def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERENCE,
+             gate: pd.DataFrame | None = None) -> str:
+    """The result in one paragraph, for REPORT.md after the premise gate, and ending with what
+    the gate says of it: only a setting that passes is said to test the paper's claim.
+    ``gate``: ``premise.gate``'s table (None: computed from the summary alone, which holds no
+    evaluations along training, so convergence is "not measured")."""
+    import premise  # here, not at the top: premise builds on this module's matching
+
     best = best_variant(summary, reference)
     against = references(summary, reference).get(best) if best is not None else None
     ref = finals(summary, against) if against is not None else np.array([])
     teacher = teacher_fid(summary, best)
     teacher_text = f"; teacher {teacher:.2f}" if teacher is not None else ""
+    framing = premise.statement(premise.gate(summary, None) if gate is None else gate, summary, focus=against, best=best)
     if best is None or not len(ref):
-        return f"No comparison with {reference}: the study has no finished {reference} run or no other variant."
+        return (f"No comparison with {reference}: the study has no finished {reference} run or no other variant. "
+                + framing)
     row = table[table["variant"] == best].iloc[0]
     x = finals(summary, best)
     label = "Best LIFT/PLACE variant" if is_ours(summary, best) else f"Best variant other than {reference}"
@@ -170,6 +197,7 @@ def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERE
     else:
         parts.append(f"No variant differs from {reference} at p_holm < 0.05 (where there are at least "
                      f"{MIN_SEEDS} seeds a side).")
+    parts.append(framing)
     return " ".join(parts)
 
 
@@ -194,7 +222,9 @@ def sample_panels(summary: pd.DataFrame, variants: list[str]) -> list[tuple[str,
 
 
 def make(folder):
-    _, summary, info = load(folder)
+    import premise
+
+    df, summary, info = load(folder)
     table = versus(summary)
     # Where no variant has a kd to be compared with (a search), its best one, alone.
     best = best_variant(summary) or best_variant(summary, alone=True)
@@ -236,7 +266,8 @@ def make(folder):
     if not table.empty:
         paths += save_table(table, folder, "versus_kd", caption)
     text = Path(folder) / "analysis" / "headline.txt"
-    text.write_text(sentence(summary, table) + "\n")
+    gate = premise.gate(summary, df, list(info.get("variants", {})))
+    text.write_text(sentence(summary, table, gate=gate) + "\n")
     return paths + [text]
 
 

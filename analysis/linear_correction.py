@@ -96,7 +96,7 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
     for _, row in picks.iterrows():
         config = trial_config(folder, row["trial_dir"], row["variant"])
         student, teacher, process = load_student(row["final_checkpoint"], config, device=device)
-        protocol = config.eval.protocol()
+        protocol = config.eval.protocol(config.data.spec)
         n = min(protocol.num_images, num_images or DEFAULT_FID_IMAGES)
         space = teacher_space(config.teacher.name)  # a latent teacher: probed on latents, sampled images decoded
         val = load_split(config, "val", space, load_vae(space, device))

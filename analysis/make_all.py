@@ -12,6 +12,8 @@ import error_maps
 import fid_vs_k
 import headline
 import linear_correction
+import premise
+import regime_map
 import samples
 import stability
 import teacher_scale
@@ -35,12 +37,16 @@ NEEDS_CHECKPOINTS = (linear_correction, error_maps, samples)
 def make(folder):
     df, summary, info = load(folder)
     missing = summary.attrs["missing"]
-    (out_dir(folder) / "headline.txt").unlink(missing_ok=True)  # an earlier build's, if any
+    for earlier in ("headline.txt", "premise.md"):  # an earlier build's, if any
+        (out_dir(folder) / earlier).unlink(missing_ok=True)
     if missing:
         print(f"make_all: a partial study: {len(missing)} planned runs did not finish; the report covers the "
               f"{len(summary)} that did")
-    # The headline first: REPORT.md opens with kd against the best variant (figure, test, samples).
-    scripts = [headline] + BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
+    # The premise gate first (REPORT.md opens with it), then the headline: kd against the best
+    # variant (figure, test, samples), in the words the gate allows.
+    scripts = [premise, headline] + BY_STUDY.get(info["name"], []) + [stability, linear_correction, error_maps, samples]
+    if len(summary) and len(premise.gate(summary, df)) >= 2:  # settings (ratios, teachers, ...) to place
+        scripts.insert(2, regime_map)
     paths, skipped = [], []
     if info.get("preset") == "paper" and not torch.cuda.is_available():
         # 200 images x the sampler's steps through the user's teacher, three times: hours on CPU.
@@ -64,7 +70,12 @@ def make(folder):
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             print(f"make_all: not built: {name} ({type(err).__name__}: {first})")
             skipped.append(f"- `{name}` not built from these rows: {type(err).__name__}: {first}")
-    lines = [f"# {info['name']}", "", info.get("description", "").strip().split("\n\n")[0], ""]
+    lines = [f"# {info['name']}", ""]
+    gate_text = out_dir(folder) / "premise.md"
+    if gate_text.is_file():  # the opening: whether this study tests the paper's claim at all
+        lines += [gate_text.read_text().strip(), ""]
+        lines += ["## The study", ""]
+    lines += [info.get("description", "").strip().split("\n\n")[0], ""]
     if missing:
         lines += [f"**Partial study.** {len(summary)} runs finished; {len(missing)} planned runs did not, and "
                   "nothing below counts them (continue the study with `--resume`):", "",
@@ -87,7 +98,7 @@ def make(folder):
     table = fid_by_variant(summary).reset_index()
     lines += ["## Final FID by variant", "", table.to_markdown(index=False, floatfmt=".3g"), ""]
     for path in paths:
-        if path.suffix == ".txt":
+        if path.suffix == ".txt" or path == gate_text:  # already above
             continue
         if path.suffix == ".png":  # REPORT.md sits beside the figures
             lines += [f"![{path.stem}]({path.name})", ""]

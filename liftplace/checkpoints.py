@@ -190,7 +190,17 @@ def load_student(directory: str | Path, config, *, ema: bool = True, device="cpu
     shape = (2, space.channels, size, size)
     if not (directory / "student.safetensors").is_file():  # before the (slow) pruning
         raise FileNotFoundError(f"not a liftplace checkpoint (no student.safetensors): {directory}")
-    student = models.build_student(teacher, config.student, seed=config.train.seed, example_shape=shape)
+    process = teacher_process(config.teacher.name, config.teacher.prediction)
+    calibration = None
+    if config.student.prune_ratio is not None and config.student.importance in models.NEEDS_DATA:
+        # Taylor importance prunes by the run's training split, loaded (encoded) as the run loaded it
+        from liftplace import latents
+        from liftplace.teachers import load_vae
+
+        split = latents.load_split(config, "train", space, load_vae(space, "cpu"), log=lambda *_: None)
+        calibration = models.Calibration.of(split, process)
+    student = models.build_student(teacher, config.student, seed=config.train.seed, example_shape=shape,
+                                   calibration=calibration)
     with _reading(directory, "student.safetensors"):
         student.load_state_dict(load_file(str(directory / "student.safetensors")))
         if ema:
@@ -199,4 +209,4 @@ def load_student(directory: str | Path, config, *, ema: bool = True, device="cpu
                     p.copy_(shadow)
     for net in (student, teacher):
         net.requires_grad_(False).eval().to(device)
-    return student, teacher, teacher_process(config.teacher.name, config.teacher.prediction)
+    return student, teacher, process

@@ -19,6 +19,11 @@ def cmd_objectives(args) -> None:
     print("  reduction  ", " | ".join(REDUCTIONS))
     print("  weighting  ", " | ".join(WEIGHTINGS), "(with w0, warmup)")
     print(f"  group_size | num_groups (place; default group_size {PLACE_GROUP_SIZE}), eps, task_weight, distill_weight")
+    print("options (feat, kd+feat, place+feat; none: the objective's own default):")
+    print("  feat_weight      1.0 (feat, kd+feat) | 1e-6 (place+feat, the authors')")
+    print("  feat_reduction   mean | sum (place+feat's default: sum over the tapped blocks)")
+    print("  feat_bias        true | false (place+feat's default: false)")
+    print("  feat_init        default | uniform (place+feat's default: uniform in +-feat_init_scale, 0.005)")
 
 
 def cmd_teacher_train(args) -> None:
@@ -52,7 +57,7 @@ def cmd_extractor_train(args) -> None:
     from liftplace.metrics import train_extractor
 
     result = train_extractor(args.data, args.resolution, epochs=args.epochs, seed=args.seed, out=args.out)
-    print(f"saved {result['path']}: validation accuracy {result['accuracy']:.4f}")
+    print(f"saved {args.out}: validation accuracy {result['accuracy']:.4f}")
 
 
 def cmd_config(args) -> None:

@@ -98,7 +98,7 @@ class NoiseProcess:
                 + (f", shift={self.shift!r})" if self.shift != 1.0 else ")"))
 
     def training_pair(
-        self, x0: torch.Tensor, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, generator: torch.Generator | None = None, *, antithetic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Noise a clean batch at random levels and return what the model must predict.
 
@@ -108,22 +108,31 @@ class NoiseProcess:
         Args:
             x0: clean data [B, C, H, W] (or [B, C, T]), in [-1, 1].
             generator: the source of randomness; None uses torch's global one.
+            antithetic: draw only the first ceil(B/2) levels; the last B//2 mirror the first
+                B//2 (DDPM: t and T-1-t; flow: sigma and 1-sigma), as the authors' DDPM training
+                pairs its timesteps. With an odd B the middle sample's level has no mirror.
+                False (the default) draws B independent levels, exactly as before the option.
 
         Returns:
             x_t: noised data, like x0.
             t: the model's timesteps [B]: int64 in [0, T) for DDPM, float32 sigma * T with
-                sigma uniform in [0, 1) for flow.
+                sigma uniform in [0, 1) for flow (antithetic: the mirrors 1 - sigma in (0, 1]).
             target: like x0: the noise (epsilon), ``scheduler.get_velocity`` (v) or
                 noise - x0 (flow).
         """
         if x0.ndim < 2:
             raise ValueError(f"x0 must be a batch [B, ...] with at least 2 dims, got shape {tuple(x0.shape)}")
         batch = x0.shape[0]
+        draws = (batch + 1) // 2 if antithetic else batch
         draw_device = generator.device if generator is not None else x0.device
         if self.prediction == "flow":
-            level = torch.rand(batch, generator=generator, device=draw_device)
+            level = torch.rand(draws, generator=generator, device=draw_device)
         else:
-            level = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=draw_device)
+            level = torch.randint(0, self.num_train_timesteps, (draws,), generator=generator, device=draw_device)
+        if antithetic:
+            first = level[:batch // 2]
+            mirror = 1 - first if self.prediction == "flow" else self.num_train_timesteps - 1 - first
+            level = torch.cat([level, mirror])
         noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype).to(x0.device)
         level = level.to(x0.device)
         if self.prediction == "flow":

@@ -53,7 +53,8 @@ Report = Callable[[dict, "Path | None"], None]
 # The settings the students of one cohort may differ in; everything else (teacher, data, seed,
 # batch, steps, noise process, schedule of reports, evaluation protocol, scaling) decides the
 # stream of batches and the teacher's output, or when rows are written, and must be shared.
-PER_STUDENT = ("student.", "objective.", "train.lr", "train.ema_decay", "train.grad_clip", "train.loss_bound")
+PER_STUDENT = ("student.", "objective.", "train.lr", "train.ema_decay", "train.ema_warmup", "train.grad_clip",
+               "train.loss_bound")
 
 
 def shared_settings(config: RunConfig) -> dict:
@@ -90,7 +91,13 @@ class Batch:
 class Stream:
     """The stream of batches, timesteps and noise, drawn from its own generator (one per rank,
     so workers see different batches), which is checkpointed: a resumed run continues the same
-    stream, and nothing a student or an objective draws can change what the others see."""
+    stream, and nothing a student or an objective draws can change what the others see.
+
+    Each step draws, in this order: the batch's indices; with ``flip``, which images it
+    mirrors left-right (each with probability 0.5; in latent space the latents are mirrored);
+    the timesteps (with ``antithetic``, ceil(batch/2) of them and their mirrors,
+    ``NoiseProcess.training_pair``); the noise. With both options off (the defaults) it draws
+    exactly what it drew before they existed."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -99,10 +106,17 @@ class Stream:
     batch: int
     device: torch.device
     generator: torch.Generator
+    antithetic: bool = False  # train.antithetic
+    flip: bool = False  # data.flip
 
     def next(self) -> Batch:
         idx = torch.randint(0, len(self.images), (self.batch,), generator=self.generator)
-        x_t, timesteps, target = self.process.training_pair(self.images[idx], generator=self.generator)
+        x0 = self.images[idx]
+        if self.flip:
+            flipped = torch.rand(self.batch, generator=self.generator, device=self.generator.device) < 0.5
+            flipped = flipped.to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+            x0 = torch.where(flipped, x0.flip(-1), x0)
+        x_t, timesteps, target = self.process.training_pair(x0, generator=self.generator, antithetic=self.antithetic)
         labels = self.labels[idx].to(self.device) if self.num_classes else None
         return Batch(x_t.to(self.device), timesteps.to(self.device), target.to(self.device), labels)
 
@@ -204,7 +218,8 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     train_set = latents.load_split(config, "train", space, vae)  # a latent teacher's: encoded once, cached
     images, labels = train_set.x0, train_set.labels
     stream = Stream(images, labels, train_set.num_classes, teacher_process(config.teacher.name, config.teacher.prediction), tr.batch, device,
-                    torch.Generator().manual_seed(tr.seed * 1000 + rank))
+                    torch.Generator().manual_seed(tr.seed * 1000 + rank), antithetic=tr.antithetic,
+                    flip=config.data.flip)
     needs_features = any(objective_class(c.objective.name).needs_features for c in members.values())
     teacher_taps = models.FeatureTaps(teacher) if needs_features else None
     example_shape = (2, *images.shape[1:])
@@ -214,15 +229,17 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         "world_size": world,
         "teacher_fid": card.get("fid", float("nan")),
         "denoiser_size": int(images.shape[-1]),  # the side the denoisers see: a latent teacher's is smaller
-        **protocol_record(config.eval.protocol()),
+        **protocol_record(config.eval.protocol(config.data.spec)),
     }
     if vae is not None:  # the VAE's cost, apart from the denoisers' (its decoder runs once per sample)
         static.update(vae_params=models.count_params(vae), vae_decode_macs=models.count_decode_macs(vae, example_shape))
+    # what Taylor importance prunes by (on the CPU, as the students are pruned; unused otherwise)
+    calibration = models.Calibration.of(train_set, teacher_process(config.teacher.name, config.teacher.prediction))
     trainees = []
     for i, (variant, member) in enumerate(members.items()):
         torch.manual_seed(member.train.seed)
         student = models.build_student(teacher.cpu(), member.student, seed=member.train.seed,
-                                       example_shape=example_shape)
+                                       example_shape=example_shape, calibration=calibration)
         student = student.to(device).train().requires_grad_(True)
         teacher.to(device)
         folder = "" if len(members) == 1 else f"m{i}"
@@ -253,8 +270,25 @@ def _trainee(variant, folder, config: RunConfig, student, teacher_taps, shape, d
     # over ~180 small tensors: on CPU, Adam's step took 8 ms with the loop and 1 ms fused for
     # the cpu preset's student (benchmarks/cohort.py measures whole steps).
     opt = torch.optim.Adam(params, lr=config.train.lr, fused=True)
-    ema = EMAModel(student.parameters(), decay=config.train.ema_decay, foreach=True)
+    ema = make_ema(student.parameters(), config.train)
     return Trainee(variant, folder, config, student, net, objective, opt, ema, params, taps)
+
+
+class ConstantDecayEMA(EMAModel):
+    """diffusers' EMAModel at one decay from its first update on (shadow <- d * shadow + (1 - d) *
+    weights, the shadow starting at the initial weights), as the authors' DDPM EMA; EMAModel's
+    own decay is 0 at its first update (a copy) and min(d, (1 + n) / (10 + n)) at the update after
+    n others. Checkpoints hold the same state for both (shadow weights, update count)."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
+
+
+def make_ema(parameters, train) -> EMAModel:
+    """The EMA of a student's parameters for ``train`` (a TrainConfig): warmed up (diffusers'
+    ramp, train.ema_warmup, the default) or at a constant train.ema_decay from step one."""
+    kind = EMAModel if train.ema_warmup else ConstantDecayEMA
+    return kind(parameters, decay=train.ema_decay, foreach=True)
 
 
 def teacher_forward(run: Run, batch: Batch) -> tuple[torch.Tensor, list | None]:
@@ -529,7 +563,7 @@ def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_cla
     """FID/KID/precision/recall of the EMA student (``teachers.evaluate``: a latent student's
     samples are decoded by ``vae`` first, the metrics compare images)."""
     with ema_weights(student, ema):
-        return evaluate(student, process, config.data.spec, config.data.resolution, config.eval.protocol(),
+        return evaluate(student, process, config.data.spec, config.data.resolution, config.eval.protocol(config.data.spec),
                         num_classes=num_classes, device=device, vae=vae)
 
 

@@ -20,6 +20,8 @@ name says (damaged, cut short) is encoded again and replaced, with a line saying
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -226,7 +228,7 @@ def train_vae(out: str | Path, *, data: str = "mnist", resolution: int = 16, ste
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out (models are never overwritten)")
-    protocol = protocol or Protocol()
+    protocol = dataclasses.replace(protocol or Protocol(), data=data)  # the data's own extractor, where one ships
     torch.manual_seed(seed)
     images, _ = stack_dataset(load_dataset(data, resolution, "train"))
     blocks = len(VAE_SPEC["block_out_channels"])

@@ -3,9 +3,10 @@
 No weights are ever downloaded. Two feature extractors:
 
 - ``digits-cnn`` (the default for the built-in data): a small classifier trained on a labelled
-  dataset's train split by ``liftplace extractor train`` and shipped with the package
-  (``liftplace/assets/extractor-mnist16.safetensors``); its 128-d penultimate layer is the
-  feature space. Registered with torch-fidelity under that name.
+  dataset's train split by ``liftplace extractor train`` and shipped with the package, one per
+  built-in data set that has its own (``liftplace/assets/extractor-mnist16.safetensors``, and
+  ``extractor-glyphs16.safetensors`` for ``glyphs``; any other data uses MNIST's); its 128-d
+  penultimate layer is the feature space. Registered with torch-fidelity under that name.
 - ``inception-v3-compat``: the standard FID network, used only when the user gives a local
   weights file (``weights-inception-2015-12-05-6726825d.pth``). A missing file is an error.
 
@@ -35,6 +36,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_EXTRACTOR = "digits-cnn"
 DEFAULT_EXTRACTOR_WEIGHTS = ASSETS / "extractor-mnist16.safetensors"
+# Built-in data sets with a digits-cnn of their own (a classifier of their labels); the others
+# are measured with MNIST's.
+SHIPPED_EXTRACTORS = {"glyphs": ASSETS / "extractor-glyphs16.safetensors"}
 INCEPTION = "inception-v3-compat"
 
 
@@ -68,6 +72,7 @@ class Protocol:
     extractor: str = DEFAULT_EXTRACTOR
     extractor_weights: str | None = None  # None: the shipped digits-cnn weights
     prc: bool = True  # precision and recall (k = 3 nearest neighbours)
+    data: str = "mnist"  # the data set measured: picks the shipped digits-cnn weights (SHIPPED_EXTRACTORS)
 
     def __post_init__(self):
         if not (isinstance(self.num_images, int) and self.num_images >= 2):
@@ -90,7 +95,7 @@ class Protocol:
             check_tensor_file(self.extractor_weights)
 
     def weights_path(self) -> str:
-        return str(self.extractor_weights or DEFAULT_EXTRACTOR_WEIGHTS)
+        return str(self.extractor_weights or SHIPPED_EXTRACTORS.get(self.data, DEFAULT_EXTRACTOR_WEIGHTS))
 
 
 def check_tensor_file(path: str | Path) -> None:

@@ -5,7 +5,8 @@ ablation, a class-conditional ``DiTTransformer2DModel``. Students are made from 
 one of two ways:
 
 - ``prune_student``: structured channel pruning with torch-pruning, keeping the teacher's
-  surviving weights (as Diff-Pruning does) -- the paper's students;
+  surviving weights (as Diff-Pruning does) -- the paper's students; with ``groups="teacher"``
+  and ``importance="taylor"`` built as the authors' are (below);
 - ``fresh_student``: a freshly initialised, narrower model of the same family, sized to a
   parameter ratio -- the from-scratch baseline, and the only route for DiT teachers.
 
@@ -26,6 +27,59 @@ from ``count_macs`` for one 1x16x16 image. The fractions depend on widths only, 
 A layer keeps int(width * (1 - ratio)) channels (at least one), and each weight shrinks on
 both sides, so the fraction is about (1 - ratio)^2. The paper's students keep ~1.6% of the
 teacher: here that is a ratio of 0.875, not 0.9 (which keeps ~1%).
+
+That is ``groups="gcd"`` (the default): while torch-pruning runs every GroupNorm has one group,
+so any channel can go, and the groups come back as gcd(channels, teacher's groups)
+(``student_groups``). The authors' students (Diff-Pruning, Fang et al.) keep the teacher's
+GroupNorm group count and remove the same positions inside every group, ranked by first-order
+Taylor importance |w * dL/dw| with the gradients of the diffusion loss on a few training batches
+(``importance="taylor"``, ``Calibration``), and train with dropout 0.1 in the ResNet blocks
+(``set_dropout``). With ``groups="teacher"`` a layer whose channels reach GroupNorms of g groups
+keeps int(width / g * (1 - ratio)) channels per group; where that is none torch-pruning would
+prune nothing there and leave the layer whole (unet-m at 0.9 keeps 889,501 parameters, 80%,
+every norm at its teacher width), so such layers keep one channel per group instead
+(``_narrow_group_ratios``). Layers that reach no GroupNorm (the time embedding, attention's
+q/k/v, a last up-block's output into its upsampler) are pruned as with "gcd". The students, by
+``prune_student(..., groups="teacher")`` (magnitude; Taylor keeps other channels, the same
+counts), as a fraction of the teacher's parameters (MACs of the 0.9 student, as above):
+
+    ====  ==========  ========  ========  ========  ========  =============  ==========
+    size  parameters  ratio .5  ratio .7  ratio .8  ratio .9  params at .9   MACs at .9
+    ====  ==========  ========  ========  ========  ========  =============  ==========
+    tiny      44,969    0.2598    0.0999    0.0944    0.0876      3,940        528,513
+    xs       280,177    0.2544    0.0861    0.0795    0.0736     20,611      1,835,156
+    s        627,433    0.2379    0.0434    0.0387    0.0340     21,348      1,863,745
+    m      1,112,801    0.2527    0.0675    0.0237    0.0202     22,453      1,920,560
+    l      2,497,873    0.2521    0.0629    0.0303    0.0099     24,734      2,006,401
+    ====  ==========  ========  ========  ========  ========  =============  ==========
+
+With one channel per group as the floor, every size's 90% student is about the same ~21-25k
+parameters (8 channels in 8 groups nearly everywhere), so the fraction falls with the teacher's
+width rather than sitting at (1 - ratio)^2; unet-m's 0.8 and 0.9 students differ only in the
+layers that reach no GroupNorm. ("gcd" at 0.8, for comparison: 0.0379 / 0.0366 / 0.0370 / 0.0401
+of xs / s / m / l.)
+
+unet-m (widths 32, 64, 64; 8 groups) at 0.9, channels / GroupNorm groups per layer:
+
+    =======================================  =================  =================
+    layer                                    groups="gcd"       groups="teacher"
+    =======================================  =================  =================
+    conv_in                                  3                  8
+    down 0 resnet: norm1, conv1/norm2, out   3/1, 3/1, 3        8/8, 8/8, 8
+    down 1 resnet: norm1, conv1/norm2, out   3/1, 6/2, 6        8/8, 8/8, 8
+    down 2, mid: norms (resnets, attention)  6/2                8/8
+    attention q/k/v (heads)                  6 (1 head of 6)    6 (1 head of 6)
+    up 0-1 resnets: norm1 (concat), norm2    12/4, 6/2          16/8, 8/8
+    up 1 resnet 1: norm1, out (to upsampler) 9/1, 6             16/8, 6
+    up 2 resnets: norm1 (concat), norm2      9/1 and 6/2, 3/1   16/8, 8/8
+    conv_norm_out, conv_out in               3/1, 3             8/8, 8
+    time embedding (32 -> 128 -> 128)        12, 12             12, 12
+    parameters (fraction of the teacher)     10,801 (0.97%)     22,453 (2.02%)
+    =======================================  =================  =================
+
+"gcd" leaves 3 channels per group everywhere but the 9-channel norms (one group); "teacher"
+leaves one channel per group (two over the up blocks' concatenations), which for today's
+structure (3 channels in 3 groups) learned nothing in 2,000 steps; the authors' structure has 8.
 """
 
 from __future__ import annotations
@@ -33,12 +87,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
+from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -67,7 +123,41 @@ IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
     "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),
     "random": tp.importance.RandomImportance,
+    # first-order Taylor, sum of |w * dL/dw| over a channel's weights (Diff-Pruning's criterion),
+    # with dL/dw accumulated from the diffusion loss on calibration batches (``Calibration``)
+    "taylor": tp.importance.TaylorImportance,
 }
+NEEDS_DATA = {"taylor"}  # importances that need a Calibration
+
+# How a pruned UNet's GroupNorms are grouped (``prune_student``): "gcd" prunes every channel
+# freely (each norm has one group while torch-pruning runs) and regroups after (``student_groups``);
+# "teacher" keeps every norm's teacher group count and removes the same positions inside each
+# group (torch-pruning's channel-group handling), as Diff-Pruning's students are built.
+GROUPINGS = ("gcd", "teacher")
+
+# Taylor importance's calibration: batches of TAYLOR_BATCH training images (fewer if the split is
+# smaller) picked, noised and timed by one generator seeded CALIBRATION_SEED, whatever the run's seed.
+TAYLOR_BATCH = 64
+CALIBRATION_SEED = 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What Taylor importance computes its gradients from: the training split the denoiser learns
+    from (``images``: x0 [N, C, H, W], pixels or a latent teacher's latents), its class labels
+    ([N], or None for an unconditional data set) and the teacher's noise process (a
+    ``diffusion.NoiseProcess``). Pruning picks its batches, timesteps and noise itself, from a
+    generator seeded ``CALIBRATION_SEED``: the same split gives the same student."""
+
+    images: torch.Tensor
+    process: object
+    labels: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, split, process) -> Calibration:
+        """A run's calibration: its training split as the denoisers see it (a ``latents.Split``:
+        x0, and its labels where the data set has classes) and its noise process."""
+        return cls(split.x0, process, split.labels if split.num_classes else None)
 
 
 def _choice(kind: str, value, choices) -> None:
@@ -291,6 +381,9 @@ def prune_student(
     example_shape: Sequence[int] = (2, 1, 16, 16),
     importance: str = "magnitude",
     min_group_channels: int = 1,
+    groups: str = "gcd",
+    calibration: Calibration | None = None,
+    taylor_batches: int = 4,
 ) -> UNet2DModel:
     """A copy of a UNet teacher with ``ratio`` of the channels of every layer pruned away (a
     DiT teacher: ``ratio`` of every block's attention heads and MLP units, see ``_prune_dit``).
@@ -298,9 +391,14 @@ def prune_student(
     Structured pruning with torch-pruning, layer by layer (no global ranking): the student
     keeps the teacher's weights at the surviving channels, and its input and output shapes
     ([B, C, H, W] as in ``example_shape``). ``importance`` ranks channels: "magnitude" (L2),
-    "l1" or "random"; ``min_group_channels`` is the fewest channels a GroupNorm group keeps
-    (``student_groups``). Parameters shrink to about (1 - ratio)^2 of the teacher's (table in the
-    module docstring). The teacher is untouched; ratio 0 gives an exact copy.
+    "l1", "random" or "taylor" (|w * dL/dw| with the gradients of the diffusion loss on
+    ``taylor_batches`` batches of ``calibration``, see ``_taylor_gradients``; the teacher gets
+    none). ``groups`` (``GROUPINGS``): "gcd" prunes each layer's channels freely and regroups
+    its GroupNorms after, each group keeping at least ``min_group_channels`` channels
+    (``student_groups``); "teacher" keeps every GroupNorm's teacher group count and removes the
+    same positions inside every group (Diff-Pruning's students), each group keeping at least one
+    channel. Parameters shrink to about (1 - ratio)^2 of the teacher's (tables in the module
+    docstring). The teacher is untouched; ratio 0 gives an exact copy.
 
     The student's ``config`` still describes the teacher (its widths are no longer uniform
     per level); save it with ``torch.save`` rather than ``save_pretrained``. Remove any
@@ -309,11 +407,18 @@ def prune_student(
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"prune ratio must be in [0, 1), got {ratio!r}")
     _choice("importance", importance, IMPORTANCES)
+    _choice("GroupNorm grouping", groups, GROUPINGS)
+    _positive_int("taylor_batches", taylor_batches)
+    if importance in NEEDS_DATA and calibration is None:
+        raise ValueError(f"{importance} importance needs calibration data (models.Calibration: the training "
+                         "split and the teacher's noise process)")
     if len(example_shape) != 4:
         raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
     net = _unwrap(teacher)
     if isinstance(net, DiTTransformer2DModel):
-        return _prune_dit(net, ratio, example_shape, importance)
+        if groups != "gcd":
+            raise ValueError(f"groups={groups!r} keeps a UNet's GroupNorm groups; a DiT has none (use 'gcd')")
+        return _prune_dit(net, ratio, example_shape, importance, calibration, taylor_batches)
     if not isinstance(net, UNet2DModel):
         raise ValueError(
             f"prune_student supports UNet2DModel and DiTTransformer2DModel teachers, got {type(net).__name__}; "
@@ -324,41 +429,118 @@ def prune_student(
     # loaded for distillation) would silently prune nothing.
     frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
     student.requires_grad_(True)
+    if importance in NEEDS_DATA:
+        # with the teacher's own GroupNorms, before the "gcd" grouping below changes the forward
+        _taylor_gradients(student, calibration, taylor_batches)
     param = _first_param(student)
     example = (
         torch.randn(tuple(example_shape), device=param.device, dtype=param.dtype),
         torch.ones(example_shape[0], dtype=torch.long, device=param.device),
     )
-    # torch-pruning removes whole GroupNorm groups only, which at high ratios prunes almost
-    # nothing; with one group per norm every channel can go, and the groups come back after.
-    groups = {norm: norm.num_groups for norm in student.modules() if isinstance(norm, nn.GroupNorm)}
-    for norm in groups:
-        norm.num_groups = 1
+    # The output conv's outputs are the image channels. The input conv's inputs and the time
+    # embedding's first linear layer (fed by the parameter-free sinusoidal projection) have no
+    # producer to prune, so they stay whole without being listed.
+    ignored = [student.conv_out]
+    forward = lambda model, inputs: model(*inputs).sample  # noqa: E731
+    norms = {norm: norm.num_groups for norm in student.modules() if isinstance(norm, nn.GroupNorm)}
+    if groups == "gcd":
+        # torch-pruning removes whole GroupNorm groups only, which at high ratios prunes almost
+        # nothing; with one group per norm every channel can go, and the groups come back after.
+        for norm in norms:
+            norm.num_groups = 1
+        ratios = _narrow_layer_ratios(student, ratio)
+    else:
+        ratios = _narrow_group_ratios(student, ratio, example, forward, ignored)
     pruner = tp.pruner.BasePruner(
         student,
         example,
         importance=IMPORTANCES[importance](),
         pruning_ratio=ratio,
-        pruning_ratio_dict=_narrow_layer_ratios(student, ratio),
+        pruning_ratio_dict=ratios,
         global_pruning=False,
-        # The output conv's outputs are the image channels. The input conv's inputs and the
-        # time embedding's first linear layer (fed by the parameter-free sinusoidal
-        # projection) have no producer to prune, so they stay whole without being listed.
-        ignored_layers=[student.conv_out],
-        forward_fn=lambda model, inputs: model(*inputs).sample,
+        ignored_layers=ignored,
+        forward_fn=forward,
     )
     pruner.step()
-    for norm, original in groups.items():
-        norm.num_groups = student_groups(norm.num_channels, original, min_group_channels)
+    for norm, original in norms.items():
+        if groups == "gcd":
+            norm.num_groups = student_groups(norm.num_channels, original, min_group_channels)
+        elif norm.num_channels % original:
+            raise ValueError(f"pruning left a GroupNorm with {norm.num_channels} channels, not a multiple of its "
+                             f"{original} groups; use groups='gcd'")
     _sync_resampler_sizes(student)
     _sync_attention_sizes(student)
+    student.zero_grad(set_to_none=True)  # Taylor's calibration gradients, pruned with the weights
     for name, p in student.named_parameters():
         p.requires_grad_(name not in frozen)
     # Tracing leaves the model in eval mode; give back the teacher's mode.
     return student.train(net.training)
 
 
-def _prune_dit(net: DiTTransformer2DModel, ratio: float, example_shape: Sequence[int], importance: str):
+def _taylor_gradients(model: nn.Module, calibration: Calibration, batches: int) -> None:
+    """Accumulate into ``model``'s .grad the gradients of the diffusion training loss, MSE between
+    its prediction and the process's target (the noise, for epsilon prediction) at random
+    timesteps, over ``batches`` batches of ``TAYLOR_BATCH`` calibration images, in eval mode (no
+    dropout, no DiT label dropout). Batches, timesteps and noise come from one generator seeded
+    ``CALIBRATION_SEED``: the images are a fixed random sample of the split (drawn once, cycled
+    if the split is smaller), so every run seed prunes the same student. Runs on the model's
+    device; leaves the model in eval mode with its gradients set."""
+    images, labels = calibration.images, calibration.labels
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"calibration images must be a non-empty [N, C, H, W] batch, got shape {tuple(images.shape)}")
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    size = min(TAYLOR_BATCH, len(images))
+    order = torch.randperm(len(images), generator=generator)
+    param = _first_param(model)
+    model.eval().zero_grad(set_to_none=True)
+    for b in range(batches):
+        idx = order[(b * size + torch.arange(size)) % len(images)]
+        x0 = images[idx].to(device=param.device, dtype=param.dtype)
+        x_t, t, target = calibration.process.training_pair(x0, generator=generator)
+        y = labels[idx].to(param.device) if labels is not None else None
+        loss = nn.functional.mse_loss(predict(model, x_t, t.to(param.device), y).float(), target.float())
+        loss.backward()
+
+
+def _narrow_group_ratios(model: nn.Module, ratio: float, example, forward_fn, ignored) -> dict[nn.Module, float]:
+    """``_narrow_layer_ratios`` for pruning inside GroupNorm groups (groups="teacher").
+
+    torch-pruning prunes a layer whose channels feed GroupNorms of g groups in the same positions
+    of every group: it keeps int(width / g * (1 - ratio)) per group and skips the layer, leaving
+    it whole, where that is none (unet-m at 0.9: 32- and 64-channel layers of 8 groups would keep
+    0.4 and 0.8 channels per group). Such layers keep one channel per group instead. The group
+    counts are read from torch-pruning's own dependency graph (a layer's channels can reach
+    several norms, through skip connections and concatenations), as its pruner reads them.
+    """
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=forward_fn)
+    skipped = [m for layer in ignored for m in layer.modules()]
+    ratios = {}
+    for group in graph.get_all_groups(ignored_layers=skipped, root_module_types=[nn.Conv2d, nn.Linear]):
+        channel_groups = max([dep.target.module.num_groups for dep, _ in group
+                              if isinstance(dep.target.module, nn.GroupNorm)], default=1)
+        width = graph.get_out_channels(group[0][0].target.module) // channel_groups
+        if width * (1.0 - ratio) < 1.0:
+            layers = [dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                      and graph.is_out_channel_pruning_fn(dep.handler)]
+            for layer in layers:
+                # width * (1 - r) = 1.5 truncates to one kept channel per group, safe from rounding.
+                ratios[layer] = max(0.0, 1.0 - 1.5 / width)
+    return ratios
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set the dropout probability of every ResNet block of a UNet (diffusers' ResnetBlock2D,
+    between its two convolutions; the authors' students train with 0.1); returns how many."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+    blocks = [m for m in _unwrap(model).modules() if isinstance(m, ResnetBlock2D)]
+    for block in blocks:
+        block.dropout.p = float(p)
+    return len(blocks)
+
+
+def _prune_dit(net: DiTTransformer2DModel, ratio: float, example_shape: Sequence[int], importance: str,
+               calibration: Calibration | None = None, taylor_batches: int = 4):
     """A copy of a DiT with ``ratio`` of every block's attention heads and MLP hidden units
     pruned away by torch-pruning (whole heads: the same heads of q, k and v, and the matching
     inputs of the output projection). The residual width, the embeddings, adaLN and the output
@@ -366,6 +548,8 @@ def _prune_dit(net: DiTTransformer2DModel, ratio: float, example_shape: Sequence
     pruning (``keep_blocks``) removes the rest."""
     student = copy.deepcopy(net)
     student.requires_grad_(True)  # torch-pruning traces through autograd
+    if importance in NEEDS_DATA:
+        _taylor_gradients(student, calibration, taylor_batches)
     attentions = [m for m in student.modules() if isinstance(m, Attention)]
     prunable = {layer for attn in attentions for layer in (attn.to_q, attn.to_k, attn.to_v)}
     prunable |= {block.ff.net[0].proj for block in student.transformer_blocks}
@@ -388,6 +572,7 @@ def _prune_dit(net: DiTTransformer2DModel, ratio: float, example_shape: Sequence
         forward_fn=lambda model, inputs: model(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample)
     pruner.step()
     _sync_attention_sizes(student)
+    student.zero_grad(set_to_none=True)
     return student.train(net.training).requires_grad_(True)
 
 
@@ -477,17 +662,27 @@ def _sync_attention_sizes(model: nn.Module) -> None:
         attn.scale = (inner // attn.heads) ** -0.5 if attn.scale_qk else 1.0
 
 
-def build_student(teacher: nn.Module, student, *, seed: int, example_shape: Sequence[int]) -> nn.Module:
+def build_student(teacher: nn.Module, student, *, seed: int, example_shape: Sequence[int],
+                  calibration: Calibration | None = None) -> nn.Module:
     """The student a run's ``student`` settings (a StudentConfig) ask for: pruned from the
     teacher (deterministic, so a checkpoint needs no pickled module) or fresh, initialised from
-    ``seed`` (a fresh student's init is part of the run's seed)."""
+    ``seed`` (a fresh student's init is part of the run's seed); with ``student.dropout``, its
+    ResNet blocks' dropout. ``calibration`` (the run's training split and noise process) is what
+    Taylor importance prunes by: needed then, unused otherwise."""
+    dropout = getattr(student, "dropout", 0.0)
     if student.prune_ratio is not None:
         depth = getattr(student, "depth", None)
         source = keep_blocks(teacher, depth) if depth is not None else teacher
-        return prune_student(source, student.prune_ratio, example_shape=example_shape, importance=student.importance,
-                             min_group_channels=student.min_group_channels)
-    torch.manual_seed(seed)
-    return fresh_student(teacher, student.param_ratio)
+        built = prune_student(source, student.prune_ratio, example_shape=example_shape, importance=student.importance,
+                              min_group_channels=student.min_group_channels,
+                              groups=getattr(student, "groups", "gcd"), calibration=calibration,
+                              taylor_batches=getattr(student, "taylor_batches", 4))
+    else:
+        torch.manual_seed(seed)
+        built = fresh_student(teacher, student.param_ratio)
+    if dropout and not set_dropout(built, dropout):
+        raise ValueError(f"student.dropout sets a UNet's ResNet blocks' dropout; a {type(built).__name__} has none")
+    return built
 
 
 def fresh_student(teacher: nn.Module, param_ratio: float) -> nn.Module:

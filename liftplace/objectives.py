@@ -1,4 +1,4 @@
-"""Distillation objectives: task, KD, LIFT, PLACE and feature KD, in the paper's notation.
+"""Distillation objectives: task, KD, LIFT, PLACE, feature KD and PLACE + features, in the paper's notation.
 
 Shapes: the student's and the teacher's final predictions ``s`` and ``t`` are [B, C, H, W]
 (or [B, C, T] for tokens; any trailing dims are flattened). The teacher is never part of the
@@ -26,6 +26,15 @@ w = 1 it is vanilla KD in value and gradient, whatever the grouping.
 
 cov and var are means over a group (the authors' code uses sums): eps then has the units of
 the signal's variance whatever the group size, so a group-size ablation keeps one eps.
+
+The feature term (FitNet; ``feat``, ``kd+feat``, ``place+feat``) matches the student's tapped
+block outputs s_i [B, Cs_i, H_i, W_i] with the teacher's t_i [B, Ct_i, H_i, W_i] through 1x1
+conv adapters A_i (the identity where the widths agree)::
+
+    feat = reduce_i MSE(A_i(s_i), t_i)        reduce: mean over blocks ("mean") or sum ("sum")
+
+``place+feat`` is the authors' "ours" of the DDPM table: task + PLACE + 1e-6 * feat with summed
+blocks and bias-free adapters drawn uniformly in [-0.005, 0.005].
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ COARSE_FORMS = ("l1", "l2", "moments")
 WEIGHTINGS = ("adaptive", "constant", "linear", "cosine", "step", "learnable")
 GROUP_BY = ("channel", "sample")
 REDUCTIONS = ("mean", "sum")
+FEAT_INITS = ("default", "uniform")  # feature adapters: torch's Conv2d init, or uniform in +-feat_init_scale
 PLACE_GROUP_SIZE = 16  # the authors' K: place's group size when neither group_size nor num_groups is given
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
@@ -84,29 +94,44 @@ def make_objective(name: str, **options) -> Objective:
 _CALLER_OPTIONS = frozenset({"shape", "student_channels", "teacher_channels"})
 
 
-def _constructor_options(cls: type) -> set[str]:
-    """Keyword-only parameters of ``cls``'s constructor, following ``**kwargs`` up the MRO."""
-    names: set[str] = set()
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    """Keyword-only parameters of ``cls``'s constructor with their defaults, following
+    ``**kwargs`` up the MRO (a subclass's default wins over its base's)."""
+    defaults: dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters.values()
-        names.update(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        for p in params:
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _CALLER_OPTIONS:
+                defaults.setdefault(p.name, p.default)
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             break
-    return names - _CALLER_OPTIONS
+    return defaults
+
+
+def _constructor_options(cls: type) -> set[str]:
+    """Keyword-only parameters of ``cls``'s constructor, following ``**kwargs`` up the MRO."""
+    return set(_constructor_defaults(cls))
+
+
+def objective_defaults(name: str) -> dict[str, Any]:
+    """Every option objective ``name`` takes, with its own default (from its constructor)."""
+    return _constructor_defaults(objective_class(name))
 
 
 def objective_options(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``settings`` (a flat mapping of every objective option, e.g. a config's
     objective section) that objective ``name``'s constructor takes, read from its signature.
 
+    An entry that is None is left out: None means "the objective's own default", the
+    constructor's keyword default (feat_weight is 1.0 for feat, 1e-6 for place+feat).
     ``shape``, ``student_channels`` and ``teacher_channels`` are never taken from settings:
     the caller passes them. Use: ``make_objective(name, **objective_options(name, settings), shape=...)``.
     """
     accepted = _constructor_options(objective_class(name))
-    return {key: value for key, value in settings.items() if key in accepted}
+    return {key: value for key, value in settings.items() if key in accepted and value is not None}
 
 
 def group_length(name: str, settings: Mapping[str, Any], shape) -> int:
@@ -117,11 +142,13 @@ def group_length(name: str, settings: Mapping[str, Any], shape) -> int:
     sample ("sample": C * prod(spatial)); it is cut into groups of group_size, into num_groups
     groups, or (neither given) into groups of place's default size, or kept whole for lift.
     Raises ValueError for an objective without groups or a grouping that does not divide.
+    place+feat groups as place.
     """
     cls = objective_class(name)
     if not issubclass(cls, Lift):
         raise ValueError(f"objective {name!r} fits no lines, so it has no groups; lift and place have")
-    obj = cls(**objective_options(name, settings))
+    line = Place if issubclass(cls, Place) else Lift  # place+feat groups as place does
+    obj = line(**objective_options(line.name, settings))
     shape = tuple(shape)
     obj.check_shape(shape)
     return _group_len(obj.domain_size(shape), obj.group_size, obj.num_groups)
@@ -552,21 +579,21 @@ class Place(Lift):
         return group_size, num_groups
 
 
-@register_objective("feat")
-class FeatKD(Objective):
-    """FeatKD: MSE between matched block outputs, through 1x1 adapters where widths differ.
+class _FeatureTerm:
+    """The feature term of feat, kd+feat and place+feat (a mixin for Objective subclasses).
 
-    student_channels / teacher_channels: the widths of the tapped blocks (``FeatureTaps.channels``).
-    Called with ``features=(student_features, teacher_features)``, two lists of [B, C_i, H_i, W_i].
-    distill = feat_weight * mean_i MSE(adapter_i(s_i), t_i) (+ the output MSE for "kd+feat").
-    The adapters are this module's parameters: the trainer optimises them with the student.
+    feat = reduce_i MSE(A_i(s_i), t_i) over the tapped blocks i, with s_i [B, Cs_i, H_i, W_i]
+    the student's and t_i [B, Ct_i, H_i, W_i] the teacher's block outputs (detached) and A_i a
+    1x1 conv from Cs_i to Ct_i channels (the identity where Cs_i = Ct_i, whatever the options).
+    Options: feat_weight (its weight), feat_reduction (over blocks: mean | sum), feat_bias (the
+    adapters' bias), feat_init ("default": torch's Conv2d init; "uniform": weights, and a bias
+    if any, drawn uniformly in [-feat_init_scale, feat_init_scale]), feat_init_scale.
+    The adapters are the objective's parameters: the trainer optimises them with the student.
     """
 
-    needs_features = True
-    with_output_kd = False
-
-    def __init__(self, *, student_channels=(), teacher_channels=(), feat_weight: float = 1.0,
-                 task_weight: float = 1.0, distill_weight: float = 1.0, shape=None):
+    def _init_feature_term(self, student_channels, teacher_channels, *, feat_weight, feat_reduction, feat_bias,
+                           feat_init, feat_init_scale) -> None:
+        """Check the options and build ``self.adapters``; call after nn.Module.__init__."""
         student_channels, teacher_channels = list(student_channels), list(teacher_channels)
         if not student_channels or len(student_channels) != len(teacher_channels):
             raise ValueError(
@@ -575,13 +602,27 @@ class FeatKD(Objective):
             )
         if not (isinstance(feat_weight, (int, float)) and feat_weight >= 0 and math.isfinite(feat_weight)):
             raise ValueError(f"feat_weight must be a finite number >= 0, got {feat_weight!r}")
-        super().__init__(task_weight=task_weight, distill_weight=distill_weight, shape=shape)
-        self.feat_weight = float(feat_weight)
-        self.adapters = nn.ModuleList(
-            nn.Identity() if a == b else nn.Conv2d(a, b, kernel_size=1) for a, b in zip(student_channels, teacher_channels)
-        )
+        _choice("feat_reduction", feat_reduction, REDUCTIONS)
+        if not isinstance(feat_bias, bool):
+            raise ValueError(f"feat_bias must be true or false, got {feat_bias!r}")
+        _choice("feat_init", feat_init, FEAT_INITS)
+        if not (isinstance(feat_init_scale, (int, float)) and feat_init_scale > 0 and math.isfinite(feat_init_scale)):
+            raise ValueError(f"feat_init_scale must be a finite number > 0, got {feat_init_scale!r}")
+        self.feat_weight, self.feat_reduction = float(feat_weight), feat_reduction
+        self.feat_bias, self.feat_init, self.feat_init_scale = feat_bias, feat_init, float(feat_init_scale)
+        self.adapters = nn.ModuleList(self._adapter(a, b) for a, b in zip(student_channels, teacher_channels))
+
+    def _adapter(self, student_width: int, teacher_width: int) -> nn.Module:
+        if student_width == teacher_width:
+            return nn.Identity()
+        conv = nn.Conv2d(student_width, teacher_width, kernel_size=1, bias=self.feat_bias)
+        if self.feat_init == "uniform":
+            for p in conv.parameters():
+                nn.init.uniform_(p, -self.feat_init_scale, self.feat_init_scale)
+        return conv
 
     def feature_loss(self, features) -> Tensor:
+        """features = (student_features, teacher_features), two lists of [B, C_i, H_i, W_i] -> []."""
         if features is None:
             raise ValueError(f"objective {self.name!r} needs features=(student_features, teacher_features)")
         s_feats, t_feats = features
@@ -590,8 +631,31 @@ class FeatKD(Objective):
                 f"objective {self.name!r} was built for {len(self.adapters)} feature taps, "
                 f"got {len(s_feats)} student and {len(t_feats)} teacher features"
             )
-        losses = [F.mse_loss(adapt(s), t.detach()) for adapt, s, t in zip(self.adapters, s_feats, t_feats)]
-        return torch.stack(losses).mean()
+        losses = torch.stack([F.mse_loss(adapt(s), t.detach()) for adapt, s, t in zip(self.adapters, s_feats, t_feats)])
+        return losses.mean() if self.feat_reduction == "mean" else losses.sum()
+
+
+@register_objective("feat")
+class FeatKD(_FeatureTerm, Objective):
+    """FeatKD: MSE between matched block outputs, through 1x1 adapters where widths differ.
+
+    student_channels / teacher_channels: the widths of the tapped blocks (``FeatureTaps.channels``).
+    Called with ``features=(student_features, teacher_features)``, two lists of [B, C_i, H_i, W_i].
+    distill = feat_weight * mean_i MSE(adapter_i(s_i), t_i) (+ the output MSE for "kd+feat").
+    The feature term's options are _FeatureTerm's; the defaults here are this project's (mean
+    over blocks, Conv2d adapters with bias and torch's init, feat_weight 1).
+    """
+
+    needs_features = True
+    with_output_kd = False
+
+    def __init__(self, *, student_channels=(), teacher_channels=(), feat_weight: float = 1.0,
+                 feat_reduction: str = "mean", feat_bias: bool = True, feat_init: str = "default",
+                 feat_init_scale: float = 0.005, task_weight: float = 1.0, distill_weight: float = 1.0, shape=None):
+        super().__init__(task_weight=task_weight, distill_weight=distill_weight, shape=shape)
+        self._init_feature_term(student_channels, teacher_channels, feat_weight=feat_weight,
+                                feat_reduction=feat_reduction, feat_bias=feat_bias, feat_init=feat_init,
+                                feat_init_scale=feat_init_scale)
 
     def distill_term(self, s, t, step, features):
         feat = self.feature_loss(features)
@@ -606,3 +670,47 @@ class KDFeat(FeatKD):
     """OutKD + FeatKD: MSE to the teacher's output plus feat_weight times the feature term."""
 
     with_output_kd = True
+
+
+@register_objective("place+feat")
+class PlaceFeat(_FeatureTerm, Place):
+    """PLACE + FitNet features: the authors' "ours" for the DDPM (CelebA 64) table.
+
+    Shapes: student / teacher predictions s, t [B, C, *spatial]; ``features=(s_feats, t_feats)``,
+    two lists of block outputs s_i [B, Cs_i, H_i, W_i] and t_i [B, Ct_i, H_i, W_i]::
+
+        loss = task_weight * MSE(s, target) + distill_weight * PLACE(s, t) + feat_weight * feat
+        feat = sum_i MSE(A_i(s_i), t_i)               (feat_reduction "mean": mean over i)
+
+    PLACE(s, t) is exactly the ``place`` objective's term, with all of its options (group_size,
+    default PLACE_GROUP_SIZE = 16, the authors' K; num_groups, coarse, group_by, eps, reduction,
+    weighting, w0, warmup); the feature term is _FeatureTerm's, with the authors' defaults:
+    feat_weight 1e-6, summed over the tapped blocks, 1x1 adapters A_i without bias initialised
+    uniformly in [-0.005, 0.005] (feat and kd+feat default to a mean, a bias and torch's init).
+    feat_weight stands outside distill_weight, so the authors' lambda_kd (distill_weight) does not
+    scale it; feat_weight = 0 leaves ``place`` exactly. Rows: loss_distill is the PLACE term,
+    loss_feat the (unweighted) feature term, and coarse, fine, w, beta0, beta1 are PLACE's.
+    """
+
+    needs_features = True
+
+    def __init__(self, *, student_channels=(), teacher_channels=(), feat_weight: float = 1e-6,
+                 feat_reduction: str = "sum", feat_bias: bool = False, feat_init: str = "uniform",
+                 feat_init_scale: float = 0.005, **place_options):
+        super().__init__(**place_options)
+        self._init_feature_term(student_channels, teacher_channels, feat_weight=feat_weight,
+                                feat_reduction=feat_reduction, feat_bias=feat_bias, feat_init=feat_init,
+                                feat_init_scale=feat_init_scale)
+
+    def forward(self, student: Tensor, teacher: Tensor | None, *, step: int, target=None, features=None,
+                diagnostics: bool = True):
+        parts = super().forward(student, teacher, step=step, target=target, features=features,
+                                diagnostics=diagnostics)
+        if self.feat_weight > 0:
+            feat = self.feature_loss(features)
+            parts.loss = parts.loss + self.feat_weight * feat
+        else:  # place exactly; the term is still logged
+            with torch.no_grad():
+                feat = self.feature_loss(features)
+        parts.feat = feat.detach()
+        return parts

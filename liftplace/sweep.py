@@ -16,6 +16,7 @@ as one Tune grid under ``<storage>/<study>``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -231,8 +232,11 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
         teacher = load_teacher(name)[0]
         student = teacher
         if exact:
-            student = models.build_student(teacher, config.student, seed=config.train.seed,
-                                           example_shape=(2, *shape[1:]))
+            # Which channels survive changes no shape: Taylor's student is sized without its data.
+            sized = config.student
+            if sized.importance in models.NEEDS_DATA:
+                sized = dataclasses.replace(sized, importance="magnitude")
+            student = models.build_student(teacher, sized, seed=config.train.seed, example_shape=(2, *shape[1:]))
         weights = models.weight_bytes(student)
         step = models.step_memory(teacher, shape, student if exact else None)
         if space.latent:  # the worker also holds the frozen VAE, and encodes and decodes in chunks

@@ -15,6 +15,8 @@ or a diffusers pipeline directory, whose scheduler config then sets the noise pr
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -411,7 +413,7 @@ def train_teacher(
         raise FileExistsError(f"{out} is not empty; choose a new --out (teachers are never overwritten)")
     if vae is not None and arch != "dit":
         raise ValueError(f"a latent teacher is a DiT (a DiTPipeline), not {arch!r}: use --arch dit")
-    protocol = protocol or Protocol()
+    protocol = dataclasses.replace(protocol or Protocol(), data=data)  # the data's own extractor, where one ships
     torch.manual_seed(seed)
     autoencoder = None
     if vae is not None:

@@ -350,3 +350,185 @@ def test_the_driver_heartbeat_tells_running_from_interrupted_and_reads_the_old_n
     assert driver_state(tmp_path, now=updated + STALE_S + 1) == "interrupted"  # no beat for too long
     (tmp_path / DRIVER_FILE).write_text(json.dumps({**beat, "state": "running", "pid": 2**22 + 12345, "updated": updated}))
     assert driver_state(tmp_path, now=updated) == "interrupted"  # on this host, its process is gone
+
+
+# --- the premise gate: does a study's own numbers put it where the paper's claim applies? -------
+
+import premise  # noqa: E402
+
+PAPER_CLAIM = "tests the paper's claim"
+
+
+def premise_runs(task, kd, teacher=2.0, place=None, setting=None, curve=(1.05, 1.0)):
+    """(summary, evaluation rows) of one setting by hand: each variant's final FIDs, one per seed;
+    every run evaluated at steps 500, 1000, ... with FID = final x the curve's factors."""
+    rows, evals = [], []
+    for method, fids in (("task", task), ("kd", kd), ("place", place)):
+        for seed, fid in enumerate(fids or []):
+            variant = method if setting is None else f"{method} {setting}"
+            run = f"{variant}/seed{seed}"
+            row = {"variant": variant, "run": run, "final_fid": float(fid), "diverged": False, "teacher_fid": teacher,
+                   "config/objective/name": method, "config/train/seed": seed}
+            if setting is not None:
+                row["config/student/prune_ratio"] = setting
+            rows.append(row)
+            evals += [{"run": run, "variant": variant, "step": 500 * (i + 1), "fid": fid * factor}
+                      for i, factor in enumerate(curve)]
+    return pd.DataFrame(rows), pd.DataFrame(evals)
+
+
+def premise_text(summary, evals):
+    """(gate table, its Markdown section, the headline sentence that follows it)."""
+    table = premise.gate(summary, evals)
+    sentence = headline.sentence(summary, headline.versus(summary), gate=table)
+    return table, premise.markdown(table, summary), sentence
+
+
+KD = [10.0, 11.0, 12.0]
+
+
+def test_the_premise_gate_passes_where_the_student_needs_kd_kd_is_far_from_the_teacher_and_fid_converged():
+    summary, evals = premise_runs([40.0, 44.0, 48.0], KD, teacher=2.0, place=[9.0, 10.0, 11.0])
+    table, section, sentence = premise_text(summary, evals)
+    row = table.iloc[0]
+    assert len(table) == 1 and (row["task"], row["kd"], row["checked"]) == ("task", "kd", "place")
+    assert row["task_kd"] == pytest.approx(4.0) and row["task_kd_ok"] and row["kd_teacher_ok"]
+    assert row["convergence"] == "converged" and row["kd_change"] == pytest.approx(1 / 1.05 - 1) and row["passes"]
+    assert section.startswith("## Premise") and "| **passes** |" in section
+    assert "4.00x (95% CI" in section and "paper 4.0x" in section and "paper 8.5x" in section
+    assert "The premise gate passes (task 4.00x kd, kd 5.48x the teacher, converged): this study tests the paper's claim." in sentence
+    assert sentence.startswith("Best LIFT/PLACE variant: **place**")  # the result first, its framing after
+
+
+@pytest.mark.parametrize("case,arguments,failed,question", [
+    ("task < 3x kd", {"task": [20.0, 22.0, 24.0]}, "task_kd_ok", "the student learns alone nearly as well as with kd"),
+    ("kd < 5x teacher", {"teacher": 4.0}, "kd_teacher_ok", "kd already nearly matches the teacher"),
+    ("not converged", {"curve": (1.5, 1.0)}, "converged_ok", "at a fixed budget, before convergence"),
+    ("one evaluation", {"curve": (1.0,)}, "converged_ok", "set train.eval_every so that a run evaluates at least twice"),
+])
+def test_each_failing_condition_alone_fails_the_gate_and_the_headline_says_what_is_asked_instead(case, arguments,
+                                                                                                   failed, question):
+    passing = {"task": [40.0, 44.0, 48.0], "kd": KD, "teacher": 2.0, "place": [9.0, 10.0, 11.0]}
+    table, section, sentence = premise_text(*premise_runs(**{**passing, **arguments}))
+    row = table.iloc[0]
+    assert not row["passes"] and not row[failed]
+    assert all(row[ok] for ok in ("task_kd_ok", "kd_teacher_ok", "converged_ok") if ok != failed)  # alone
+    assert "| fails " in section and question in section and question in sentence
+    assert "The premise gate fails (" in sentence and "this study does not test the paper's claim" in sentence
+    assert PAPER_CLAIM not in sentence and PAPER_CLAIM not in section and "paper's regime" not in sentence
+    expected = {"task < 3x kd": "task only 2.00x kd, under 3x", "kd < 5x teacher": "kd only 2.74x the teacher, under 5x",
+                "not converged": "not converged: FID moved kd -33%, place -33%",
+                "one evaluation": "convergence not measured: 1 evaluation per run"}[case]
+    assert expected in sentence
+    if case == "one evaluation":
+        assert row["convergence"] == "not measured" and row["evaluations"] == 1
+
+
+def test_a_study_without_a_task_variant_says_its_premise_was_not_measured():
+    summary, evals = premise_runs(None, KD, place=[9.0, 10.0, 11.0])
+    table, section, sentence = premise_text(summary, evals)
+    assert table.empty
+    assert "The premise was not measured (no task variant)" in section
+    assert "The premise was not measured (no task variant)" in sentence and PAPER_CLAIM not in sentence
+    # Without evaluation rows (a summary alone) the sentence still frames the result.
+    assert "premise was not measured (no task variant)" in headline.sentence(summary, headline.versus(summary))
+
+
+def test_the_gate_is_computed_per_setting_each_task_against_the_kd_of_its_own_setting():
+    """compression / regime: 90% needs kd and passes; 50%'s student learns alone (task ~ kd) and
+    fails. The headline's best variant is place 50%, in the failing setting: the sentence says so."""
+    high, high_evals = premise_runs([40.0, 44.0, 48.0], KD, teacher=2.0, place=[9.0, 10.0, 11.0], setting="90%")
+    low, low_evals = premise_runs([6.0, 6.5, 7.0], [5.5, 6.0, 6.5], teacher=2.0, place=[5.0, 5.2, 5.4], setting="50%")
+    summary, evals = pd.concat([low, high], ignore_index=True), pd.concat([low_evals, high_evals], ignore_index=True)
+    table, section, sentence = premise_text(summary, evals)
+    assert list(table["setting"]) == ["50%", "90%"] and list(table["kd"]) == ["kd 50%", "kd 90%"]
+    assert list(table["passes"]) == [False, True] and table.iloc[0]["checked"] == "place 50%"
+    assert table.iloc[1]["task_kd"] == pytest.approx(4.0)  # 90%'s task against 90%'s kd, not 50%'s
+    assert "The premise gate passes in 90% only: there the numbers test the paper's claim. It fails in 50% (task only" in section
+    assert ("The headline comparison (place 50% against kd 50%) is in 50%, which fails: the student learns alone "
+            "nearly as well as with kd") in sentence
+    assert "this study tests the paper's claim" not in sentence and "paper's regime" not in sentence
+
+
+def test_the_premise_intervals_match_a_hand_computation():
+    task, kd, teacher = [30.0, 45.0, 38.0, 52.0], [10.0, 12.5, 11.0], 2.5
+    summary, evals = premise_runs(task, kd, teacher=teacher)
+    row = premise.gate(summary, evals).iloc[0]
+    from scipy.stats import t
+
+    lt, lk = np.log(task), np.log(kd)
+    va, vb = lt.var(ddof=1) / 4, lk.var(ddof=1) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)  # Welch-Satterthwaite
+    diff, half = lt.mean() - lk.mean(), t.ppf(0.975, df) * np.sqrt(va + vb)
+    geomean = lambda x: np.prod(x) ** (1 / len(x))  # noqa: E731
+    assert row["task_kd"] == pytest.approx(geomean(task) / geomean(kd))
+    assert (row["task_kd_low"], row["task_kd_high"]) == pytest.approx((np.exp(diff - half), np.exp(diff + half)))
+    half_kd = t.ppf(0.975, 2) * lk.std(ddof=1) / np.sqrt(3)
+    assert row["kd_teacher"] == pytest.approx(geomean(kd) / teacher)
+    assert (row["kd_teacher_low"], row["kd_teacher_high"]) == pytest.approx(
+        (np.exp(lk.mean() - half_kd) / teacher, np.exp(lk.mean() + half_kd) / teacher))
+    # With one seed a side: the point, and no interval.
+    one = premise.gate(*premise_runs([40.0], [10.0], teacher=teacher)).iloc[0]
+    assert one["task_kd"] == pytest.approx(4.0) and np.isnan(one["task_kd_low"]) and np.isnan(one["kd_teacher_high"])
+
+
+def test_the_headline_never_says_a_study_tests_the_paper_s_claim_unless_its_gate_passes():
+    passes = []
+    # Each condition on both sides of its edge (kd's geometric mean is 10.97: 5x a teacher of 2.19;
+    # the curves move -17% and -9%), in every combination.
+    for task_times, teacher, curve in itertools.product((2.9, 3.1), (2.1, 2.3), ((1.0,), (1.2, 1.0), (1.1, 1.0))):
+        summary, evals = premise_runs([f * task_times for f in KD], KD, teacher=teacher, place=[9.0, 10.0, 11.0],
+                                      curve=curve)
+        table, _, sentence = premise_text(summary, evals)
+        assert (PAPER_CLAIM in sentence) == bool(table.iloc[0]["passes"]), (task_times, teacher, curve, sentence)
+        assert "paper's regime" not in sentence
+        passes.append(bool(table.iloc[0]["passes"]))
+    assert passes.count(True) == 1  # task 3.1x, teacher 2.1, converged: the one that passes
+
+
+def test_make_all_opens_the_report_with_the_gate_and_maps_the_settings(tmp_path, monkeypatch):
+    """A hand-made finished study of two pruning ratios x task / kd / place x 3 seeds, FID at
+    steps 5 and 10: REPORT.md opens with the gate, the headline follows it, and the regime map and
+    its table are built (the checkpoint readers have nothing to read here)."""
+    from liftplace.config import resolve
+
+    study = tmp_path / "regime"
+    study.mkdir()
+    finals = {0.5: {"task": 6.0, "kd": 5.5, "place": 5.0}, 0.9: {"task": 44.0, "kd": 11.0, "place": 10.0}}
+    variants = {f"{m} {int(r * 100)}%": {"objective.name": m, "student.prune_ratio": r} for r in finals for m in finals[r]}
+    (study / "study.json").write_text(json.dumps({"name": "regime", "description": "A hand-made study.", "preset": "smoke",
+                                                  "seeds": 3, "variants": variants, "runner": "direct", "space": {}}))
+    protocol = {"eval_extractor": "digits-cnn", "eval_num_images": 64, "eval_sampler_steps": 5, "teacher_fid": 2.0,
+                "precision": None, "recall": None, "diverged": False}
+    for variant, options in variants.items():
+        for seed in range(3):
+            config = resolve("smoke", {**options, "train.seed": seed, "train.steps": 10}, check_paths=False).to_dict()
+            fid = finals[options["student.prune_ratio"]][options["objective.name"]] * (1 + 0.05 * (seed - 1))
+            folder = study / f"{variant.replace(' ', '-').replace('%', '')}-seed{seed}"
+            folder.mkdir()
+            (folder / "params.json").write_text(json.dumps({"run": {"variant": variant, "seed": seed, "config": config}}))
+            (folder / "result.json").write_text("".join(json.dumps({**protocol, **r}) + "\n" for r in (
+                {"step": 5, "fid": fid * 1.05}, {"step": 10, "fid": fid, "loss": 0.5})))
+    import make_all
+
+    def no_checkpoints(folder):
+        raise FileNotFoundError("no checkpoints in a hand-made study")
+
+    for module in (linear_correction, error_maps, make_all.samples):
+        monkeypatch.setattr(module, "make", no_checkpoints)
+    make_all.make(study)
+    out = study / "analysis"
+    report = (out / "REPORT.md").read_text()
+    assert report.startswith("# regime\n\n## Premise: does this study test the paper's claim?")
+    assert report.index("## Premise") < report.index("## The study") < report.index("## Result")
+    assert report.count("## Premise") == 1  # opened with, not embedded again among the tables
+    assert "The premise gate passes in 90% only" in report and "| 50%       | 1.09x" in report
+    result = report.split("## Result")[1].split("##")[0]
+    assert "The headline comparison (place 50% against kd 50%) is in 50%, which fails" in result
+    for name in ("regime_map.png", "regime_map.pdf", "regime_map.md", "regime_map.tex"):
+        assert (out / name).is_file(), name
+    assert r"50\%" in (out / "regime_map.tex").read_text()  # LaTeX reads a bare % as a comment
+    assert "![regime_map](regime_map.png)" in report
+    numbers = (out / "regime_map.md").read_text()
+    assert numbers.count("| 50% ") == numbers.count("| 90% ") == 1  # one row per setting
+    assert numbers.index("| 50% ") < numbers.index("| 90% ")  # in the study's order

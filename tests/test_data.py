@@ -66,6 +66,47 @@ def test_mnist_32_pads_with_background_and_16_resizes():
     torch.testing.assert_close(small, expected)
 
 
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_glyphs_are_built_in_labelled_and_split(resolution):
+    train, val = load_dataset("glyphs", resolution, "train"), load_dataset("glyphs", resolution, "val")
+    assert (len(train), len(val)) == (5240, 1000)
+    for dataset in (train, val):
+        _check_images(dataset, 1, resolution)
+        assert dataset.channels == 1 and dataset.num_classes == 52
+    both = torch.cat([train.labels, val.labels])
+    assert torch.bincount(both).tolist() == [120] * 52  # every letter, 120 times
+    assert set(val.labels.tolist()) == set(range(52))
+    assert train.name == f"glyphs-train-{resolution}px-5240"
+    seen = {image.numpy().tobytes() for image in train.images}
+    assert not any(image.numpy().tobytes() in seen for image in val.images)
+
+
+def test_glyphs_are_deterministic_offline_and_load_through_the_spec(monkeypatch):
+    import socket
+
+    from liftplace import data
+    from liftplace.config import resolve
+
+    first = load_dataset("glyphs", 16, "val")
+    data._glyphs_raw.cache_clear()
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the glyphs data set opened a socket")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    again = load_dataset("glyphs", 16, "val")  # rendered anew, with no network
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    check_dataset_spec("glyphs")
+    assert "glyphs" in DATASET_CHOICES
+    config = resolve("smoke", ["data.spec=glyphs", "teacher.name=unet-m-glyphs"])
+    assert config.data.spec == "glyphs"
+    assert config.eval.protocol(config.data.spec).weights_path().endswith("extractor-glyphs16.safetensors")
+    assert resolve("smoke").eval.protocol("mnist").weights_path().endswith("extractor-mnist16.safetensors")
+    # Letters, not a shuffled copy of MNIST: two images of one class differ (fonts, angles).
+    a, b = (first.images[first.labels == 0][:2])
+    assert not torch.equal(a, b)
+
+
 @pytest.mark.parametrize("resolution", [8, 16])
 def test_digits(resolution):
     train, val = load_dataset("digits", resolution), load_dataset("digits", resolution, "val")

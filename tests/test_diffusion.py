@@ -52,6 +52,40 @@ def test_flow_pair_is_the_straight_path():
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("batch", [6, 7, 1])
+def test_antithetic_levels_come_in_mirrored_pairs_from_one_generator(prediction, batch):
+    """train.antithetic: ceil(B/2) levels drawn, then the noise, from the one generator; the last
+    B//2 levels mirror the first B//2 (DDPM: T-1-t, flow: 1-sigma); an odd B's middle one has none."""
+    process, x0 = make_process(prediction), _x0(shape=(batch, 2, 4, 4))
+    x_t, t, target = process.training_pair(x0, torch.Generator().manual_seed(5), antithetic=True)
+    drawn, pairs = (batch + 1) // 2, batch // 2
+    generator = torch.Generator().manual_seed(5)
+    if prediction == "flow":
+        levels = torch.rand(drawn, generator=generator)
+        assert t.dtype == torch.float32 and torch.equal(t, torch.cat([levels, 1 - levels[:pairs]]) * 1000)
+        torch.testing.assert_close(t[:pairs] + t[drawn:], torch.full((pairs,), 1000.0))
+    else:
+        levels = torch.randint(0, 1000, (drawn,), generator=generator)
+        assert t.dtype == torch.int64 and torch.equal(t, torch.cat([levels, 999 - levels[:pairs]]))
+        assert torch.equal(t[:pairs] + t[drawn:], torch.full((pairs,), 999))
+    noise = torch.randn(x0.shape, generator=generator)
+    assert t.shape == (batch,)
+    torch.testing.assert_close(x_t, process.noise_at(x0, t, noise))
+    expected = {"epsilon": noise, "flow": noise - x0}.get(prediction)
+    if expected is None:
+        expected = process.scheduler.get_velocity(x0, noise, t)
+    torch.testing.assert_close(target, expected)
+    again = process.training_pair(x0, torch.Generator().manual_seed(5), antithetic=True)
+    assert all(torch.equal(a, b) for a, b in zip((x_t, t, target), again))
+    # off (the default): B independent levels, as before the option existed
+    plain = process.training_pair(x0, torch.Generator().manual_seed(5))
+    off = process.training_pair(x0, torch.Generator().manual_seed(5), antithetic=False)
+    levels, noise = _draws(process, 5, x0)
+    assert torch.equal(plain[1], levels if prediction != "flow" else levels * 1000)
+    assert all(torch.equal(a, b) for a, b in zip(plain, off))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_timestep_ranges_and_dtypes(prediction):
     process = make_process(prediction)
     x0 = _x0(shape=(4096, 1, 1, 1)).double()

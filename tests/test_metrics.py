@@ -32,6 +32,15 @@ def test_extractor_classifies_held_out_digits(val):
     assert classifier_accuracy(load_extractor(DEFAULT_EXTRACTOR_WEIGHTS), images, labels) >= 0.96
 
 
+def test_the_glyph_extractor_classifies_held_out_letters():
+    from liftplace.metrics import SHIPPED_EXTRACTORS
+
+    images, labels = stack_dataset(load_dataset("glyphs", 16, "val"))
+    assert classifier_accuracy(load_extractor(SHIPPED_EXTRACTORS["glyphs"]), images, labels) >= 0.95
+    assert Protocol(data="glyphs").weights_path() == str(SHIPPED_EXTRACTORS["glyphs"])
+    assert Protocol(data="digits").weights_path() == str(DEFAULT_EXTRACTOR_WEIGHTS)  # no extractor of its own
+
+
 def test_fid_small_between_real_halves_and_large_against_noise(val):
     images, _ = val
     halves = compute_metrics(images[:500], images[500:], PROTOCOL)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
 from liftplace.models import (
@@ -142,8 +143,14 @@ def test_bad_prune_ratios_are_refused(unet, ratio):
 def test_prune_refuses_other_models_and_unknown_importance(unet, dit):
     with pytest.raises(ValueError, match="supports UNet2DModel and DiTTransformer2DModel teachers, got Linear"):
         prune_student(torch.nn.Linear(2, 2), 0.5)
-    with pytest.raises(ValueError, match="unknown importance 'taylor'"):
+    with pytest.raises(ValueError, match="unknown importance 'hessian'"):
+        prune_student(unet, 0.5, importance="hessian")
+    with pytest.raises(ValueError, match="taylor importance needs calibration data"):
         prune_student(unet, 0.5, importance="taylor")
+    with pytest.raises(ValueError, match="unknown GroupNorm grouping 'half'"):
+        prune_student(unet, 0.5, groups="half")
+    with pytest.raises(ValueError, match="a DiT has none"):
+        prune_student(dit, 0.5, groups="teacher")
 
 
 @pytest.mark.parametrize(
@@ -379,3 +386,175 @@ def test_student_depth_is_a_dit_option_checked_before_training(tmp_path):
              "student.depth: depth pruning keeps the teacher's weights")):
         with pytest.raises(ValueError, match=message):
             resolve("smoke", overrides)
+
+
+# --- the authors' students (Diff-Pruning): the teacher's GroupNorm groups, Taylor importance, dropout ---
+
+def _calibration(seed=3, count=16):
+    from liftplace.diffusion import make_process
+    from liftplace.models import Calibration
+
+    images = torch.rand(count, 1, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return Calibration(images, make_process())
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _norms(model):
+    from torch import nn
+
+    return {name: (m.num_channels, m.num_groups) for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+
+
+def test_teacher_grouping_keeps_every_groupnorm_and_one_channel_per_group(unet, batch):
+    """groups="teacher" at 0.9: every norm keeps its teacher group count, with one channel per group
+    (two in the up blocks' first norms, over the concatenation of two such layers), and the same
+    positions survive in every group; at ratio 0.9 the tiny teacher's 8- and 16-channel layers
+    (2 and 4 channels per group) would keep none per group and torch-pruning would leave them whole."""
+    student = prune_student(unet, 0.9, groups="teacher")
+    teacher_norms, norms = _norms(unet), _norms(student)
+    assert norms.keys() == teacher_norms.keys()
+    for name, (channels, groups) in norms.items():
+        assert groups == teacher_norms[name][1] == 4
+        concat = name.startswith("up_blocks.") and name.endswith(".norm1")
+        assert channels == (2 if concat else 1) * groups, name
+    # conv_in (8 channels, 2 per group): one kept per group, at the same position in each
+    size = unet.conv_in.out_channels // 4
+    kept = [next(i for i in range(unet.conv_in.out_channels) if torch.equal(row, unet.conv_in.weight[i]))
+            for row in student.conv_in.weight]
+    assert [i // size for i in kept] == [0, 1, 2, 3] and len({i % size for i in kept}) == 1
+    x, t = batch
+    assert predict(student, x, t).shape == predict(unet, x, t).shape == x.shape
+    predict(student, x, t).square().mean().backward()  # it trains
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_taylor_importance_is_deterministic_uses_the_data_and_leaves_the_teacher_alone(unet):
+    before = {name: value.clone() for name, value in unet.state_dict().items()}
+    calibration = _calibration()
+    built = []
+    for global_seed in (0, 1):  # the calibration draws from its own generator, not from torch's
+        torch.manual_seed(global_seed)
+        built.append(prune_student(unet, 0.9, groups="teacher", importance="taylor", calibration=calibration,
+                                   taylor_batches=1))
+    taylor, again = built
+    assert _same(taylor, again)
+    magnitude = prune_student(unet, 0.9, groups="teacher")
+    assert _norms(taylor) == _norms(magnitude) and count_params(taylor) == count_params(magnitude)
+    assert not _same(taylor, magnitude)  # the same shapes, other channels
+    other = prune_student(unet, 0.9, groups="teacher", importance="taylor", calibration=_calibration(seed=4),
+                          taylor_batches=1)
+    assert not _same(taylor, other)  # other calibration images, other channels
+    # the gradients stay in the pruned copy and go with it
+    assert all(p.grad is None for p in unet.parameters()) and all(p.grad is None for p in taylor.parameters())
+    after = unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # Taylor with today's grouping: today's shapes
+    gcd = prune_student(unet, 0.9, importance="taylor", calibration=calibration, taylor_batches=1)
+    assert _norms(gcd) == _norms(prune_student(unet, 0.9))
+
+
+def test_default_student_settings_give_todays_student_and_dropout_sets_every_resnet_block(unet):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from liftplace.config import StudentConfig
+    from liftplace.models import build_student
+
+    teacher = unet
+    today = prune_student(teacher, 0.9)
+    default = build_student(teacher, StudentConfig(), seed=0, example_shape=SHAPE)
+    spelled = prune_student(teacher, 0.9, importance="magnitude", min_group_channels=1, groups="gcd",
+                            calibration=_calibration(), taylor_batches=4)  # unused by magnitude
+    for student in (default, spelled):
+        assert _same(student, today) and _norms(student) == _norms(today)
+    resnets = [m for m in default.modules() if isinstance(m, ResnetBlock2D)]
+    assert resnets and all(m.dropout.p == 0.0 for m in resnets)
+
+    dropped = build_student(teacher, StudentConfig(dropout=0.1), seed=0, example_shape=SHAPE)
+    blocks = [m for m in dropped.modules() if isinstance(m, ResnetBlock2D)]
+    assert len(blocks) == len(resnets) and all(m.dropout.p == 0.1 for m in blocks)
+    assert _same(dropped, today)  # dropout changes no weight
+    dropped.train()
+    x, t = torch.randn(SHAPE), torch.tensor([10, 500])
+    assert not torch.equal(predict(dropped, x, t), predict(dropped, x, t))  # active in train mode
+    fresh = build_student(teacher, StudentConfig(prune_ratio=None, param_ratio=0.5, dropout=0.1), seed=0,
+                          example_shape=SHAPE)
+    assert all(m.dropout.p == 0.1 for m in fresh.modules() if isinstance(m, ResnetBlock2D))
+    with pytest.raises(ValueError, match="student.dropout sets a UNet's ResNet blocks' dropout"):
+        build_student(build_dit("tiny"), StudentConfig(prune_ratio=0.5, dropout=0.1), seed=0, example_shape=SHAPE)
+
+
+def test_teacher_grouping_of_unet_m_at_ninety_percent_matches_the_docstring():
+    """unet-m at 0.9: 8 channels in 8 groups (16 in 8 over a concatenation), where gcd's student has
+    3 or 6 channels in 3-channel groups; 22,453 parameters (2.02% of the teacher)."""
+    torch.manual_seed(0)
+    teacher = build_unet("m")
+    student = prune_student(teacher, 0.9, groups="teacher")
+    assert count_params(student) == 22_453
+    assert set(_norms(student).values()) == {(8, 8), (16, 8)}
+    assert predict(student, torch.randn(SHAPE), torch.tensor([3, 900])).shape == SHAPE
+    heads = [a.heads for a in student.modules() if isinstance(a, Attention)]
+    assert heads and all(h == 1 for h in heads) and student.mid_block.attentions[0].to_q.out_features == 6
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"student.groups": "half"}, r"^student.groups: unknown grouping 'half'; choose one of gcd, teacher$"),
+    ({"student.importance": "hessian"}, r"^student.importance: unknown importance 'hessian'; choose one of .*taylor"),
+    ({"student.taylor_batches": 0}, r"^student.taylor_batches: must be an integer >= 1, got 0$"),
+    ({"student.dropout": 1.0}, r"^student.dropout: must be in \[0, 1\), got 1.0$"),
+    ({"student.groups": "teacher", "student.min_group_channels": 3}, r"^student.min_group_channels: applies to"),
+    ({"teacher.name": "dit-s", "student.groups": "teacher"}, r"^student.groups: keeps a UNet's GroupNorm groups"),
+    ({"teacher.name": "dit-s", "student.dropout": 0.1}, r"^student.dropout: sets a UNet's ResNet blocks' dropout"),
+])
+def test_authors_student_settings_are_validated(overrides, message):
+    from liftplace.config import resolve
+
+    with pytest.raises(ValueError, match=message):
+        resolve("smoke", overrides)
+
+
+def test_configs_saved_before_the_authors_student_settings_still_compare_equal():
+    from liftplace.checkpoints import config_digest
+    from liftplace.config import comparable, resolve
+
+    new = resolve("smoke").to_dict()
+    old = {section: dict(values) if isinstance(values, dict) else values for section, values in new.items()}
+    for key in ("groups", "taylor_batches", "dropout"):
+        del old["student"][key]
+    assert comparable(old) == comparable(new) and config_digest(old) == config_digest(new)
+    authors = resolve("smoke", {"student.groups": "teacher", "student.importance": "taylor", "student.dropout": 0.1})
+    assert config_digest(authors.to_dict()) != config_digest(new)
+
+
+def test_a_run_and_load_student_build_the_same_taylor_student(tiny_teacher_dir, tmp_path, monkeypatch):
+    """The student is rebuilt from the config alone: checkpoints.load_student prunes the teacher by
+    the same calibration (the run's training split, its noise process, seed 0) as the run did."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from liftplace import checkpoints, distill, models
+    from liftplace.config import resolve
+
+    settings = {"teacher.name": str(tiny_teacher_dir), "student.prune_ratio": 0.9, "student.groups": "teacher",
+                "student.importance": "taylor", "student.taylor_batches": 1, "student.dropout": 0.1}
+    trainee = distill.build({None: resolve("smoke", {**settings, "train.seed": 7})}).trainees[0]
+    built = {k: v.clone() for k, v in trainee.student.state_dict().items()}
+    checkpoints.save(tmp_path, 0, trainee.student, trainee.ema, trainee.opt, trainee.objective,
+                     torch.Generator(), 0, 1)
+    rebuilt = []  # the student load_student prunes, before the checkpoint's weights are loaded into it
+    real = models.build_student
+
+    def spy(*args, **kwargs):
+        student = real(*args, **kwargs)
+        rebuilt.append({k: v.clone() for k, v in student.state_dict().items()})
+        return student
+
+    monkeypatch.setattr(models, "build_student", spy)
+    # another train.seed prunes the same student: the calibration's seed is its own
+    student, teacher, _ = checkpoints.load_student(tmp_path, resolve("smoke", {**settings, "train.seed": 8}), ema=False)
+    assert len(rebuilt) == 1 and rebuilt[0].keys() == built.keys()
+    assert all(torch.equal(rebuilt[0][k], built[k]) for k in built)
+    assert all(m.dropout.p == 0.1 for m in student.modules() if isinstance(m, ResnetBlock2D))
+    assert all(p.grad is None for p in teacher.parameters())

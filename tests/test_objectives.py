@@ -18,6 +18,7 @@ from liftplace.objectives import (
     group_length,
     make_objective,
     objective_class,
+    objective_defaults,
     objective_names,
     objective_options,
 )
@@ -328,7 +329,7 @@ def test_shape_mismatch_names_both_shapes():
 
 
 def test_registry_lists_the_objectives():
-    assert {"task", "kd", "lift", "place", "feat", "kd+feat"} <= set(objective_names())
+    assert {"task", "kd", "lift", "place", "feat", "kd+feat", "place+feat"} <= set(objective_names())
 
 
 # --- feature KD --------------------------------------------------------------------------
@@ -393,15 +394,250 @@ def test_feat_refuses_bad_input():
         obj(s, t, step=0, features=(feats([4, 4], 0), feats([4, 4], 1)))
 
 
+# --- place+feat: the authors' "ours" ----------------------------------------------------
+
+S_WIDTHS, T_WIDTHS = [2, 3, 4], [4, 3, 8]  # the middle block matches: an identity adapter
+
+
+def feature_term(adapters, s_feats, t_feats, reduction):
+    """The feature term written independently: per block MSE(W s_i + b, t_i) with the 1x1
+    conv as an einsum over channels (identity where no adapter), then mean or sum over blocks."""
+    losses = []
+    for adapter, s, t in zip(adapters, s_feats, t_feats):
+        if isinstance(adapter, torch.nn.Conv2d):
+            s = torch.einsum("oc,bchw->bohw", adapter.weight[:, :, 0, 0], s)
+            if adapter.bias is not None:
+                s = s + adapter.bias[None, :, None, None]
+        losses.append(((s - t) ** 2).mean())
+    total = sum(losses)
+    return total / len(losses) if reduction == "mean" else total
+
+
+def feature_problem(seed=0):
+    s, t = pair(seed=seed)
+    s_f = [f.double().detach().requires_grad_() for f in feats(S_WIDTHS, seed + 10)]
+    t_f = [f.double() for f in feats(T_WIDTHS, seed + 20)]
+    return s, t, torch.randn_like(t), s_f, t_f
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    {"feat_weight": 0.3, "feat_reduction": "mean", "feat_bias": True, "feat_init": "default"},
+    {"feat_weight": 2.0, "group_size": 4, "coarse": "moments", "distill_weight": 0.5, "task_weight": 0.25},
+    {"feat_weight": 0.7, "num_groups": 2, "reduction": "sum", "weighting": "constant", "w0": 0.4, "coarse": "l2"},
+    {"feat_weight": 1.5, "group_size": 8, "group_by": "sample", "eps": 1e-3, "weighting": "learnable", "w0": 0.3},
+])
+def test_place_feat_is_place_plus_weighted_feature_term_in_value_and_gradient(opts):
+    """loss = task_weight task + distill_weight PLACE + feat_weight feat, with PLACE exactly
+    place's: the value, and the gradient w.r.t. the student's output, its block features and the
+    adapters' weights, against place and an independently written feature term."""
+    s, t, target, s_f, t_f = feature_problem()
+    line_opts = {k: v for k, v in opts.items() if not k.startswith("feat_")}
+    place = make_objective("place", **line_opts).double()
+    obj = make_objective("place+feat", student_channels=S_WIDTHS, teacher_channels=T_WIDTHS, **opts).double()
+    assert obj.group_size == place.group_size and obj.num_groups == place.num_groups
+    place.load_state_dict({k: v for k, v in obj.state_dict().items() if not k.startswith("adapters.")})  # a learnable w
+    out = obj(s, t, step=5, target=target, features=(s_f, t_f))
+    ref_place = place(s, t, step=5, target=target)
+    adapter_params = list(obj.adapters.parameters())
+    feat = feature_term(obj.adapters, s_f, t_f, obj.feat_reduction)
+    ref = ref_place.loss + obj.feat_weight * feat
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.feat, feat.detach(), rtol=1e-12, atol=0)
+    inputs = [s, *s_f, *adapter_params, *place.parameters()]
+    ours = [s, *s_f, *adapter_params, *(p for n, p in obj.named_parameters() if not n.startswith("adapters."))]
+    g_out = torch.autograd.grad(out.loss, ours, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, inputs, allow_unused=True)
+    assert all(g is not None for g in g_out[:1 + len(s_f) + len(adapter_params)])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
+    # the logged parts: PLACE's diagnostics and terms, the feature term
+    for key in ("coarse", "fine", "w", "beta0", "beta1", "task", "distill"):
+        torch.testing.assert_close(getattr(out, key), getattr(ref_place, key), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.loss, out.task * obj.task_weight + obj.distill_weight * out.distill
+                               + obj.feat_weight * out.feat, rtol=1e-12, atol=0)
+    if "feat_weight" not in opts:  # the authors' defaults: summed blocks, bias-free adapters
+        torch.testing.assert_close(out.feat, sum(F.mse_loss(a(x), y) for a, x, y in zip(obj.adapters, s_f, t_f)))
+        assert obj.feat_weight == 1e-6
+
+
+@pytest.mark.parametrize("opts", [{}, {"group_size": 4, "weighting": "learnable", "w0": 0.3}])
+def test_place_feat_with_zero_feature_weight_is_place_exactly(opts):
+    s, t, target, s_f, t_f = feature_problem(seed=1)
+    torch.manual_seed(0)
+    place = make_objective("place", **opts).double()
+    torch.manual_seed(0)
+    obj = make_objective("place+feat", student_channels=S_WIDTHS, teacher_channels=T_WIDTHS, feat_weight=0.0,
+                         **opts).double()
+    out = obj(s, t, step=2, target=target, features=(s_f, t_f))
+    ref = place(s, t, step=2, target=target)
+    assert torch.equal(out.loss, ref.loss)
+    params = [p for n, p in obj.named_parameters() if not n.startswith("adapters.")]
+    g_out = torch.autograd.grad(out.loss, [s, *params])
+    g_ref = torch.autograd.grad(ref.loss, [s, *place.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(g_out, g_ref))
+    assert out.loss.grad_fn is not None and torch.isfinite(out.feat) and out.feat > 0  # still logged
+    assert not out.feat.requires_grad
+
+
+def test_feature_sum_over_blocks_is_blocks_times_mean():
+    s, t, _, s_f, t_f = feature_problem(seed=2)
+    for name in ("feat", "kd+feat", "place+feat"):
+        built = {}
+        for reduction in ("mean", "sum"):
+            torch.manual_seed(3)  # the same adapters
+            built[reduction] = make_objective(name, student_channels=S_WIDTHS, teacher_channels=T_WIDTHS,
+                                              feat_reduction=reduction, feat_weight=0.5, task_weight=0.0,
+                                              distill_weight=0.0 if name == "place+feat" else 1.0).double()
+        assert all(torch.equal(a, b) for a, b in zip(built["mean"].parameters(), built["sum"].parameters()))
+        mean = built["mean"](s, t, step=0, features=(s_f, t_f))
+        summed = built["sum"](s, t, step=0, features=(s_f, t_f))
+        blocks = len(S_WIDTHS)
+        torch.testing.assert_close(summed.feat, blocks * mean.feat, rtol=1e-12, atol=0)
+        g_mean = torch.autograd.grad(mean.loss, s_f)
+        g_sum = torch.autograd.grad(summed.loss, s_f)
+        for a, b in zip(g_sum, g_mean):
+            torch.testing.assert_close(a, blocks * b, rtol=1e-12, atol=0)
+
+
+def test_adapters_bias_and_uniform_init():
+    torch.manual_seed(0)
+    obj = make_objective("feat", student_channels=[2, 3, 5], teacher_channels=[4, 3, 8], feat_bias=False,
+                         feat_init="uniform", feat_init_scale=0.01)
+    shapes = [(n, tuple(p.shape)) for n, p in obj.named_parameters()]
+    assert shapes == [("adapters.0.weight", (4, 2, 1, 1)), ("adapters.2.weight", (8, 5, 1, 1))]
+    assert isinstance(obj.adapters[1], torch.nn.Identity)  # equal widths: no adapter, whatever the options
+    assert obj.adapters[0].bias is None and obj.adapters[2].bias is None
+    weights = torch.cat([p.flatten() for p in obj.parameters()])
+    assert weights.abs().max() <= 0.01 and weights.abs().max() > 0.005  # spread over the range, not stuck at 0
+    with_bias = make_objective("kd+feat", student_channels=[2], teacher_channels=[64], feat_init="uniform",
+                               feat_init_scale=0.02)
+    assert with_bias.adapters[0].bias.shape == (64,) and with_bias.adapters[0].bias.abs().max() <= 0.02
+    assert with_bias.adapters[0].bias.abs().max() > 0.01
+    # place+feat's defaults: no bias, uniform in +-0.005
+    pf = make_objective("place+feat", student_channels=[16, 32], teacher_channels=[64, 128])
+    assert [n for n, _ in pf.named_parameters()] == ["adapters.0.weight", "adapters.1.weight"]
+    weights = torch.cat([p.flatten() for p in pf.parameters()])
+    assert weights.abs().max() <= 0.005 and weights.abs().max() > 0.0049  # 10k draws reach the edge
+    # feat's and kd+feat's default adapters are still torch's Conv2d, drawn from the same random stream
+    for name in ("feat", "kd+feat"):
+        torch.manual_seed(7)
+        obj = make_objective(name, student_channels=[2, 3], teacher_channels=[4, 8])
+        torch.manual_seed(7)
+        ref = torch.nn.ModuleList([torch.nn.Conv2d(2, 4, kernel_size=1), torch.nn.Conv2d(3, 8, kernel_size=1)])
+        state = obj.state_dict()
+        assert list(state) == ["adapters.0.weight", "adapters.0.bias", "adapters.1.weight", "adapters.1.bias"]
+        assert all(torch.equal(state[f"adapters.{k}"], v) for k, v in ref.state_dict().items())
+
+
+AUTHORS_FEATURE_TERM = {"feat_weight": 1e-6, "feat_reduction": "sum", "feat_bias": False, "feat_init": "uniform",
+                        "feat_init_scale": 0.005}
+TODAYS_FEATURE_TERM = {"feat_weight": 1.0, "feat_reduction": "mean", "feat_bias": True, "feat_init": "default",
+                       "feat_init_scale": 0.005}
+
+
+@pytest.mark.parametrize("name,expected", [("place+feat", AUTHORS_FEATURE_TERM), ("feat", TODAYS_FEATURE_TERM),
+                                           ("kd+feat", TODAYS_FEATURE_TERM)])
+def test_feature_objectives_defaults(name, expected):
+    """place+feat defaults to the authors' "ours" (K = 16, 1e-6 x summed features through bias-free
+    uniform adapters); feat and kd+feat keep the project's, also through a config's None."""
+    from liftplace.config import resolve
+
+    defaults = objective_defaults(name)
+    assert {k: defaults[k] for k in expected} == expected
+    config = resolve("smoke", {"objective.name": name}, check_paths=False)
+    assert all(getattr(config.objective, k) is None for k in ("feat_weight", "feat_reduction", "feat_bias", "feat_init"))
+    obj = make_objective(name, **config.objective_options(), student_channels=[2], teacher_channels=[4])
+    assert {k: getattr(obj, k) for k in expected} == expected
+    assert (obj.adapters[0].bias is None) == (not expected["feat_bias"])
+    assert (obj.task_weight, obj.distill_weight) == (1.0, 1.0)
+    if name == "place+feat":
+        place = make_objective("place")
+        assert obj.group_size == PLACE_GROUP_SIZE == 16 and obj.num_groups is None
+        assert (obj.coarse, obj.eps, obj.reduction, obj.group_by, obj.weighting.kind) == (
+            place.coarse, place.eps, place.reduction, place.group_by, place.weighting.kind)
+    # a config value overrides the objective's default
+    chosen = resolve("smoke", {"objective.name": name, "objective.feat_weight": 0.25, "objective.feat_bias": "true",
+                               "objective.feat_reduction": "mean"}, check_paths=False)
+    obj = make_objective(name, **chosen.objective_options(), student_channels=[2], teacher_channels=[4])
+    assert (obj.feat_weight, obj.feat_bias, obj.feat_reduction) == (0.25, True, "mean")
+    assert obj.adapters[0].bias is not None
+
+
+@pytest.mark.parametrize("name", ["feat", "kd+feat", "place+feat"])
+@pytest.mark.parametrize("opts,words", [
+    ({"feat_reduction": "max"}, ["feat_reduction", "'max'", "mean, sum"]),
+    ({"feat_init": "normal"}, ["feat_init", "'normal'", "default, uniform"]),
+    ({"feat_bias": "yes"}, ["feat_bias", "'yes'"]),
+    ({"feat_init_scale": 0.0}, ["feat_init_scale", "0.0"]),
+    ({"feat_init_scale": float("nan")}, ["feat_init_scale", "nan"]),
+    ({"feat_weight": -1.0}, ["feat_weight", "-1.0"]),
+])
+def test_bad_feature_options_are_refused(name, opts, words):
+    with pytest.raises(ValueError) as err:
+        make_objective(name, student_channels=[2], teacher_channels=[4], **opts)
+    assert all(word in str(err.value) for word in words)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("feat_reduction", "max", ["objective.feat_reduction", "'max'", "mean, sum"]),
+    ("feat_init", "normal", ["objective.feat_init", "'normal'", "default, uniform"]),
+    ("feat_bias", "maybe", ["objective.feat_bias", "maybe"]),
+    ("feat_init_scale", "-0.1", ["objective.feat_init_scale", "-0.1"]),
+    ("feat_weight", "-1", ["objective.feat_weight", "-1"]),
+    ("group_size", "24", ["objective", "group_size 24", "256"]),  # place+feat's grouping, checked before a run
+])
+def test_config_refuses_bad_feature_options_naming_the_key(key, value, words):
+    from liftplace.config import resolve
+
+    with pytest.raises(ValueError) as err:
+        resolve("smoke", {"objective.name": "place+feat", f"objective.{key}": value}, check_paths=False)
+    message = str(err.value)
+    assert "\n" not in message and all(word in message for word in words)
+
+
+def test_place_feat_refuses_missing_features_and_place_options_it_refuses():
+    obj = make_objective("place+feat", student_channels=[2], teacher_channels=[4])
+    s, t = pair(dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs features"):
+        obj(s, t, step=0, target=t)
+    with pytest.raises(ValueError, match="not both"):
+        make_objective("place+feat", student_channels=[2], teacher_channels=[4], group_size=4, num_groups=4)
+    with pytest.raises(ValueError, match="student_channels and teacher_channels"):
+        make_objective("place+feat")
+
+
+def test_place_feat_trains_through_the_real_loop(tiny_teacher_dir):
+    """A few steps of distill.run (no Ray) with the authors' "ours": the rows carry PLACE's
+    diagnostics and the feature term, and loss = task + PLACE + 1e-6 feat."""
+    from liftplace import distill
+    from liftplace.config import resolve
+
+    config = resolve("smoke", {"teacher.name": str(tiny_teacher_dir), "student.prune_ratio": 0.5,
+                               "eval.num_images": 32, "eval.sampler_steps": 2, "train.steps": 4,
+                               "train.log_every": 2, "objective.name": "place+feat"})
+    rows = []
+    last = distill.run(config, lambda row, checkpoint: rows.append(row), log=lambda *_: None)
+    assert [r["step"] for r in rows] == [2, 4] and not last["diverged"]
+    for row in rows:
+        for key in ("loss", "loss_task", "loss_distill", "loss_coarse", "loss_fine", "loss_feat", "beta0", "beta1"):
+            assert math.isfinite(row[key]), key
+        assert 0 <= row["w"] <= 1 and row["loss_feat"] > 0
+        assert row["loss"] == pytest.approx(row["loss_task"] + row["loss_distill"] + 1e-6 * row["loss_feat"], rel=1e-5)
+
+
 # --- options, classes and group lengths --------------------------------------------------
 
 ALL_SETTINGS = {
     "coarse": "l2", "group_size": None, "num_groups": None, "group_by": "channel", "eps": 1e-3,
     "reduction": "sum", "weighting": "constant", "w0": 0.5, "warmup": 10, "task_weight": 0.25,
-    "distill_weight": 2.0, "feat_weight": 0.5, "name": "ignored", "something_else": 1,
+    "distill_weight": 2.0, "feat_weight": 0.5, "feat_reduction": "sum", "feat_bias": None, "feat_init": "uniform",
+    "feat_init_scale": 0.01, "name": "ignored", "something_else": 1,
 }
 LINE_OPTIONS = {"coarse", "group_size", "num_groups", "group_by", "eps", "reduction", "weighting", "w0", "warmup",
                 "task_weight", "distill_weight"}
+FEAT_OPTIONS = {"feat_weight", "feat_reduction", "feat_bias", "feat_init", "feat_init_scale", "task_weight",
+                "distill_weight"}
 
 
 @pytest.mark.parametrize(
@@ -411,13 +647,16 @@ LINE_OPTIONS = {"coarse", "group_size", "num_groups", "group_by", "eps", "reduct
         ("kd", {"task_weight", "distill_weight"}),
         ("lift", LINE_OPTIONS),
         ("place", LINE_OPTIONS),
-        ("feat", {"task_weight", "distill_weight", "feat_weight"}),
-        ("kd+feat", {"task_weight", "distill_weight", "feat_weight"}),
+        ("feat", FEAT_OPTIONS),
+        ("kd+feat", FEAT_OPTIONS),
+        ("place+feat", LINE_OPTIONS | FEAT_OPTIONS),
     ],
 )
 def test_objective_options_are_what_the_constructor_takes(name, expected):
     opts = objective_options(name, ALL_SETTINGS)
-    assert set(opts) == expected
+    assert set(expected) <= set(objective_defaults(name))  # the constructor takes them all...
+    # ... and a None setting is left out: "the objective's own default", its constructor's
+    assert set(opts) == {key for key in expected if ALL_SETTINGS[key] is not None}
     assert all(opts[k] == ALL_SETTINGS[k] for k in opts)
     assert not {"shape", "student_channels", "teacher_channels"} & set(objective_options(
         name, {**ALL_SETTINGS, "shape": (1, 4, 4), "student_channels": [1], "teacher_channels": [1]}))
@@ -450,7 +689,7 @@ def test_lift_and_place_read_the_options_they_take():
 
 def test_objective_class_and_flags():
     assert objective_class("place").name == "place"
-    assert {n for n in objective_names() if objective_class(n).needs_features} == {"feat", "kd+feat"}
+    assert {n for n in objective_names() if objective_class(n).needs_features} == {"feat", "kd+feat", "place+feat"}
     assert not objective_class("task").needs_teacher
     with pytest.raises(ValueError) as err:
         objective_class("nope")
@@ -478,12 +717,15 @@ def test_place_default_group_size_is_the_constant():
         ("lift", {}, (3, 8, 8), 64),
         ("lift", {"group_by": "sample"}, (3, 8, 8), 192),
         ("lift", {"group_size": None, "num_groups": None}, (2, 5), 5),
+        ("place+feat", {}, (3, 8, 8), 16),  # place's grouping; no feature widths needed
+        ("place+feat", {"num_groups": 8, "feat_weight": 0.5}, (3, 16, 16), 32),
     ],
 )
 def test_group_length(name, opts, shape, expected):
     assert group_length(name, opts, shape) == expected
     s, t = pair((2, *shape))
-    obj = make_objective(name, **opts)
+    extra = {"student_channels": [4], "teacher_channels": [4]} if objective_class(name).needs_features else {}
+    obj = make_objective(name, **opts, **extra)
     s_g, _ = group_elements(s, t, group_size=obj.group_size, num_groups=obj.num_groups, group_by=obj.group_by)
     assert s_g.shape[-1] == expected
 
@@ -502,12 +744,13 @@ def test_group_length_refuses_what_place_refuses():
 # --- logging-only diagnostics ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["kd", "lift", "place", "feat"])
+@pytest.mark.parametrize("name", ["kd", "lift", "place", "feat", "place+feat"])
 def test_diagnostics_off_skips_only_logging(name):
     s, t = pair(dtype=torch.float32)
     target = torch.randn_like(t)
-    extra = {"student_channels": [4], "teacher_channels": [4]} if name == "feat" else {}
-    features = (feats([4], 0), feats([4], 1)) if name == "feat" else None
+    with_feats = objective_class(name).needs_features
+    extra = {"student_channels": [4], "teacher_channels": [4]} if with_feats else {}
+    features = (feats([4], 0), feats([4], 1)) if with_feats else None
     obj = make_objective(name, **extra)
     on = obj(s, t, step=3, target=target, features=features)
     (g_on,) = torch.autograd.grad(on.loss, s)
@@ -515,7 +758,7 @@ def test_diagnostics_off_skips_only_logging(name):
     (g_off,) = torch.autograd.grad(off.loss, s)
     assert torch.equal(on.loss, off.loss) and torch.equal(g_on, g_off)
     assert torch.isfinite(on.beta0) and torch.isfinite(on.beta1)
-    if name in ("lift", "place"):  # their betas are part of the loss: logged either way
+    if name in ("lift", "place", "place+feat"):  # their betas are part of the loss: logged either way
         assert torch.equal(on.beta1, off.beta1) and torch.equal(on.w, off.w)
     else:
         assert math.isnan(off.beta0.item()) and math.isnan(off.beta1.item())

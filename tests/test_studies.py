@@ -29,7 +29,7 @@ def load_script(name):
 
 @pytest.mark.parametrize("name,figure", [
     ("ablate_k", "fid_vs_k.png"), ("ablate_weighting", "weighting.png"), ("compression", "compression.md"),
-    ("stability", "stability.png"), ("teacher_scale", "teacher_scale.png"),
+    ("stability", "stability.png"), ("teacher_scale", "teacher_scale.png"), ("regime", "regime_map.png"),
 ])
 def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure, capfd):
     module = load_script(name)
@@ -68,7 +68,7 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure, capfd):
             f"{v.replace(' ', '-').replace('=', '-')}-seed0" for v in module.STUDY.variants)
         events = EventAccumulator(str(folder / "tensorboard" / "place-K-16-seed0")).Reload()
         assert [e.step for e in events.Scalars("loss/total")] == [5, 10]  # smoke: a row every 5 steps
-        assert [e.step for e in events.Scalars("eval/fid")] == [10]
+        assert [e.step for e in events.Scalars("eval/fid")] == [2, 4, 6, 8, 10]  # evals=3: every 10 // 4 steps
         fid = summarize(load_study(folder)).set_index("variant").loc["place K=16", "final_fid"]
         assert events.Scalars("eval/fid")[0].value == pytest.approx(fid, rel=1e-6)
     if name == "stability":  # FID along training: evaluations before the end

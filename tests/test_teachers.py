@@ -64,7 +64,10 @@ SHIPPED = shipped_teachers()
 
 
 def test_the_cpu_preset_teachers_are_shipped():
-    assert {"unet-xs", "unet-s", "unet-m", "unet-l", "dit-s", "dit-latent"} <= set(SHIPPED)
+    assert {"unet-xs", "unet-s", "unet-m", "unet-l", "dit-s", "dit-latent", "unet-m-glyphs"} <= set(SHIPPED)
+    # the glyph teacher was measured with the glyph data set's own extractor
+    card = load_teacher("unet-m-glyphs")[1]
+    assert (card["data"], card["eval_data"], card["num_classes"]) == ("glyphs", "glyphs", 52)
     params = [load_teacher(f"unet-{s}")[1]["params"] for s in ("xs", "s", "m", "l")]
     assert params == sorted(params) and params[-1] / params[0] > 8
 
