@@ -14,7 +14,12 @@ and `unet-l` on MNIST; `unet-m-glyphs` on `glyphs`, 52 letters in 21 fonts, a ha
 Held fixed: the preset's steps, batch, lr, EMA, sampler and FID protocol; FID at a quarter, half,
 three quarters and the end of training; seeds 0..N-1. The variants of one teacher and seed train
 as one cohort trial (8 students on one teacher forward per step).
-Cost: not yet measured.
+Cost: `cpu`, 24 variants x 2 seeds as 6 cohort trials of 8 students; measured in part: 4 of
+the 6 trials (unet-m both seeds, unet-l and unet-m-glyphs seed 0) in 1 h 23 min at load 6-11
+(tests beside it), 35-46 min a trial; the whole study is about 2 h on 2 cores (estimated).
+Result so far (README, "The premise gate"): no setting passes. The student alone is at most
+1.47x worse than with kd (glyphs, ours 80%: FID 330 vs 225); the authors' student structure
+(one channel per GroupNorm group) learns nothing in 2,000 steps except on unet-l at 80%.
 
     python studies/regime.py [--preset smoke|cpu] [--seeds N] [--storage DIR] [--set key=value ...]
 """
