@@ -351,7 +351,7 @@ def test_a_study_on_a_latent_teacher_runs_and_reports_on_decoded_images(ray_sess
     spec.loader.exec_module(module)
     folder = module.study_main(module.STUDY, [
         "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), "--set", f"teacher.name={dit_pipe}",
-        "--set", "student.prune_ratio=0.5", "--set", "student.depth=1", "--set", "train.steps=10",
+        "--set", "student.prune_ratio=0.5", "--set", "train.steps=10",
         "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2"])
     from liftplace.results import load_study, summarize
 
