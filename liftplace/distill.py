@@ -217,7 +217,8 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     vae = load_vae(space, device)
     train_set = latents.load_split(config, "train", space, vae)  # a latent teacher's: encoded once, cached
     images, labels = train_set.x0, train_set.labels
-    stream = Stream(images, labels, train_set.num_classes, teacher_process(config.teacher.name, config.teacher.prediction), tr.batch, device,
+    process = teacher_process(config.teacher.name, config.teacher.prediction)
+    stream = Stream(images, labels, train_set.num_classes, process, tr.batch, device,
                     torch.Generator().manual_seed(tr.seed * 1000 + rank), antithetic=tr.antithetic,
                     flip=config.data.flip)
     needs_features = any(objective_class(c.objective.name).needs_features for c in members.values())
@@ -234,7 +235,7 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     if vae is not None:  # the VAE's cost, apart from the denoisers' (its decoder runs once per sample)
         static.update(vae_params=models.count_params(vae), vae_decode_macs=models.count_decode_macs(vae, example_shape))
     # what Taylor importance prunes by (on the CPU, as the students are pruned; unused otherwise)
-    calibration = models.Calibration.of(train_set, teacher_process(config.teacher.name, config.teacher.prediction))
+    calibration = models.Calibration.of(train_set, process)
     trainees = []
     for i, (variant, member) in enumerate(members.items()):
         torch.manual_seed(member.train.seed)
