@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from liftplace.results import load_study, read_study_info, summarize  # noqa: E402
+from liftplace.results import load_study, read_study_info, study_seeds, summarize  # noqa: E402
 
 # This method's objectives. The figures that single out one student beside kd's pick the best of
 # these, not a better baseline (compression also trains task, feat and kd+feat).
@@ -54,7 +54,7 @@ def load(folder):
                            + ("" if row.steps < planned[row.Index] else " before its final evaluation"))
         present = set(zip(summary["variant"], summary["seed"]))
         for variant in info.get("variants", {}):
-            for seed in range(int(info.get("seeds", 0))):
+            for seed in study_seeds(info):
                 if (variant, seed) not in present:
                     missing.append(f"{variant} seed {seed}: no rows (never started)")
         summary = summary[done].reset_index(drop=True)

@@ -27,105 +27,49 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from common import OURS, cli, load, plt, protocol_line, save_figure, save_table
+# Which run is compared with which, and the tests: the library's (a --seeds auto study decides
+# with the same); re-exported here for the other analysis scripts.
+from liftplace import verdicts
+from liftplace.verdicts import (ALPHA, MARGIN, MIN_SEEDS, compare, decide, finals, holm, references,  # noqa: F401
+                                setting_columns, setting_keys, welch_power)
 
 REFERENCE = "kd"
-ALPHA = 0.05
-MIN_SEEDS = 3  # Welch's test on 2 vs 2 has one degree of freedom: its intervals say nothing useful
 
 
-def finals(summary: pd.DataFrame, variant: str) -> np.ndarray:
-    ok = summary[(summary["variant"] == variant) & ~summary["diverged"]]["final_fid"].dropna()
-    return ok.to_numpy(dtype=float)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (NaN stays NaN)."""
-    p = np.asarray(pvalues, dtype=float)
-    order = [i for i in np.argsort(p) if not np.isnan(p[i])]
-    adjusted = np.full(len(p), np.nan)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p[i]))
-        adjusted[i] = running
-    return list(adjusted)
-
-
-def setting_columns(summary: pd.DataFrame) -> list[str]:
-    """The config columns that tell settings apart: those that differ between variants, other
-    than the objective's and the seed (``compression``: the pruning ratio; ``teacher_scale``: the
-    teacher)."""
-    firsts = summary.drop_duplicates("variant").set_index("variant")
-    return [c for c in firsts.columns if c.startswith("config/") and not c.startswith("config/objective/")
-            and c != "config/train/seed" and firsts[c].astype(str).nunique() > 1]
-
-
-def setting_keys(summary: pd.DataFrame) -> pd.Series:
-    """variant -> its setting (a tuple of the ``setting_columns`` values, as text; () where
-    variants differ in the objective alone)."""
-    firsts = summary.drop_duplicates("variant").set_index("variant")
-    columns = setting_columns(summary)
-    if not columns:
-        return pd.Series([()] * len(firsts), firsts.index, dtype=object)
-    return firsts[columns].astype(str).apply(tuple, axis=1)
-
-
-def references(summary: pd.DataFrame, reference: str = REFERENCE) -> dict[str, str | None]:
-    """For every variant that is not a reference, the kd variant it is compared with: the one
-    whose settings, other than the objective's, are the same (the config columns that differ
-    between variants, seeds aside). Without config columns, or where a setting has no kd
-    variant, the variant named ``reference``; None when there is none."""
-    firsts = summary.drop_duplicates("variant").set_index("variant")
-    objective = "config/objective/name"
-    if objective not in firsts:
-        return {v: reference if reference in firsts.index else None for v in firsts.index if v != reference}
-    key = setting_keys(summary)
-    kds = [v for v in firsts.index if firsts.loc[v, objective] == reference]
-    out = {}
-    for variant in firsts.index:
-        if variant in kds:
-            continue
-        same = [k for k in kds if key[k] == key[variant]]
-        out[variant] = (reference if reference in same else same[0]) if same else (
-            reference if reference in firsts.index else None)
-    return out
-
-
-def versus(summary: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
-    """One row per variant other than the references: n, means, difference with its Welch 95%
-    interval, ratio, Welch p (raw and Holm-adjusted over the variants) and the verdict; the
-    "reference" column names the kd variant it is compared with (see ``references``)."""
-    rows = []
-    for variant, against in references(summary, reference).items():
-        ref = finals(summary, against) if against is not None else np.array([])
-        x = finals(summary, variant)
-        row = {"variant": variant, "reference": against, "seeds": len(x), f"{reference}_seeds": len(ref),
-               "fid_mean": x.mean() if len(x) else np.nan, f"{reference}_mean": ref.mean() if len(ref) else np.nan}
-        row["difference"] = row["fid_mean"] - row[f"{reference}_mean"]
-        row["ratio"] = row["fid_mean"] / row[f"{reference}_mean"]
-        row["ci95_low"] = row["ci95_high"] = row["p"] = np.nan
-        if len(x) >= 2 and len(ref) >= 2:
-            test = stats.ttest_ind(x, ref, equal_var=False)
-            interval = test.confidence_interval(0.95)
-            row.update(ci95_low=interval.low, ci95_high=interval.high, p=test.pvalue)
-        rows.append(row)
-    table = pd.DataFrame(rows)
+def versus(summary: pd.DataFrame, reference: str = REFERENCE, margin: float = MARGIN, alpha: float = ALPHA) -> pd.DataFrame:
+    """``liftplace.verdicts.table`` (one row per variant against its kd run: the Welch
+    difference and interval, the equivalence test, both Holm-adjusted), with the power these seeds
+    had to find a difference of ``margin`` x kd's mean at Holm's strictest level and the
+    verdict in words. ``alpha``: the level (a --seeds auto study's last look tests at the alpha
+    it spent, less than 0.05)."""
+    table = verdicts.table(summary, reference, margin, alpha)
     if table.empty:
         return table
-    table["p_holm"] = holm(list(table["p"]))
-    table["verdict"] = [verdict(r, reference) for _, r in table.iterrows()]
-    return table
+    level = alpha / max(1, int(table["p"].notna().sum()))  # Holm's strictest step
+    table["power"] = [welch_power(int(r["seeds"]), int(r[f"{reference}_seeds"]), r["fid_std"], r[f"{reference}_std"],
+                                  r["margin"], level)
+                      if min(r["seeds"], r[f"{reference}_seeds"]) >= 2 else np.nan for _, r in table.iterrows()]
+    table["verdict"] = [verdict(r, r["word"], reference, margin) for _, r in table.iterrows()]
+    return table.drop(columns="word")
 
 
-def verdict(row, reference: str) -> str:
-    if min(row["seeds"], row[f"{reference}_seeds"]) < MIN_SEEDS:
-        return f"too few seeds to tell (need {MIN_SEEDS} a side)"
-    if np.isnan(row["p_holm"]) or row["p_holm"] >= ALPHA:
-        return f"no difference shown (p_holm {row['p_holm']:.2g})"
+def verdict(row, word: str, reference: str, margin: float = MARGIN) -> str:
+    """The verdict in words: better/worse than kd, equivalent within the margin, inconclusive
+    (with the power this many seeds had), or too few seeds."""
     against = row.get("reference") or reference
-    return f"{'better' if row['difference'] < 0 else 'worse'} than {against} (p_holm {row['p_holm']:.2g})"
+    power = (f"power at this n to detect a {margin:.0%} difference: {row['power']:.2f}"
+             if not np.isnan(row.get("power", np.nan)) else "power unknown")
+    if word == "too few seeds":
+        return f"too few seeds to tell (need {MIN_SEEDS} a side; {power})"
+    if word in ("better", "worse"):
+        return f"{word} than {against} (p_holm {row['p_holm']:.2g})"
+    if word == "equivalent":
+        return (f"equivalent to {against} within ±{row['margin']:.2f} FID ({margin:.0%} of its mean; "
+                f"TOST p_holm {row['p_equivalent_holm']:.2g})")
+    return (f"inconclusive: neither a difference (p_holm {row['p_holm']:.2g}) nor an equivalence within "
+            f"±{row['margin']:.2f} FID (TOST p_holm {row['p_equivalent_holm']:.2g}) shown; {power}")
 
 
 def is_ours(summary: pd.DataFrame, variant: str) -> bool:
@@ -158,7 +102,7 @@ def teacher_fid(summary: pd.DataFrame, variant: str | None) -> float | None:
 
 
 def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERENCE,
-             gate: pd.DataFrame | None = None) -> str:
+             gate: pd.DataFrame | None = None, margin: float = MARGIN, alpha: float = ALPHA) -> str:
     """The result in one paragraph, for REPORT.md after the premise gate, and ending with what
     the gate says of it: only a setting that passes is said to test the paper's claim.
     ``gate``: ``premise.gate``'s table (None: computed from the summary alone, which holds no
@@ -186,17 +130,24 @@ def sentence(summary: pd.DataFrame, table: pd.DataFrame, reference: str = REFERE
                      f"{row['verdict']}.")
     else:
         parts.append(f"Difference {row['difference']:+.2f} FID: {row['verdict']}.")
-    others = table[table["verdict"].str.startswith(("better", "worse"))]
+    words = table["verdict"].str.split().str[0]
+    others = table[words.isin(["better", "worse"])]
     if len(others):
-        parts.append("Differing from " + reference + " at p_holm < 0.05: "
+        parts.append("Differing from " + reference + f" at p_holm < {alpha:.2g}: "
                      + ", ".join(f"{r.variant} ({r.verdict.split(' ')[0]}, {r.difference:+.2f})" for r in others.itertuples()) + ".")
-    elif table["verdict"].str.startswith("too few").all():
+    if words.eq("too").all():
         # p_holm may still fall under 0.05 by chance with 2 seeds a side; no verdict is drawn from it.
-        parts.append(f"No variant is called better or worse than {reference}: every one has fewer than "
+        parts.append(f"No variant is called better, worse or equivalent to {reference}: every one has fewer than "
                      f"{MIN_SEEDS} seeds a side.")
     else:
-        parts.append(f"No variant differs from {reference} at p_holm < 0.05 (where there are at least "
-                     f"{MIN_SEEDS} seeds a side).")
+        equivalent = table[words.eq("equivalent")]["variant"].tolist()
+        undecided = table[words.eq("inconclusive")]["variant"].tolist()
+        if equivalent:
+            parts.append(f"Equivalent to {reference} within ±{margin:.0%} of its mean (two one-sided tests, Holm): "
+                         + ", ".join(equivalent) + ".")
+        if undecided:
+            parts.append("Inconclusive (neither a difference nor an equivalence shown; more seeds would tell, "
+                         "`liftplace plan-seeds` says how many): " + ", ".join(undecided) + ".")
     parts.append(framing)
     return " ".join(parts)
 
@@ -225,7 +176,10 @@ def make(folder):
     import premise
 
     df, summary, info = load(folder)
-    table = versus(summary)
+    margin = float(info.get("margin") or MARGIN)  # the study's equivalence margin (--margin)
+    # A --seeds auto study decides at its last look's level: the alpha that look spent.
+    alpha = float(info["looks"][-1]["level"]) if info.get("looks") else ALPHA
+    table = versus(summary, margin=margin, alpha=alpha)
     # Where no variant has a kd to be compared with (a search), its best one, alone.
     best = best_variant(summary) or best_variant(summary, alone=True)
     against = (references(summary).get(best) or REFERENCE) if best is not None else REFERENCE
@@ -261,13 +215,14 @@ def make(folder):
         panel_ax.axis("off")
     paths = save_figure(fig, folder, "headline", footer=protocol_line(summary) + "; samples: same noise in every grid")
     caption = (f"{info['name']}: each variant's mean final FID against its {REFERENCE} run's (column reference; "
-               f"difference < 0: better than {REFERENCE}), Welch's 95% interval of the difference and p-value, Holm-adjusted over the variants "
-               f"({protocol_line(summary)}).")
+               f"difference < 0: better than {REFERENCE}), Welch's 95% interval of the difference and p-value, Holm-adjusted over the variants; "
+               f"the equivalence test's p (two one-sided tests, ±{margin:.0%} of {REFERENCE}'s mean), Holm-adjusted; the power these "
+               f"seeds had to find a {margin:.0%} difference at Holm's strictest level ({protocol_line(summary)}).")
     if not table.empty:
         paths += save_table(table, folder, "versus_kd", caption)
     text = Path(folder) / "analysis" / "headline.txt"
     gate = premise.gate(summary, df, list(info.get("variants", {})))
-    text.write_text(sentence(summary, table, gate=gate) + "\n")
+    text.write_text(sentence(summary, table, gate=gate, margin=margin, alpha=alpha) + "\n")
     return paths + [text]
 
 

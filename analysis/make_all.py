@@ -19,6 +19,7 @@ import stability
 import teacher_scale
 import weighting_table
 from common import cli, fid_by_variant, load, out_dir, protocol_line
+from liftplace.results import study_seeds
 
 BY_STUDY = {
     "ablate_k": [fid_vs_k],
@@ -32,6 +33,42 @@ BY_STUDY = {
 # These read the trials' final checkpoints (and the first two run the students and the teacher):
 # they need the checkpoints, teacher and data where the study ran (on a cluster: the head).
 NEEDS_CHECKPOINTS = (linear_correction, error_maps, samples)
+
+
+def provenance_lines(info: dict) -> list[str]:
+    """Who ran the study: each driver's commit, versions and machine, from study.json."""
+    history = info.get("history", [])
+    if not history:
+        return ["**Provenance.** Not recorded (a study written before drivers recorded it).", ""]
+    lines = ["**Provenance.** " + "; ".join(
+        f"{h['action']} {h['at']}: commit {(h['provenance'].get('commit') or 'none')[:10]}"
+        + (" (uncommitted changes)" if h["provenance"].get("dirty") else "")
+        + ", " + ", ".join(f"{k} {v}" for k, v in h["provenance"].get("versions", {}).items() if k in
+                           ("torch", "ray", "diffusers", "torch-pruning", "torch-fidelity"))
+        + f", {h['provenance'].get('cpus')} x {h['provenance'].get('cpu')}"
+        + (f", GPUs {', '.join(h['provenance']['gpus'])}" if h["provenance"].get("gpus") else ", no GPU")
+        for h in history) + ".", ""]
+    return lines
+
+
+def sequential_lines(info: dict) -> list[str]:
+    """A --seeds auto study: its rule, every look and why it stopped."""
+    rule, looks = info.get("sequential"), info.get("looks", [])
+    if not rule:
+        return []
+    lines = ["## Seeds: grown until decided", "",
+             f"`--seeds auto`: rounds of {rule['round']} seeds until every comparison with kd is decided (better, worse, "
+             f"or equivalent within ±{rule['margin']:.0%} of kd's mean) or {rule['max_seeds']} seeds; each look tests "
+             f"at the alpha it spends (O'Brien-Fleming-type spending of {rule['alpha']:g} over the information fraction "
+             "seeds / the most seeds), so the false-positive rate over all looks stays at or under alpha.", "",
+             "| look | seeds | level | decided | undecided |", "|---|---|---|---|---|"]
+    for i, look in enumerate(looks, 1):
+        decided = ", ".join(f"{v}: {w}" for v, w in look["verdicts"].items() if w in ("better", "worse", "equivalent"))
+        undecided = ", ".join(v for v, w in look["verdicts"].items() if w not in ("better", "worse", "equivalent"))
+        lines.append(f"| {i} | {look['seeds']} | {look['level']:.2g} | {decided or '-'} | {undecided or '-'} |")
+    if looks and looks[-1].get("stop"):
+        lines += ["", f"Stopped: {looks[-1]['stop']}."]
+    return lines + [""]
 
 
 def make(folder):
@@ -80,11 +117,15 @@ def make(folder):
         lines += [f"**Partial study.** {len(summary)} runs finished; {len(missing)} planned runs did not, and "
                   "nothing below counts them (continue the study with `--resume`):", "",
                   *[f"- {line}" for line in missing], ""]
-    lines += [f"**Protocol.** {protocol_line(summary if len(summary) else df)}. Preset `{info['preset']}`, {info['seeds']} seeds per variant, "
+    seeds = study_seeds(info)
+    grown = (f" ({info['seeds']} planned, {len(seeds) - int(info['seeds'])} added in "
+             f"{len(info['additions'])} addition{'s' if len(info['additions']) > 1 else ''})") if info.get("additions") else ""
+    lines += [f"**Protocol.** {protocol_line(summary if len(summary) else df)}. Preset `{info['preset']}`, {len(seeds)} seeds per variant{grown}, "
              f"runner `{info['runner']}`, {len(summary)} runs ({int(summary['diverged'].sum())} diverged)"
              + (f" in {info['trials']} cohort trials (one teacher forward per step for the runs of a seed)"
                 if info.get("cohort") != "off" and info.get("trials", len(summary)) < len(summary) else "")
              + (", each a trial of an Optuna search" if info.get("space") else "") + ".", ""]
+    lines += provenance_lines(info) + sequential_lines(info)
     if "vae_params" in summary and summary["vae_params"].notna().any():
         vae = summary[summary["vae_params"].notna()].iloc[0]
         lines += [f"**Latent space.** The teacher and students denoise a frozen VAE's latents; their parameters and "

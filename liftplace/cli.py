@@ -122,6 +122,87 @@ def cmd_status(args) -> None:
         print()
 
 
+def _finished_summary(folder: str):
+    """(one row per finished run, study.json) of a study: runs with a final FID."""
+    from liftplace.results import load_study, read_study_info, summarize
+
+    info = read_study_info(folder)  # NotAStudy (a ValueError) names what is missing
+    summary = summarize(load_study(folder, allow_unfinished=True))
+    return summary[summary["final_fid"].notna() | summary["diverged"]].reset_index(drop=True), info
+
+
+def plan_seeds_text(folder: str, effect: float | None = None, ratio: float = 0.2, power: float = 0.8) -> str:
+    """What `liftplace plan-seeds` prints: one line of method, a table, one sentence per comparison."""
+    from liftplace.verdicts import ALPHA, REFERENCE, plan_seeds
+
+    if effect is not None and not effect > 0:
+        raise ValueError(f"--effect must be a positive FID difference, got {effect}")
+    if not 0 < ratio < 10:
+        raise ValueError(f"--ratio must be a fraction of kd's mean FID in (0, 10), e.g. 0.2, got {ratio}")
+    if not 0 < power < 1:
+        raise ValueError(f"--power must be in (0, 1), got {power}")
+    summary, info = _finished_summary(folder)
+    table = plan_seeds(summary, effect=effect, ratio=ratio, power=power)
+    if table.empty or table[f"{REFERENCE}_seeds"].max() < 2:
+        raise ValueError(f"{folder}: no comparison with {REFERENCE} to plan from (a pilot needs a {REFERENCE} variant "
+                         f"and another, each with at least 2 finished seeds)")
+    asked = f"{effect:g} FID" if effect is not None else f"{ratio:.0%} of {REFERENCE}'s mean final FID"
+    lines = [f"{Path(folder).resolve()}: seeds per variant for power {power:g} to detect a difference of {asked} "
+             f"against {REFERENCE}, with Welch's test and Holm's correction over {len(table)} comparisons "
+             f"(planned at its strictest level, {ALPHA:g}/{len(table)} = {table['level'].iloc[0]:.3g}); "
+             f"seed spreads from this study as a pilot", ""]
+    rows = [("variant", "against", "seeds", "FID mean ± std", f"{REFERENCE} mean ± std", "effect", "power now", "seeds needed")]
+    for r in table.itertuples():
+        needed = "more than 1000" if r.seeds_needed is None or r.seeds_needed != r.seeds_needed else str(int(r.seeds_needed))
+        rows.append((r.variant, str(r.reference), f"{r.seeds}/{getattr(r, REFERENCE + '_seeds')}",
+                     f"{r.fid_mean:.2f} ± {r.fid_std:.2f}", f"{getattr(r, REFERENCE + '_mean'):.2f} ± {getattr(r, REFERENCE + '_std'):.2f}",
+                     f"{r.effect:.2f}", "n/a" if r.power_now != r.power_now else f"{r.power_now:.2f}", needed))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.append("")
+    for r in table.itertuples():
+        if r.power_now != r.power_now:
+            lines.append(f"{r.variant}: fewer than 2 finished seeds on a side: no spread to plan from.")
+            continue
+        needed = (f"{int(r.seeds_needed)} seeds a variant would have power {power:g}" if r.seeds_needed == r.seeds_needed
+                  and r.seeds_needed is not None else f"more than 1000 seeds a variant would be needed for power {power:g}")
+        lines.append(f"{r.variant}: this study's {r.seeds} seeds had power {r.power_now:.2f} to detect {r.effect:.2f} FID; "
+                     f"{needed}.")
+    return "\n".join(lines)
+
+
+def cmd_plan_seeds(args) -> None:
+    print(plan_seeds_text(args.study, args.effect, args.ratio, args.power))
+
+
+def export_study(folder: str, fmt: str, out: str | None = None) -> list[Path]:
+    """Write a study's rows (one per run and reported step) and runs (one per run: final FID,
+    seed, config) as CSV or Parquet; returns the two paths."""
+    from liftplace import files
+    from liftplace.results import load_study, read_study_info, summarize
+
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"--format {fmt!r}: choose csv or parquet")
+    read_study_info(folder)
+    df = load_study(folder, allow_unfinished=True)
+    target = Path(out) if out else Path(folder) / "export"
+    files.make_folder(target, "the export folder")
+    paths = []
+    for name, frame in (("rows", df), ("runs", summarize(df))):
+        path = target / f"{name}.{fmt}"
+        if fmt == "csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def cmd_export(args) -> None:
+    for path in export_study(args.study, args.format, args.out):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liftplace", description="LIFT and PLACE distillation for tiny diffusion models.")
     parser.add_argument("--version", action="version", version=f"liftplace {__version__}")
@@ -145,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
                         help="refresh every SECONDS (default 10) until Ctrl-C")
     status.set_defaults(func=cmd_status)
+
+    plan = sub.add_parser("plan-seeds", help="seeds per variant a question needs, from a finished study as a pilot")
+    plan.add_argument("study", help="a study's folder, <storage>/<study>")
+    size = plan.add_mutually_exclusive_group()
+    size.add_argument("--effect", type=float, default=None, metavar="FID", help="the difference to detect, in FID")
+    size.add_argument("--ratio", type=float, default=0.2, metavar="R",
+                      help="the difference to detect as a fraction of kd's mean final FID (default 0.2)")
+    plan.add_argument("--power", type=float, default=0.8, help="the power wanted (default 0.8)")
+    plan.set_defaults(func=cmd_plan_seeds)
+    export = sub.add_parser("export", help="a study's rows and runs as CSV or Parquet, to load elsewhere")
+    export.add_argument("study", help="a study's folder, <storage>/<study>")
+    export.add_argument("--format", default="csv", choices=["csv", "parquet"])
+    export.add_argument("--out", default=None, help="a folder (default <study>/export)")
+    export.set_defaults(func=cmd_export)
 
     teacher = sub.add_parser("teacher", help="train teachers").add_subparsers(dest="action", required=True)
     train = teacher.add_parser("train", help="train a teacher and save it as a diffusers directory with a card")

@@ -205,10 +205,81 @@ def _upgrade_space(existing: dict, info: dict) -> dict:
 # prose (its measured cost and result are written into it as they come), so editing it does not
 # make the study folder another study.
 _PROSE = ("description",)
+# Fields the drivers add as a study goes, kept on --resume: "history" (one entry per driver:
+# what it did, when, and its provenance), "additions" (the seeds grown by --add-seeds or
+# --seeds auto, and the folder of each), "looks" (a sequential study's looks and verdicts),
+# "sequential" (its rule: the most seeds, the round), "margin" (the verdicts' equivalence
+# margin, --margin: a fraction of kd's mean final FID).
+RECORDS = ("history", "additions", "looks", "sequential", "margin")
+_SET = ("sequential", "margin")  # set, not appended to
 
 
 def _defining(info: dict) -> dict:
-    return {k: v for k, v in info.items() if k not in _PROSE}
+    return {k: v for k, v in info.items() if k not in _PROSE + RECORDS}
+
+
+def study_seeds(info: dict) -> list[int]:
+    """Every seed of a grid study: 0..seeds-1, then those its additions grew."""
+    seeds = list(range(int(info.get("seeds") or 0)))
+    for addition in info.get("additions", []):
+        seeds += [int(s) for s in addition["seeds"]]
+    return seeds
+
+
+def provenance() -> dict:
+    """What ran a driver: the repository's git commit (None outside a git checkout) and whether
+    its tree had changes, the versions that decide the numbers, the CPU and GPUs, the host."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {}
+    for package in ("liftplace", "torch", "ray", "diffusers", "torch-pruning", "torch-fidelity", "numpy", "scipy",
+                    "statsmodels"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    import os
+
+    return {"commit": commit, "dirty": bool(status) if commit else None, "versions": versions,
+            "python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(), "gpus": gpus,
+            "host": platform.node()}
+
+
+def record(folder: Path, key: str, entry) -> dict:
+    """Append ``entry`` to study.json's list ``key`` (a RECORDS field), or set it where ``key``
+    is "sequential" or "margin"; returns the new study.json."""
+    if key not in RECORDS:
+        raise ValueError(f"study.json records {', '.join(RECORDS)}, not {key!r}")
+    info_file = Path(folder) / STUDY_FILE
+    info = json.loads(info_file.read_text())
+    if key in _SET:
+        info[key] = entry
+    else:
+        info[key] = [*info.get(key, []), entry]
+    files.write_text(info_file, json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def claim_study(folder: Path, info: dict, resume: bool) -> None:
@@ -219,11 +290,17 @@ def claim_study(folder: Path, info: dict, resume: bool) -> None:
         existing = json.loads(info_file.read_text())
         upgraded = _upgrade_space(existing, info)
         if _defining(upgraded) != _defining(info):
+            differ = {k for k in set(_defining(upgraded)) | set(_defining(info)) if upgraded.get(k) != info.get(k)}
+            if "seeds" in differ and differ <= {"seeds", "trials", "runs"}:
+                raise FileExistsError(f"{folder} holds this study with {upgraded.get('seeds')} seeds, a different study "
+                                      f"from one with {info.get('seeds')}: to grow it, keep --seeds "
+                                      f"{upgraded.get('seeds')} and pass --add-seeds N (or choose another --storage)")
             raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
                                   "choose another --storage")
         if not resume:
             raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
                                   "or choose another --storage")
+        info = {**info, **{k: existing[k] for k in RECORDS if k in existing}}  # what drivers recorded stays
         if info != existing:
             files.write_text(info_file, json.dumps(info, indent=2) + "\n")
         return
@@ -249,12 +326,18 @@ def trial_dirs(path: Path) -> list[list[Path]]:
     """Trial folders, grouped: a restored trial whose folder already existed gets a second
     folder named ``<first>_<4 hex digits>`` from Ray; both hold rows of the same trial."""
     dirs = sorted(p.parent for p in path.glob("*/params.json"))
-    groups: dict[str, list[Path]] = {}
+    try:  # the parts that additions grew (--add-seeds, --seeds auto), each a folder of trials
+        additions = json.loads((path / STUDY_FILE).read_text()).get("additions", [])
+    except (OSError, ValueError):
+        additions = []
+    for addition in additions:
+        dirs += sorted(p.parent for p in (path / addition["folder"]).glob("*/params.json"))
+    groups: dict[tuple, list[Path]] = {}
     for d in dirs:
         twin = re.fullmatch(r"(.+)_[0-9a-f]{4}", d.name)
-        base = twin.group(1) if twin and (path / twin.group(1) / "params.json").is_file() else d.name
-        groups.setdefault(base, []).append(d)
-    return [sorted(g, key=lambda d: (d.name != base, d.stat().st_mtime)) for base, g in sorted(groups.items())]
+        base = twin.group(1) if twin and (d.parent / twin.group(1) / "params.json").is_file() else d.name
+        groups.setdefault((str(d.parent), base), []).append(d)
+    return [sorted(g, key=lambda d: (d.name != base[1], d.stat().st_mtime)) for base, g in sorted(groups.items())]
 
 
 def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFrame:
@@ -476,8 +559,7 @@ def study_status(path: str | Path, now: float | None = None) -> tuple[pd.DataFra
                 "trial": trial.name, "variant": variant, "seed": run.get("seed"), "state": state, "step": last.get("step", 0), "steps": steps,
                 "loss": last.get("loss", float("nan")), "fid": fids[-1] if fids else float("nan"),
                 "elapsed_s": last.get("elapsed_s", float("nan"))}
-    planned = [] if info.get("space") else [(v, seed) for seed in range(int(info.get("seeds") or 0))
-                                            for v in info.get("variants", {})]
+    planned = [] if info.get("space") else [(v, seed) for seed in study_seeds(info) for v in info.get("variants", {})]
     for key in planned:
         found.setdefault(key, {"trial": None, "variant": key[0], "seed": key[1], "state": "pending", "step": 0, "steps": None,
                                "loss": float("nan"), "fid": float("nan"), "elapsed_s": float("nan")})

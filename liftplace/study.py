@@ -68,14 +68,15 @@ class Plan:
     info: dict  # what study.json records
 
 
-def expand(study: Study, preset: str, overrides: list[str], seeds: int) -> list[dict]:
-    """Every trial as {"variant", "seed", "config"}: resolved and validated, before Ray starts."""
+def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_list: list[int] | None = None) -> list[dict]:
+    """Every trial as {"variant", "seed", "config"}: resolved and validated, before Ray starts.
+    Seeds 0..seeds-1, or ``seed_list`` (the seeds an addition grows)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     user = dict(parse_override(o) for o in overrides)
     trials = []
     for label, variant in study.variants.items():
-        for seed in range(seeds):
+        for seed in (range(seeds) if seed_list is None else seed_list):
             settings = {**study.base, **variant, **user, "train.seed": seed}
             try:
                 config = resolve(preset, settings)
@@ -118,14 +119,16 @@ def pick_runner(config: RunConfig, runner: str) -> str:
 
 
 def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
-         storage: str | Path = "results", runner: str = "auto", cohort: str = "auto") -> Plan:
+         storage: str | Path = "results", runner: str = "auto", cohort: str = "auto",
+         seed_list: list[int] | None = None) -> Plan:
     """Expand and validate a study, grouped into cohorts unless cohort="off" (a search runs
     one variant per trial: its scheduler stops trials one by one); nothing is written and no
-    Ray is involved."""
+    Ray is involved. ``seed_list``: the trials of these seeds only (an addition to a study
+    of ``seeds`` seeds); the info stays the study's."""
     if cohort not in COHORTS:
         raise ValueError(f"--cohort {cohort!r}: choose one of {', '.join(COHORTS)}")
     seeds = 1 if study.space else (study.seeds if seeds is None else seeds)
-    runs = expand(study, preset, list(overrides), seeds)
+    runs = expand(study, preset, list(overrides), seeds, seed_list)
     configs = [from_dict(t["config"], check_paths=False) for t in runs]
     trials = runs if cohort == "off" or study.space else group_cohorts(runs, configs)
     runners = {pick_runner(c, runner) for c in configs}
@@ -211,6 +214,16 @@ def build_report(folder: Path) -> Path | None:
 def resume_command(argv=None) -> str:
     """The command that continues this study: the same one, with --resume."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # An interrupted addition is recorded in study.json: --resume finishes it; --add-seeds again
+    # would add another.
+    kept = []
+    for i, word in enumerate(args):
+        if word == "--add-seeds" or word.startswith("--add-seeds="):
+            continue
+        if i and args[i - 1] == "--add-seeds":
+            continue
+        kept.append(word)
+    args = kept
     script = sys.argv[0] if Path(sys.argv[0]).suffix == ".py" else "<study script>"
     words = ["python", script, *args, *([] if "--resume" in args else ["--resume"])]
     return " ".join(shlex.quote(w) for w in words)
@@ -220,7 +233,16 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     """The command line every study script shares: run (or resume) the study, then its report."""
     parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
     parser.add_argument("--preset", default="cpu", help="smoke | cpu | cpu-50 | paper (default cpu)")
-    parser.add_argument("--seeds", type=int, default=study.seeds, help=f"seeds per variant (default {study.seeds})")
+    parser.add_argument("--seeds", default=str(study.seeds),
+                        help=f"seeds per variant (default {study.seeds}), or auto: start from {max(study.seeds, 3)} and "
+                             "add rounds of seeds until every comparison with kd is decided (see --max-seeds)")
+    if not study.space:
+        parser.add_argument("--max-seeds", type=int, default=12, help="--seeds auto: the most seeds per variant (default 12)")
+        parser.add_argument("--round", type=int, default=2, help="--seeds auto: seeds added per round (default 2)")
+        parser.add_argument("--add-seeds", type=int, default=0, metavar="N",
+                            help="grow this study (finished or interrupted) by N seeds; earlier files stay as they are")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="equivalence margin of the verdicts, a fraction of kd's mean final FID (default 0.2)")
     parser.add_argument("--storage", default="results", help="results folder; the study goes to STORAGE/<name>")
     parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
@@ -236,6 +258,20 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
     parser.add_argument("--verbose", action="store_true",
                         help="Ray Tune's status tables and every trial's per-step progress lines")
     args = parser.parse_args(argv)
+    sequential = None
+    if args.seeds == "auto" and not study.space:
+        args.seeds = max(study.seeds, 3)
+        sequential = {"max_seeds": args.max_seeds, "round": args.round}
+    else:
+        try:
+            args.seeds = int(args.seeds)
+        except ValueError:
+            parser.exit(2, f"{Path(sys.argv[0]).name}: error: --seeds must be a number or auto, got {args.seeds!r}\n")
+    for flag, value in (("--add-seeds", getattr(args, "add_seeds", 0)),):
+        if value < 0:
+            parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
+    if sequential and getattr(args, "add_seeds", 0):
+        parser.exit(2, f"{Path(sys.argv[0]).name}: error: --seeds auto grows the study itself; drop --add-seeds\n")
     for flag, value in (("--max-concurrent", args.max_concurrent), ("--samples", getattr(args, "samples", 1))):
         if value is not None and value < 1:
             parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
@@ -247,7 +283,8 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
                            max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"),
-                           verbose=args.verbose)
+                           verbose=args.verbose, add_seeds=getattr(args, "add_seeds", 0), sequential=sequential,
+                           margin=args.margin)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -700,12 +700,34 @@ def _trials_by_cpus(config: RunConfig, cpus: float) -> int:
 def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None = None,
               storage: str | Path = "results", address: str | None = None, resume: bool = False,
               runner: str = "auto", max_concurrent: int | None = None, max_failures: int = 1,
-              cohort: str = "auto", verbose: bool = False, log=print) -> Path:
-    """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``."""
+              cohort: str = "auto", verbose: bool = False, add_seeds: int = 0,
+              sequential: dict | None = None, margin: float | None = None, log=print) -> Path:
+    """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``.
+
+    ``add_seeds``: grow a study that exists (finished or interrupted) by this many seeds, as
+    new trials in a part of their own (``<folder>/seeds-<first>-<last>``, its own Tune
+    experiment), leaving every file of the earlier parts as it is; study.json records the
+    addition. ``sequential`` ({"max_seeds", "round", "margin", "alpha"}: ``--seeds auto``):
+    after the study's seeds, look at every comparison with kd and add rounds of seeds until
+    each is decided or max_seeds is reached (``liftplace.verdicts``: alpha spent look by look).
+    A resume (or an addition) first finishes every unfinished part. ``margin``: the verdicts'
+    equivalence margin (a fraction of kd's mean final FID), recorded in study.json.
+    """
     from ray import tune
 
+    if add_seeds < 0:
+        raise ValueError(f"--add-seeds must be >= 1, got {add_seeds}")
+    if (add_seeds or sequential) and study.space:
+        raise ValueError("a search samples its trials: --add-seeds and --seeds auto are for grid studies")
     p = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage, runner=runner, cohort=cohort)
     trials, configs, chosen, folder = p.trials, p.configs, p.runner, p.folder
+    if margin is not None and not 0 < margin < 10:
+        raise ValueError(f"--margin must be a fraction of kd's mean FID in (0, 10), e.g. 0.2, got {margin}")
+    if sequential:
+        sequential = {"margin": margin if margin is not None else 0.2, "alpha": 0.05, **sequential}
+        _check_sequential(sequential, p.info["seeds"])
+    if add_seeds and not (folder / results.STUDY_FILE).is_file():
+        raise FileNotFoundError(f"--add-seeds: no study to grow at {folder}; run it first")
     storage = folder.parent
     if study.space:
         _check_space(study, trials[0]["config"])
@@ -716,18 +738,20 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     memory_fits = check_memory(configs, address, members=members, log=log,
                                wanted=min(len(trials), _trials_by_cpus(configs[0], os.cpu_count() or 1)),
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
-    results.claim_study(folder, p.info, resume)
+    results.claim_study(folder, p.info, resume or bool(add_seeds))
+    action = "start" if not (resume or add_seeds) else "resume"
+    if add_seeds:
+        action += f", add {add_seeds} seed{'s' if add_seeds > 1 else ''}"
+    if sequential:
+        action += f", seeds auto up to {sequential['max_seeds']}"
+        results.record(folder, "sequential", sequential)
+    if margin is not None:
+        results.record(folder, "margin", margin)
+    results.record(folder, "history", {"action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "provenance": results.provenance()})
     ray = ensure_ray(address, show_dashboard=False)
     check_resources(configs)
     check_memory(configs, address, members=members, log=log)  # a joined cluster's nodes, now known
-    curves = results.tensorboard_available()
-    for t in trials:
-        t["train_storage"] = str(folder / "_train")
-        t["worker_failures"] = max_failures
-        t["verbose"] = verbose  # the trials' own progress lines, off by default
-        if curves:
-            t["curves"] = str(folder / results.TENSORBOARD)
-    trainable = _trainable(chosen, configs[0])
     if max_concurrent is None:
         # GPU trials: an autoscaling cluster's ceiling (GPU workers start from zero); CPU
         # trials: the CPUs up now, so that queued CPU trials never make the autoscaler start
@@ -739,13 +763,115 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in memory "
                 f"({max_concurrent} would by CPUs)")
             max_concurrent = memory_fits
-    runs = f"{p.info['runs']} runs ({len(study.variants)} variants x {p.info['seeds']} seeds)"
+    part = dict(study=study, chosen=chosen, configs=configs, folder=folder, max_concurrent=max_concurrent,
+                max_failures=max_failures, verbose=verbose, log=log, tune=tune)
+    start = time.time()
+    finished = 0
+
+    def grow(count: int) -> None:
+        info = results.read_study_info(folder)
+        have = results.study_seeds(info)
+        new = list(range(max(have) + 1, max(have) + 1 + count))
+        name = f"seeds-{new[0]}-{new[-1]}"
+        results.record(folder, "additions", {"seeds": new, "folder": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        log(f"study {study.name}: adding seed{'s' if count > 1 else ''} {', '.join(map(str, new))} -> {folder / name}")
+
+    def run_parts() -> None:
+        nonlocal finished
+        info = results.read_study_info(folder)
+        parts = [(None, None)] + [(a["folder"], a["seeds"]) for a in info.get("additions", [])]
+        for name, seed_list in parts:
+            if name is None:
+                part_trials = trials
+            else:
+                part_trials = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage,
+                                   runner=runner, cohort=cohort, seed_list=seed_list).trials
+            finished += _run_part(part_trials, name, **part)
+
+    if add_seeds:
+        run_parts()  # what an earlier driver left unfinished, first
+        grow(add_seeds)
+    run_parts()
+    while sequential:
+        info = results.read_study_info(folder)
+        if not _look(folder, info, sequential, log):
+            break
+        grow(min(sequential["round"], sequential["max_seeds"] - len(results.study_seeds(info))))
+        run_parts()
+    log(f"study {study.name}: {finished} trials finished in {_duration(time.time() - start)}\nresults: {folder}")
+    return folder
+
+
+def _check_sequential(rule: dict, seeds: int) -> None:
+    from liftplace.verdicts import MIN_SEEDS
+
+    if rule["max_seeds"] < max(seeds, MIN_SEEDS):
+        raise ValueError(f"--max-seeds {rule['max_seeds']}: must be at least the study's first seeds ({seeds}) "
+                         f"and {MIN_SEEDS} (the fewest a verdict is drawn from)")
+    if seeds < MIN_SEEDS:
+        raise ValueError(f"--seeds auto starts from the study's {seeds} seeds; a verdict needs {MIN_SEEDS} a side")
+    if rule["round"] < 1:
+        raise ValueError(f"--round must be >= 1, got {rule['round']}")
+
+
+def _look(folder: Path, info: dict, rule: dict, log) -> bool:
+    """One look of a --seeds auto study at its finished runs: every comparison with kd at the
+    alpha this look spends; recorded in study.json. True: grow another round."""
+    import pandas as pd
+
+    from liftplace import verdicts
+
+    seeds = len(results.study_seeds(info))
+    looks = info.get("looks", [])
+    previous = looks[-1]["seeds"] if looks else 0
+    if looks and previous == seeds:  # this many seeds were looked at already (a resumed driver)
+        return not looks[-1].get("stop")
+    level = verdicts.look_alpha(seeds, previous, rule["max_seeds"], rule["alpha"])
+    summary = results.summarize(results.load_study(folder, allow_unfinished=True))
+    summary = summary[summary["final_fid"].notna() | summary["diverged"]]
+    table = verdicts.table(summary, margin=rule["margin"], alpha=level)
+    words = dict(zip(table["variant"], table["word"])) if not table.empty else {}
+    stop = None
+    if words and all(w in verdicts.DECIDED for w in words.values()):
+        stop = "every comparison with kd is decided"
+    elif seeds >= rule["max_seeds"]:
+        stop = f"the most seeds allowed ({rule['max_seeds']}) reached with comparisons undecided"
+    elif not words:
+        stop = "no comparison with kd to decide"
+    results.record(folder, "looks", {"seeds": seeds, "level": level, "verdicts": words, "stop": stop})
+    counts = pd.Series(list(words.values()), dtype=object).value_counts().to_dict()
+    log(f"look at {seeds} seeds (level {level:.3g}): " + ", ".join(f"{n} {w}" for w, n in counts.items())
+        + (f"; stop: {stop}" if stop else "; growing by another round"))
+    return stop is None
+
+
+def _run_part(trials: list[dict], name: str | None, *, study: Study, chosen: str, configs, folder: Path,
+              max_concurrent: int, max_failures: int, verbose: bool, log, tune) -> int:
+    """Run (or resume) one part of a study as its own Tune experiment: the study's first seeds
+    in ``folder`` itself (name None), an addition in ``folder/<name>``. A part whose every run
+    ended is skipped. Returns how many trials this call finished."""
+    experiment = folder if name is None else folder / name
+    table, _ = results.study_status(folder)
+    seeds = {t["seed"] for t in trials}
+    mine = table[table["seed"].isin(seeds)] if not study.space else table
+    if not study.space and len(mine) and mine["state"].isin(["done", "diverged"]).all() and experiment.exists():
+        return 0
+    curves = results.tensorboard_available()
+    for t in trials:
+        t["train_storage"] = str(folder / "_train")
+        t["worker_failures"] = max_failures
+        t["verbose"] = verbose  # the trials' own progress lines, off by default
+        if curves:
+            t["curves"] = str(folder / results.TENSORBOARD)
+    trainable = _trainable(chosen, configs[0])
+    runs = f"{len(trials) if study.space else sum(len(t.get('members', [t])) for t in trials)} runs " \
+           f"({len(study.variants)} variants x {len(seeds)} seeds" + (f": {', '.join(map(str, sorted(seeds)))}" if name else "") + ")"
     cohorts = sum("members" in t for t in trials)
     if cohorts:
         runs += f" in {len(trials)} trials ({cohorts} cohorts: one teacher forward per step for each)"
     count = f"{study.num_samples} sampled trials" if study.space else runs
     dashboard = f"; dashboard {RAY_SESSION['dashboard']}" if RAY_SESSION["dashboard"] else ""
-    log(f"study {study.name}: {count}, runner {chosen}, up to {max_concurrent} at a time -> {folder}{dashboard}")
+    log(f"study {study.name}: {count}, runner {chosen}, up to {max_concurrent} at a time -> {experiment}{dashboard}")
     log(f"curves: tensorboard --logdir {folder}" if curves else
         "curves: none (pip install -e '.[watch]' for TensorBoard event files)")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -774,16 +900,15 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         # A search's rows without FID are expected (FID comes at evaluations only), in a resumed
         # search too (its first row after the restore has none).
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    start = time.time()
-    if resume and tune.Tuner.can_restore(str(folder)):
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+    if tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         # The restored tuner brings back the console of the first attempt (Tune pickles its
         # RunConfig, callbacks included); this attempt's console and verbosity replace it.
         # Tuner.restore takes no RunConfig in Ray 2.60, hence the private attribute.
         restored = tuner._local_tuner.get_run_config()
         restored.callbacks, restored.verbose = console, tune_verbose
     elif study.space:
-        tuner = _search_tuner(study, trials, configs[0], trainable, storage, max_concurrent, max_failures,
+        tuner = _search_tuner(study, trials, configs[0], trainable, folder.parent, max_concurrent, max_failures,
                               console, tune_verbose)
     else:
         tuner = tune.Tuner(
@@ -791,7 +916,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             param_space={"run": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=chosen == "direct",
                                         trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
-            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=tune_verbose,
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent), verbose=tune_verbose,
                                       callbacks=console, failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
     results.write_heartbeat(folder, "running")
@@ -799,7 +924,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
 
     def interrupted(sig) -> StudyInterrupted:
         results.write_heartbeat(folder, "interrupted")
-        return StudyInterrupted(results.trials_finished(results.study_status(folder)[0]), planned, sig)
+        return StudyInterrupted(results.trials_finished(_part_status(folder, seeds, study)), planned, sig)
 
     with _sigterm_as_sigint() as received:
         try:
@@ -808,7 +933,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             raise interrupted(received.get("signal", signal.SIGINT)) from None
     failed = [r for r in grid if r.error]
     results.write_heartbeat(folder, "finished")
-    table, _ = results.study_status(folder)
+    table = _part_status(folder, seeds, study)
     if received:
         raise interrupted(received["signal"])
     if failed:  # one line (the first failure's cause, step and error file); no report
@@ -818,8 +943,13 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                         f"{step}: {failure_cause(first.error)}; its error: {Path(first.path) / 'error.txt'}")
     if table["state"].isin(["pending", "interrupted"]).any():  # stopped before the end
         raise interrupted(signal.SIGINT)
-    log(f"study {study.name}: {len(grid)}/{len(grid)} trials finished in {_duration(time.time() - start)}\nresults: {folder}")
-    return folder
+    return len(grid)
+
+
+def _part_status(folder: Path, seeds: set, study: Study):
+    """The status table of a part's runs (its seeds; a search's every run)."""
+    table, _ = results.study_status(folder)
+    return table if study.space else table[table["seed"].isin(seeds)]
 
 
 class StudyInterrupted(Exception):

@@ -329,7 +329,7 @@ def test_make_all_reports_a_partial_study_and_lists_what_is_missing(tmp_path):
     kd_row = next(line for line in table.splitlines() if line.startswith("| kd"))
     assert "30" in kd_row and "| 1 " in kd_row.replace("|       1 ", "| 1 ")  # one finished seed, FID 30
     assert "too few seeds" in report  # one seed each: no verdict
-    assert "No variant is called better or worse than kd: every one has fewer than 3 seeds a side." in report
+    assert "No variant is called better, worse or equivalent to kd: every one has fewer than 3 seeds a side." in report
     for figure in ("headline.png", "stability.png", "fid_vs_k.png"):
         assert (study / "analysis" / figure).is_file(), figure
 
