@@ -27,6 +27,8 @@ SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # PIL modes of images with one channel of intensity (anything else loads as RGB).
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale: scaled by 65535, not clipped
+UNSCALED_MODES = ("I", "F")  # 32-bit integer or float pixels: no known white level
 
 _SPLIT_SEED = 0
 _MNIST_VAL = 1000  # of 5,000: 4,000 train / 1,000 val
@@ -168,13 +170,24 @@ class ImageFolderDataset(Dataset):
         paths = sorted(_iter_images(root))
         _require_two(root, paths)
         colour = None  # the first image that is not grayscale
+        small = []  # images smaller than the resolution: upscaling them would invent pixels
         for path in paths:
             try:
                 with Image.open(path) as image:  # reads the header only
                     if colour is None and image.mode not in GRAY_MODES:
                         colour = (path, image.mode)
+                    if image.mode in UNSCALED_MODES:
+                        raise ValueError(f"{path} has {'32-bit integer' if image.mode == 'I' else 'floating-point'} "
+                                         f"pixels (PIL mode {image.mode}), whose white level is unknown: save it as 8- or "
+                                         "16-bit")
+                    if min(image.size) < resolution:
+                        small.append((path, image.size))
             except (OSError, SyntaxError) as err:  # PIL reports some broken headers as SyntaxError
                 raise ValueError(f"not a readable image: {path} ({err})") from None
+        if small:
+            (path, (w, h)) = small[0]
+            raise ValueError(f"{len(small)} of the {len(paths)} images under {root} are smaller than data.resolution "
+                             f"{resolution} on a side; the first: {path} ({w}x{h}); lower data.resolution or remove them")
         if channels == 1 and colour is not None:
             raise ValueError(f"the data folder:{root} has colour images ({colour[0]} is {colour[1]}), "
                              "the model takes 1 channel")
@@ -186,8 +199,7 @@ class ImageFolderDataset(Dataset):
             [
                 transforms.Resize(resolution, antialias=True),
                 transforms.CenterCrop(resolution),
-                transforms.ToTensor(),
-                transforms.Normalize([0.5] * self.channels, [0.5] * self.channels),
+                transforms.ToTensor(),  # [0, 1]; __getitem__ maps to [-1, 1]
             ]
         )
         self.num_classes = 0
@@ -204,10 +216,17 @@ class ImageFolderDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                pixels = image.convert(self.mode)
+                if image.mode in WIDE_MODES:  # convert("L") would clip every value above 255 to white
+                    wide = np.asarray(image).astype(np.float32) / 65535.0
+                    pixels = Image.fromarray(wide, mode="F")  # ToTensor keeps F pixels as they are: [0, 1]
+                else:
+                    pixels = image.convert(self.mode)
         except (OSError, SyntaxError) as err:
             raise ValueError(f"cannot decode image {path} ({err})") from None
-        return self.transform(pixels), -1
+        tensor = self.transform(pixels)
+        if tensor.shape[0] != self.channels:  # a 16-bit gray image in a colour folder
+            tensor = tensor.expand(self.channels, -1, -1)
+        return tensor * 2 - 1, -1
 
 
 class Cifar10Dataset(Dataset):
@@ -254,7 +273,10 @@ def _iter_images(root: str):
     for folder, _, files in os.walk(root):
         for file in files:
             if file.lower().endswith(IMAGE_EXTENSIONS):
-                yield os.path.join(folder, file)
+                path = os.path.join(folder, file)
+                if not os.path.isfile(path):  # a FIFO, socket or device named *.png: reading it would hang
+                    raise ValueError(f"not a regular file: {path} (a FIFO, socket, device or broken link)")
+                yield path
 
 
 def _require_two(root: str, paths) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shlex
@@ -219,6 +220,28 @@ def real_images(dataset, n: int) -> Tensor:
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
+def tensor_digest(images: Tensor) -> str:
+    """A short digest of a tensor's values (its shape and bytes)."""
+    digest = hashlib.blake2b(str(tuple(images.shape)).encode(), digest_size=8)
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """A short digest of a file's bytes, computed once per (path, size, mtime)."""
+    stat = Path(path).stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cache_key: str | None = None) -> dict:
     """FID, KID (mean, std), precision and recall of fake against real images.
 
@@ -245,8 +268,12 @@ def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cach
         cache=real_cache_key is not None,
     )
     if real_cache_key is not None:
-        # The image count is part of the key: the same split is used at several sizes.
-        kwargs["input2_cache_name"] = f"{real_cache_key}-n{len(real)}-{protocol.extractor}-{Path(protocol.weights_path()).stem}"
+        # torch-fidelity finds cached statistics by name alone: the name holds a digest of the
+        # images compared and of the extractor's weights, so that replacing a folder's images
+        # (or the weights) under the same path can never reuse stale statistics (it once gave
+        # FID 163 where fresh statistics gave 1571).
+        kwargs["input2_cache_name"] = (f"{real_cache_key}-n{len(real)}-{protocol.extractor}-{Path(protocol.weights_path()).stem}"
+                                       f"-{tensor_digest(real)}-{file_digest(protocol.weights_path())}")
     out = torch_fidelity.calculate_metrics(**kwargs)
     result = {
         "eval_reference_images": len(real),  # the real images compared with (eval num_images, or all of a smaller split)

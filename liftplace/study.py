@@ -27,6 +27,7 @@ from liftplace.config import RunConfig, from_dict, parse_override, resolve
 from liftplace.distill import cohort_key
 
 RUNNERS = ("auto", "train", "direct")
+MAX_SEEDS = 1000  # seeds per variant: more is a typo (100000 planned for minutes), not a study
 COHORTS = ("auto", "off")
 # Written by the cluster launcher (`ray up`) on the head node: the autoscaler's config.
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -73,7 +74,11 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_lis
     Seeds 0..seeds-1, or ``seed_list`` (the seeds an addition grows)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if seeds > MAX_SEEDS or len(seed_list or []) > MAX_SEEDS:
+        raise ValueError(f"--seeds {seeds}: at most {MAX_SEEDS} seeds per variant (plan with liftplace plan-seeds)")
     user = dict(parse_override(o) for o in overrides)
+    if "train.seed" in user:  # it would be recorded in study.json, yet every run takes the study's seed
+        raise ValueError("--set train.seed: a study's runs take its seeds 0..N-1; use --seeds N (or --add-seeds N)")
     trials = []
     for label, variant in study.variants.items():
         for seed in (range(seeds) if seed_list is None else seed_list):

@@ -43,6 +43,34 @@ from liftplace.study import Study, autoscaling_ceiling, plan
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
+def check_reachable(address: str | None) -> None:
+    """Refuse, in one line and within seconds, an --address (or RAY_ADDRESS) where nothing
+    answers: Ray itself retries a dead address for minutes. "auto" is resolved as Ray resolves
+    it; where it finds no cluster, Ray's own error says so."""
+    import socket
+
+    if not address:
+        return
+    target = address
+    if "://" not in address:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address) if address == "auto" else address
+        except Exception:  # noqa: BLE001 -- several clusters, or none: ray.init says which
+            return
+    if not target:
+        return
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except ValueError:
+        raise ValueError(f"--address {address}: not host:port, auto or ray://host:port") from None
+    except OSError as err:
+        raise ValueError(f"--address {address}: nothing answers at {target} ({err.strerror or err}); is the cluster "
+                         "up? (`ray status` on its head node)") from None
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_dashboard: bool = True):
     """Join a cluster (address, e.g. "auto") or start an embedded local Ray, once. A study says
     the dashboard's address in its own header line (show_dashboard=False)."""
@@ -50,6 +78,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
 
     if ray.is_initialized():
         return ray
+    check_reachable(address or os.environ.get("RAY_ADDRESS"))
     env = {k: v for k, v in os.environ.items()
            if k == "HF_HUB_OFFLINE" or k.startswith(("LIFTPLACE_", "RAY_TRAIN_"))}
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -738,68 +767,101 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     memory_fits = check_memory(configs, address, members=members, log=log,
                                wanted=min(len(trials), _trials_by_cpus(configs[0], os.cpu_count() or 1)),
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
-    results.claim_study(folder, p.info, resume or bool(add_seeds))
-    action = "start" if not (resume or add_seeds) else "resume"
-    if add_seeds:
-        action += f", add {add_seeds} seed{'s' if add_seeds > 1 else ''}"
-    if sequential:
-        action += f", seeds auto up to {sequential['max_seeds']}"
-        results.record(folder, "sequential", sequential)
-    if margin is not None:
-        results.record(folder, "margin", margin)
-    results.record(folder, "history", {"action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                       "provenance": results.provenance()})
-    ray = ensure_ray(address, show_dashboard=False)
-    check_resources(configs)
-    check_memory(configs, address, members=members, log=log)  # a joined cluster's nodes, now known
-    if max_concurrent is None:
-        # GPU trials: an autoscaling cluster's ceiling (GPU workers start from zero); CPU
-        # trials: the CPUs up now, so that queued CPU trials never make the autoscaler start
-        # GPU machines for them.
-        cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
-                else ray.cluster_resources().get("CPU", 1))
-        max_concurrent = _trials_by_cpus(configs[0], cpus)
-        if memory_fits is not None and memory_fits < min(max_concurrent, len(trials)):
-            log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in memory "
-                f"({max_concurrent} would by CPUs)")
-            max_concurrent = memory_fits
-    part = dict(study=study, chosen=chosen, configs=configs, folder=folder, max_concurrent=max_concurrent,
-                max_failures=max_failures, verbose=verbose, log=log, tune=tune)
-    start = time.time()
-    finished = 0
+    check_reachable(address or os.environ.get("RAY_ADDRESS"))  # before anything is written: a dead cluster is refused in seconds
+    lock = _driver_lock(folder) if (folder / results.STUDY_FILE).is_file() else None
+    try:
+        results.claim_study(folder, p.info, resume or bool(add_seeds))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    lock = lock or _driver_lock(folder)
+    try:
+        action = "start" if not (resume or add_seeds) else "resume"
+        if add_seeds:
+            action += f", add {add_seeds} seed{'s' if add_seeds > 1 else ''}"
+        if sequential:
+            action += f", seeds auto up to {sequential['max_seeds']}"
+            results.record(folder, "sequential", sequential)
+        if margin is not None:
+            results.record(folder, "margin", margin)
+        results.record(folder, "history", {"action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                           "provenance": results.provenance()})
+        ray = ensure_ray(address, show_dashboard=False)
+        check_resources(configs)
+        check_memory(configs, address, members=members, log=log)  # a joined cluster's nodes, now known
+        if max_concurrent is None:
+            # GPU trials: an autoscaling cluster's ceiling (GPU workers start from zero); CPU
+            # trials: the CPUs up now, so that queued CPU trials never make the autoscaler start
+            # GPU machines for them.
+            cpus = (min(cluster_capacity()["CPU"], 1024) if any(c.scaling.use_gpu for c in configs)
+                    else ray.cluster_resources().get("CPU", 1))
+            max_concurrent = _trials_by_cpus(configs[0], cpus)
+            if memory_fits is not None and memory_fits < min(max_concurrent, len(trials)):
+                log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in memory "
+                    f"({max_concurrent} would by CPUs)")
+                max_concurrent = memory_fits
+        part = dict(study=study, chosen=chosen, configs=configs, folder=folder, max_concurrent=max_concurrent,
+                    max_failures=max_failures, verbose=verbose, log=log, tune=tune)
+        start = time.time()
+        finished = 0
 
-    def grow(count: int) -> None:
-        info = results.read_study_info(folder)
-        have = results.study_seeds(info)
-        new = list(range(max(have) + 1, max(have) + 1 + count))
-        name = f"seeds-{new[0]}-{new[-1]}"
-        results.record(folder, "additions", {"seeds": new, "folder": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        log(f"study {study.name}: adding seed{'s' if count > 1 else ''} {', '.join(map(str, new))} -> {folder / name}")
+        def grow(count: int) -> None:
+            info = results.read_study_info(folder)
+            have = results.study_seeds(info)
+            new = list(range(max(have) + 1, max(have) + 1 + count))
+            name = f"seeds-{new[0]}-{new[-1]}"
+            results.record(folder, "additions", {"seeds": new, "folder": name, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            log(f"study {study.name}: adding seed{'s' if count > 1 else ''} {', '.join(map(str, new))} -> {folder / name}")
 
-    def run_parts() -> None:
-        nonlocal finished
-        info = results.read_study_info(folder)
-        parts = [(None, None)] + [(a["folder"], a["seeds"]) for a in info.get("additions", [])]
-        for name, seed_list in parts:
-            if name is None:
-                part_trials = trials
-            else:
-                part_trials = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage,
-                                   runner=runner, cohort=cohort, seed_list=seed_list).trials
-            finished += _run_part(part_trials, name, **part)
+        def run_parts() -> None:
+            nonlocal finished
+            info = results.read_study_info(folder)
+            parts = [(None, None)] + [(a["folder"], a["seeds"]) for a in info.get("additions", [])]
+            for name, seed_list in parts:
+                if name is None:
+                    part_trials = trials
+                else:
+                    part_trials = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage,
+                                       runner=runner, cohort=cohort, seed_list=seed_list).trials
+                finished += _run_part(part_trials, name, **part)
 
-    if add_seeds:
-        run_parts()  # what an earlier driver left unfinished, first
-        grow(add_seeds)
-    run_parts()
-    while sequential:
-        info = results.read_study_info(folder)
-        if not _look(folder, info, sequential, log):
-            break
-        grow(min(sequential["round"], sequential["max_seeds"] - len(results.study_seeds(info))))
+        if add_seeds:
+            run_parts()  # what an earlier driver left unfinished, first
+            grow(add_seeds)
         run_parts()
-    log(f"study {study.name}: {finished} trials finished in {_duration(time.time() - start)}\nresults: {folder}")
-    return folder
+        while sequential:
+            info = results.read_study_info(folder)
+            if not _look(folder, info, sequential, log):
+                break
+            grow(min(sequential["round"], sequential["max_seeds"] - len(results.study_seeds(info))))
+            run_parts()
+        log(f"study {study.name}: {finished} trials finished in {_duration(time.time() - start)}\nresults: {folder}")
+        return folder
+    finally:
+        lock.release()
+
+
+def _driver_lock(folder: Path):
+    """One driver per study folder: an OS lock on ``<folder>/driver.lock``, held while the
+    driver runs (the OS releases it when the process dies, so a killed driver's lock is taken
+    over by the next). A second driver is refused in one line naming the first (from its
+    heartbeat), before it writes anything: two drivers on one study once interleaved their
+    trials' rows in result.json and lost the first's."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / "driver.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            beat = json.loads((folder / results.DRIVER_FILE).read_text())
+            who = f"pid {beat.get('pid')} on {beat.get('host')}, heartbeat {time.time() - beat.get('updated', 0):.0f} s ago"
+        except (OSError, ValueError):
+            who = "its heartbeat unreadable"
+        raise FileExistsError(f"{folder} is being run by another driver ({who}): wait for it to end, or stop it "
+                              "(Ctrl-C) and continue with --resume") from None
+    return lock
 
 
 def _check_sequential(rule: dict, seeds: int) -> None:

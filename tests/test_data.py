@@ -262,3 +262,32 @@ def test_check_images_decodes_every_file_and_names_the_first_bad_one(image_folde
             handle.truncate(os.path.getsize(image_folder / name) // 2)
     with pytest.raises(ValueError, match=r"2 of the 12 images .* do not decode; the first: .*a2.png"):
         check_images(str(image_folder))
+
+
+def test_folder_images_are_decoded_right_or_refused(tmp_path):
+    """16-bit grayscale is scaled by 65535 (convert("L") clipped it to white), images smaller
+    than the resolution and a FIFO named like an image are refused in one line."""
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((10, 10), 16384 * i, dtype=np.uint16)).save(wide / f"w{i}.png")
+    with Image.open(wide / "w1.png") as image:
+        assert image.mode == "I;16"
+    own = load_dataset(f"folder:{wide}", 8, "train")
+    assert own[1][0][0, 0, 0].item() == pytest.approx(16384 / 65535 * 2 - 1, abs=1e-5)
+    assert own[0][0].max().item() == pytest.approx(-1.0)
+    three = load_dataset(f"folder:{wide}", 8, "train", channels=3)[2][0]
+    assert three.shape == (3, 8, 8) and three[2, 0, 0].item() == pytest.approx(2 * 16384 / 65535 * 2 - 1, abs=1e-5)
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        Image.new("L", (16 if i else 1, 16 if i else 1), 10).save(small / f"s{i}.png")
+    with pytest.raises(ValueError, match=r"1 of the 3 images .* smaller than data.resolution 8 .*s0.png \(1x1\)"):
+        load_dataset(f"folder:{small}", 8, "train")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    for i in range(2):
+        Image.new("L", (10, 10), 10).save(fifo / f"a{i}.png")
+    os.mkfifo(fifo / "zz.png")
+    with pytest.raises(ValueError, match=r"not a regular file: .*zz.png"):
+        load_dataset(f"folder:{fifo}", 8, "train")

@@ -76,9 +76,17 @@ def test_reference_features_are_cached_by_key(val, tmp_path, monkeypatch):
     monkeypatch.setenv("LIFTPLACE_CACHE", str(tmp_path))
     images, _ = val
     first = compute_metrics(images[:200], images[500:700], Protocol(num_images=200, prc=False), real_cache_key="mnist-val-test")
-    assert any(tmp_path.rglob("*mnist-val-test*"))
+    cached = sorted(tmp_path.rglob("*mnist-val-test*"))
+    assert cached
     again = compute_metrics(images[:200], images[500:700], Protocol(num_images=200, prc=False), real_cache_key="mnist-val-test")
     assert again["fid"] == pytest.approx(first["fid"])
+    assert sorted(tmp_path.rglob("*mnist-val-test*")) == cached  # the second call read the cache
+    # Other images under the same key (a folder's validation images replaced): fresh statistics,
+    # the FID of those images, not the cached set's.
+    other = -images[500:700]
+    replaced = compute_metrics(images[:200], other, Protocol(num_images=200, prc=False), real_cache_key="mnist-val-test")
+    fresh = compute_metrics(images[:200], other, Protocol(num_images=200, prc=False))
+    assert replaced["fid"] == pytest.approx(fresh["fid"]) and abs(replaced["fid"] - first["fid"]) > 1
 
 
 def test_protocol_refuses_bad_input(tmp_path):

@@ -85,7 +85,9 @@ def test_seed_options_are_checked_before_anything_runs(tmp_path, capsys):
                           (["--seeds", "auto", "--add-seeds", "2"], "--seeds auto grows the study itself"),
                           (["--seeds", "auto", "--max-seeds", "2"], "--max-seeds 2: must be at least"),
                           (["--margin", "0"], "--margin must be a fraction"),
-                          (["--add-seeds", "2"], "--add-seeds: no study to grow")):
+                          (["--add-seeds", "2"], "--add-seeds: no study to grow"),
+                          (["--seeds", "100000"], "at most 1000 seeds per variant"),
+                          (["--set", "train.seed=7"], "--set train.seed: a study's runs take its seeds")):
         with pytest.raises(SystemExit) as stop:
             study_main(STUDY, [*FAST, "--storage", str(tmp_path), *argv], report=False)
         assert stop.value.code == 2 and message in capsys.readouterr().err, argv
@@ -99,3 +101,49 @@ def test_plan_seeds_and_export_refuse_bad_input(tmp_path, capsys):
     assert main(["plan-seeds", str(tmp_path)]) == 2 and "not a study" in capsys.readouterr().err
     assert main(["plan-seeds", str(tmp_path), "--power", "1.5"]) == 2 and "--power must be in (0, 1)" in capsys.readouterr().err
     assert main(["export", str(tmp_path)]) == 2 and "not a study" in capsys.readouterr().err
+
+
+def test_a_second_driver_on_a_running_study_is_refused_before_it_writes(ray_session, tmp_path):
+    """Two drivers on one study once interleaved their rows in result.json and lost the first's."""
+    import signal
+    import subprocess
+    import time
+
+    address = ray_session.get_runtime_context().gcs_address
+    args = [*FAST, "--seeds", "1", "--storage", str(tmp_path), "--address", address, "--set", "train.steps=400"]
+    script = ("import sys; from liftplace.study import Study, study_main; "
+              "study_main(Study(name='grown', variants={'kd': {'objective.name': 'kd'}}, seeds=2), sys.argv[1:], report=False)")
+    first = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        for line in first.stdout:  # its trial has started
+            if line.startswith("start  "):
+                break
+        folder = tmp_path / "grown"
+        second = subprocess.run([sys.executable, "-c", script, *args, "--resume"], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert "is being run by another driver (pid " in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert json.loads((folder / STUDY_FILE).read_text())["history"][-1]["action"] == "start"  # nothing recorded
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=180)
+    # the first driver gone, its lock is free: --resume continues the study
+    done = subprocess.run([sys.executable, "-c", script, *args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (study_status(tmp_path / "grown")[0]["state"] == "done").all()
+
+
+def test_a_dead_address_is_refused_in_seconds_before_anything_is_written(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.time()
+    with pytest.raises(SystemExit) as stop:
+        study_main(STUDY, [*FAST, "--storage", str(tmp_path), "--address", f"127.0.0.1:{port}"], report=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and f"nothing answers at 127.0.0.1:{port}" in err[0]
+    assert time.time() - start < 30 and not any(tmp_path.iterdir())
