@@ -46,6 +46,7 @@ def provenance_lines(info: dict) -> list[str]:
         + ", " + ", ".join(f"{k} {v}" for k, v in h["provenance"].get("versions", {}).items() if k in
                            ("torch", "ray", "diffusers", "torch-pruning", "torch-fidelity"))
         + f", {h['provenance'].get('cpus')} x {h['provenance'].get('cpu')}"
+        + (f" (torch kernels {h['provenance']['torch_cpu_capability']})" if h["provenance"].get("torch_cpu_capability") else "")
         + (f", GPUs {', '.join(h['provenance']['gpus'])}" if h["provenance"].get("gpus") else ", no GPU")
         for h in history) + ".", ""]
     return lines

@@ -523,6 +523,13 @@ def check_inputs(configs: list[RunConfig], *, log=print) -> None:
 
     from diffusers import DiTTransformer2DModel
 
+    from liftplace import files
+    from liftplace.metrics import cache_root
+
+    try:  # the FID statistics' cache: a file in its place fails only after training, at the first FID
+        files.check_writable(cache_root(), "the metrics cache (LIFTPLACE_CACHE)")
+    except ValueError as err:
+        _refuse("LIFTPLACE_CACHE", str(err))
     checked_teachers: dict[str, int] = {}
     classes: dict[str, int | None] = {}
     checked_data: dict[tuple, tuple[int, int, int]] = {}

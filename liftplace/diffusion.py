@@ -90,6 +90,12 @@ class NoiseProcess:
             self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
         else:
             self.scheduler = DDPMScheduler(**self._ddpm_config())
+            betas = self.scheduler.betas
+            # diffusers accepts any numbers; a beta outside (0, 1) is no noise process (one
+            # outside trained a study to FID 68 without a word).
+            if not bool(((betas > 0) & (betas < 1)).all()):
+                raise ValueError(f"the noise schedule's betas must lie in (0, 1); these run from {betas.min().item():.4g} "
+                                 f"to {betas.max().item():.4g} (beta_start, beta_end or trained_betas)")
 
     def __repr__(self) -> str:
         return (f"NoiseProcess(prediction={self.prediction!r}, num_train_timesteps={self.num_train_timesteps}"

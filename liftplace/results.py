@@ -262,9 +262,12 @@ def provenance() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     import os
 
+    # What decides CPU results bit for bit besides the code and versions: the kernels torch
+    # dispatches to (its ISA level: AVX2, AVX512, ...) and its thread count.
     return {"commit": commit, "dirty": bool(status) if commit else None, "versions": versions,
-            "python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(), "gpus": gpus,
-            "host": platform.node()}
+            "python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "gpus": gpus, "host": platform.node()}
 
 
 def record(folder: Path, key: str, entry) -> dict:

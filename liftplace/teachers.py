@@ -206,6 +206,12 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
     sampled with Euler on the scheduler's sigmas."""
     pipeline = pipeline_dir(name_or_path)
     if pipeline is None:
+        # A model directory's card (shipped teachers have one) says what it was trained to predict.
+        card_file = teacher_path(name_or_path) / "card.json"
+        said = _read_json(card_file).get("prediction") if card_file.is_file() else None
+        if said is not None and said != prediction:
+            raise PredictionMismatch(f"{prediction!r}, but the teacher's {card_file} says it predicts {said!r}: "
+                                     f"set teacher.prediction={said}")
         return make_process(prediction)
     file = pipeline / "scheduler" / "scheduler_config.json"
     if not file.is_file():
