@@ -167,8 +167,7 @@ def test_a_search_killed_mid_trial_resumes_from_its_checkpoint(ray_session, tmp_
     strict metric check once failed the resumed study on its first such row)."""
     address = ray_session.get_runtime_context().gcs_address
     args = ["--preset", "smoke", "--samples", "2", "--max-concurrent", "1", "--storage", str(tmp_path),
-            *FAST, "--set", "train.steps=600", "--set", "train.eval_every=300"]  # a smoke step takes
-    # milliseconds and Tune writes result.json in bursts: a wide window for the kill to land in
+            *FAST, "--set", "train.steps=200", "--set", "train.eval_every=100"]
     driver = subprocess.Popen([sys.executable, str(ROOT / "studies" / "tune_hparams.py"), *args, "--address", address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     folder = tmp_path / "tune_hparams"
@@ -178,11 +177,13 @@ def test_a_search_killed_mid_trial_resumes_from_its_checkpoint(ray_session, tmp_
         rows = [json.loads(line) for p in folder.glob("*/result.json") for line in p.read_text().splitlines() if line]
         return max((r.get("step", 0) for r in rows), default=0)
 
-    while steps() < 20 and time.time() < deadline and driver.poll() is None:
+    # The event to kill on: the first trial's first checkpoint folder (every 10 smoke steps).
+    while not any(folder.glob("*/checkpoint_*")) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert 20 <= steps() < 600, "the driver should die inside the first trial, after its first checkpoint"
+    assert any(folder.glob("*/checkpoint_*")) and steps() < 200, \
+        "the driver should die inside the first trial, after its first checkpoint"
     module = load_script("tune_hparams")
     module.study_main(module.STUDY, [*args, "--resume"], report=False)
     summary = summarize(load_study(folder))
