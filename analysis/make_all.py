@@ -58,7 +58,7 @@ def sequential_lines(info: dict) -> list[str]:
     if not rule:
         return []
     lines = ["## Seeds: grown until decided", "",
-             f"`--seeds auto`: rounds of {rule['round']} seeds until every comparison with kd is decided (better, worse, "
+             f"`--seeds auto`: rounds of {rule['round']} seed{'s' if rule['round'] > 1 else ''} until every comparison with kd is decided (better, worse, "
              f"or equivalent within ±{rule['margin']:.0%} of kd's mean) or {rule['max_seeds']} seeds; each look tests "
              f"at the alpha it spends (O'Brien-Fleming-type spending of {rule['alpha']:g} over the information fraction "
              "seeds / the most seeds), so the false-positive rate over all looks stays at or under alpha.", "",

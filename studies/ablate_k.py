@@ -11,19 +11,19 @@ LIFT/PLACE beat kd where KD is not struggling; it does not test the paper's clai
 Held fixed: the preset's teacher and 90%-pruned student (`cpu`: unet-m, 10,801 parameters =
 0.97% of the teacher), steps, batch, lr, seeds 0..N-1 (the variants of a seed train as one
 cohort trial on one teacher forward per step).
-Cost: `cpu` preset, 4 variants x 4 seeds as 4 cohort trials, measured 42 min 34 s on a
-2-core laptop including the report (2,404 s of trials; the 20 min aimed for is not met);
-`paper` preset, 4 cohort trials of 100k steps of the user's DDPM and four 90% students each
-(README, GPU-hours).
-The cost and result below were measured with 4 variants (kd, lift, place K=16 and K=4) and FID
-at the end only; task, place+feat and the three evaluations along training were added after
-(6 students per cohort instead of 4: an estimated ~60 min, not measured).
-Result at `cpu` (final FID, mean +- std of 4 seeds; teacher 2.98): kd 11.80 +- 0.59, lift
-48.19 +- 5.50 (worse than kd, Holm p 0.0025), place K=16 23.88 +- 10.63, place K=4 11.03 +- 7.39
-(no difference from kd shown: 95% CI of the difference -12.5 to +11.0).
+Cost: `cpu` preset, 6 variants x 4 seeds as 4 cohort trials with FID at 500 / 1,000 / 1,500 /
+2,000 steps, measured 1 h 06 min 57 s on a 2-core machine including the report (first round at
+load 3.5-4 from tests beside it, 37.9 min; second round nearly quiet, 26.8 min; ~57 min quiet,
+estimated); the 30 min aimed for is not met. `paper` preset: 4 cohort trials of 500k steps of
+the user's DDPM and six 90% students each (README, GPU-hours).
+Result at `cpu` (final FID, mean +- std of 4 seeds; teacher 2.98): kd 11.80 +- 0.70, task
+13.11 +- 0.92, lift 52.53 +- 8.14 (worse than kd, Holm p 0.010), place K=16 25.54 +- 13.38,
+place K=4 9.23 +- 1.50 (Welch p 0.033, Holm 0.13: inconclusive, power 0.25 for a 20%
+difference), place+feat 26.06 +- 14.51. Premise gate: fails on all three conditions.
 
-    python studies/ablate_k.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--storage DIR] [--cohort auto|off]
+    python studies/ablate_k.py [--preset smoke|cpu|cpu-50|paper] [--seeds N|auto] [--storage DIR] [--cohort auto|off]
                                [--address auto] [--resume] [--verbose] [--set key=value ...]
+                               [--add-seeds N] [--max-seeds M] [--round R] [--margin F]
 """
 
 from liftplace.study import Study, study_main
