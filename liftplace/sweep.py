@@ -768,12 +768,15 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                                wanted=min(len(trials), _trials_by_cpus(configs[0], os.cpu_count() or 1)),
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
     check_reachable(address or os.environ.get("RAY_ADDRESS"))  # before anything is written: a dead cluster is refused in seconds
+    had_lock_file = (folder / "driver.lock").exists()
     lock = _driver_lock(folder) if (folder / results.STUDY_FILE).is_file() else None
     try:
         results.claim_study(folder, p.info, resume or bool(add_seeds))
     except BaseException:
         if lock is not None:
             lock.release()
+            if not had_lock_file:  # a refused study leaves its folder as it was, byte for byte
+                (folder / "driver.lock").unlink(missing_ok=True)
         raise
     lock = lock or _driver_lock(folder)
     try:

@@ -20,6 +20,9 @@ Result at `cpu` (final FID, mean +- std of 4 seeds; teacher 2.98): kd 11.80 +- 0
 13.11 +- 0.92, lift 52.53 +- 8.14 (worse than kd, Holm p 0.010), place K=16 25.54 +- 13.38,
 place K=4 9.23 +- 1.50 (Welch p 0.033, Holm 0.13: inconclusive, power 0.25 for a 20%
 difference), place+feat 26.06 +- 14.51. Premise gate: fails on all three conditions.
+Grown by `--seeds auto --max-seeds 6 --round 2` (one round of 2 seeds, 23 min 57 s): stopped
+at 6 seeds undecided; place K=4 11.02 +- 4.96 against kd 11.83 +- 0.56 (inconclusive), lift
+worse.
 
     python studies/ablate_k.py [--preset smoke|cpu|cpu-50|paper] [--seeds N|auto] [--storage DIR] [--cohort auto|off]
                                [--address auto] [--resume] [--verbose] [--set key=value ...]
