@@ -157,6 +157,8 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
     fresh = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                       check=True).stdout)
     saved = json.loads((folder / "study.json").read_text())
+    recorded = saved.pop("history")  # what the driver records as it goes (results.RECORDS), beside the plan
+    assert [h["action"] for h in recorded] == ["start"]
     assert fresh == saved and saved["space"]["objective.group_size"] == "choice([4, 16, 64])"
     assert saved["space"]["train.lr"] == "Float(0.0001, 0.003, LogUniform)"
 
