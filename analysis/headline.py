@@ -32,7 +32,7 @@ from common import OURS, cli, load, plt, protocol_line, save_figure, save_table
 # Which run is compared with which, and the tests: the library's (a --seeds auto study decides
 # with the same); re-exported here for the other analysis scripts.
 from liftplace import verdicts
-from liftplace.verdicts import (ALPHA, MARGIN, MIN_SEEDS, compare, decide, finals, holm, references,  # noqa: F401
+from liftplace.verdicts import (ALPHA, MARGIN, MIN_SEEDS, finals, holm, references,  # noqa: F401
                                 setting_columns, setting_keys, welch_power)
 
 REFERENCE = "kd"

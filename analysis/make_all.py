@@ -20,6 +20,7 @@ import teacher_scale
 import weighting_table
 from common import cli, fid_by_variant, load, out_dir, protocol_line
 from liftplace.results import study_seeds
+from liftplace.verdicts import DECIDED
 
 BY_STUDY = {
     "ablate_k": [fid_vs_k],
@@ -64,8 +65,8 @@ def sequential_lines(info: dict) -> list[str]:
              "seeds / the most seeds), so the false-positive rate over all looks stays at or under alpha.", "",
              "| look | seeds | level | decided | undecided |", "|---|---|---|---|---|"]
     for i, look in enumerate(looks, 1):
-        decided = ", ".join(f"{v}: {w}" for v, w in look["verdicts"].items() if w in ("better", "worse", "equivalent"))
-        undecided = ", ".join(v for v, w in look["verdicts"].items() if w not in ("better", "worse", "equivalent"))
+        decided = ", ".join(f"{v}: {w}" for v, w in look["verdicts"].items() if w in DECIDED)
+        undecided = ", ".join(v for v, w in look["verdicts"].items() if w not in DECIDED)
         lines.append(f"| {i} | {look['seeds']} | {look['level']:.2g} | {decided or '-'} | {undecided or '-'} |")
     if looks and looks[-1].get("stop"):
         lines += ["", f"Stopped: {looks[-1]['stop']}."]

@@ -122,17 +122,9 @@ def cmd_status(args) -> None:
         print()
 
 
-def _finished_summary(folder: str):
-    """(one row per finished run, study.json) of a study: runs with a final FID."""
-    from liftplace.results import load_study, read_study_info, summarize
-
-    info = read_study_info(folder)  # NotAStudy (a ValueError) names what is missing
-    summary = summarize(load_study(folder, allow_unfinished=True))
-    return summary[summary["final_fid"].notna() | summary["diverged"]].reset_index(drop=True), info
-
-
 def plan_seeds_text(folder: str, effect: float | None = None, ratio: float = 0.2, power: float = 0.8) -> str:
     """What `liftplace plan-seeds` prints: one line of method, a table, one sentence per comparison."""
+    from liftplace.results import finished_runs, read_study_info
     from liftplace.verdicts import ALPHA, REFERENCE, plan_seeds
 
     if effect is not None and not effect > 0:
@@ -141,7 +133,8 @@ def plan_seeds_text(folder: str, effect: float | None = None, ratio: float = 0.2
         raise ValueError(f"--ratio must be a fraction of kd's mean FID in (0, 10), e.g. 0.2, got {ratio}")
     if not 0 < power < 1:
         raise ValueError(f"--power must be in (0, 1), got {power}")
-    summary, info = _finished_summary(folder)
+    read_study_info(folder)  # NotAStudy (a ValueError) names what is missing
+    summary = finished_runs(folder)
     table = plan_seeds(summary, effect=effect, ratio=ratio, power=power)
     if table.empty or table[f"{REFERENCE}_seeds"].max() < 2:
         raise ValueError(f"{folder}: no comparison with {REFERENCE} to plan from (a pilot needs a {REFERENCE} variant "

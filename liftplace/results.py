@@ -404,6 +404,13 @@ def _runs(trial: str, run: dict, rows: list[dict]):
         yield f"{trial}/{variant}", member["config"], mine, folder
 
 
+def finished_runs(folder: str | Path) -> pd.DataFrame:
+    """One row per run of a study (``summarize``) that has a final FID or diverged: what a
+    verdict is drawn from, while the study runs or after it."""
+    summary = summarize(load_study(folder, allow_unfinished=True))
+    return summary[summary["final_fid"].notna() | summary["diverged"]].reset_index(drop=True)
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its config, final and best FID, diverged, steps, seed.
 

@@ -753,7 +753,9 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     if margin is not None and not 0 < margin < 10:
         raise ValueError(f"--margin must be a fraction of kd's mean FID in (0, 10), e.g. 0.2, got {margin}")
     if sequential:
-        sequential = {"margin": margin if margin is not None else 0.2, "alpha": 0.05, **sequential}
+        from liftplace.verdicts import ALPHA, MARGIN
+
+        sequential = {"margin": margin if margin is not None else MARGIN, "alpha": ALPHA, **sequential}
         _check_sequential(sequential, p.info["seeds"])
     if add_seeds and not (folder / results.STUDY_FILE).is_file():
         raise FileNotFoundError(f"--add-seeds: no study to grow at {folder}; run it first")
@@ -892,9 +894,7 @@ def _look(folder: Path, info: dict, rule: dict, log) -> bool:
     if looks and previous == seeds:  # this many seeds were looked at already (a resumed driver)
         return not looks[-1].get("stop")
     level = verdicts.look_alpha(seeds, previous, rule["max_seeds"], rule["alpha"])
-    summary = results.summarize(results.load_study(folder, allow_unfinished=True))
-    summary = summary[summary["final_fid"].notna() | summary["diverged"]]
-    table = verdicts.table(summary, margin=rule["margin"], alpha=level)
+    table = verdicts.table(results.finished_runs(folder), margin=rule["margin"], alpha=level)
     words = dict(zip(table["variant"], table["word"])) if not table.empty else {}
     stop = None
     if words and all(w in verdicts.DECIDED for w in words.values()):
