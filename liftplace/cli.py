@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from liftplace import __version__
-from liftplace.objectives import COARSE_FORMS, GROUP_BY, PLACE_GROUP_SIZE, REDUCTIONS, WEIGHTINGS, objective_names
+
+# Nothing heavier than the standard library is imported before main() runs: torch and Ray load
+# inside the commands, where a Ctrl-C or SIGTERM while they load ends in one line (main's).
 
 
 def cmd_objectives(args) -> None:
+    from liftplace.objectives import COARSE_FORMS, GROUP_BY, PLACE_GROUP_SIZE, REDUCTIONS, WEIGHTINGS, objective_names
+
     print("objectives:", ", ".join(objective_names()))
     print("options (lift/place):")
     print("  coarse     ", " | ".join(COARSE_FORMS))
@@ -276,14 +281,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """SIGTERM, turned into an exception in the main thread as Ctrl-C is (a BaseException, as
+    KeyboardInterrupt is, so that no library's ``except Exception`` swallows it)."""
+
+
+def _interrupted_before_training(args) -> str:
+    """What a Ctrl-C or SIGTERM before a run's training loop started leaves, in one line."""
+    out = getattr(args, "out", None)
+    if args.func is not cmd_distill or out is None:
+        return "interrupted"
+    out = Path(out).resolve()
+    if args.resume or (out / "config.json").is_file():
+        resume = shlex.join(["liftplace", *sys.argv[1:], *([] if args.resume else ["--resume"])])
+        return f"interrupted before training started; continue it with: {resume}"
+    return f"interrupted before the run started; nothing was written to {out}"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Bad input: one line, exit 2. A file that cannot be written (a full disk, no permission):
+    one line, exit 1. Ctrl-C or SIGTERM before a command's own handling takes over (while
+    torch and Ray load, during the checks, while Ray starts): one line, exit 130 or 143."""
+    import signal
+
+    def on_term(sig, frame):
+        raise Stopped
+
+    # SIGINT explicitly too: a process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and `kill -INT` must still stop it with its one line.
+    previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"liftplace: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        args = build_parser().parse_args(argv)
+        try:
+            args.func(args)
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            print(f"liftplace: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:
+            print(f"liftplace: error: {err}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, Stopped) as stop:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one while this is said is the same stop
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print(f"liftplace: {_interrupted_before_training(args)}", file=sys.stderr)
+            return 143 if isinstance(stop, Stopped) else 130
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 if __name__ == "__main__":

@@ -508,11 +508,17 @@ def _train(members: dict, report: Callable, checkpoint, log) -> dict:
 # (LIFTPLACE_PAUSE_FILE) and that file exists holding {"step": N}, the training loop stops
 # right after reporting step N, writes "<file>.paused" with its process id, and waits until
 # the file is deleted: a kill lands at a known step, not in a timing window. With
-# {"step": N, "fail": MESSAGE} it raises RuntimeError(MESSAGE) there instead, as a bug would.
+# {"step": N, "fail": MESSAGE} it raises RuntimeError(MESSAGE) there instead, as a bug would
+# (with "errno": E, OSError(E, MESSAGE), as a full disk would). Writing other content into the
+# file while paused releases the pause and arms that instead. `liftplace distill` has named
+# points before training too ({"step": "checks"}, before the checks of its inputs; "trainer",
+# after config.json is written and before Ray Train starts).
 PAUSE_FILE = os.environ.get("LIFTPLACE_PAUSE_FILE")
 
 
-def _pause_point(step: int) -> None:
+def _pause_point(step: int | str) -> None:
+    if not PAUSE_FILE:
+        return
     path = Path(PAUSE_FILE)
     try:
         armed = json.loads(path.read_text())
@@ -521,9 +527,16 @@ def _pause_point(step: int) -> None:
     if armed.get("step") != step:
         return
     if "fail" in armed:
-        raise RuntimeError(armed["fail"])
+        raise OSError(armed["errno"], armed["fail"]) if "errno" in armed else RuntimeError(armed["fail"])
     Path(f"{path}.paused").write_text(str(os.getpid()))
-    while path.exists():
+    while True:
+        try:
+            if json.loads(path.read_text()) != armed:
+                return  # re-armed
+        except FileNotFoundError:
+            return
+        except ValueError:
+            pass  # being rewritten
         time.sleep(0.05)
 
 

@@ -86,8 +86,9 @@ def make_folder(path: str | Path, what: str) -> Path:
 
 def check_writable(path: str | Path, what: str) -> None:
     """Prove that a folder could be created and written, writing nothing that stays: the
-    nearest existing ancestor must be a folder in which a probe file can be created (and is
-    removed). ValueError names the folder and why not."""
+    nearest existing ancestor must be a folder in which a probe file of one page (4 KiB, so
+    that a full disk fails here and not after Ray has started) can be written (and is removed).
+    ValueError names the folder and why not."""
     path = Path(path).absolute()
     existing = path
     while not existing.exists():
@@ -96,9 +97,10 @@ def check_writable(path: str | Path, what: str) -> None:
         raise ValueError(f"{what} {path} cannot be written: {existing} is not a folder")
     probe = existing / f".write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"")
+        probe.write_bytes(bytes(4096))
         probe.unlink()
     except OSError as err:
+        probe.unlink(missing_ok=True)
         raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
 
 

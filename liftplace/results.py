@@ -141,6 +141,7 @@ class Curves:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.writers: dict = {}
+        _quiet_event_writer_threads()
 
     def add(self, name: str, row: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -158,6 +159,27 @@ class Curves:
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard writes event files from a thread of its own, and re-raises that thread's
+    error (a full disk, say) in the thread that adds or flushes next, where the run fails with
+    it and its one-line cause. Python would also print the thread's traceback at once, into the
+    console of the study or `liftplace distill`; this drops that copy (only that thread's), once
+    per process."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "liftplace_quiet", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, Exception):
+            return
+        previous(args)
+
+    hook.liftplace_quiet = True
+    threading.excepthook = hook
 
 
 def run_label(variant: str, seed: int) -> str:

@@ -84,7 +84,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
     env.setdefault("HF_HUB_OFFLINE", "1")
     # Train V2 routes print() through its logger and the console both: every line twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    kwargs = {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "liftplace.raylog.setup"},
+              "log_to_driver": True}
     # Ray announces the connection on stderr; it is said on stdout instead, so that input refused
     # right after joining (GPUs the cluster lacks) is still one line on stderr.
     announcer = logging.getLogger("ray._private.worker")
@@ -95,6 +96,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
     token = logging.getLogger("ray._private.authentication.authentication_token_setup")
     token_notice = _Swallow("Token authentication is enabled")
     token.addFilter(token_notice)
+    # ray.init replaces the SIGTERM handler with its own (sys.exit(15), or a node teardown that
+    # exits 1), silently; the caller's own handler (the CLI's: one line and exit 143) is put back
+    # once Ray is up. Ray's shutdown at exit still stops the local instance.
+    own_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address:
             if address != "auto" and "://" not in address:
@@ -124,9 +129,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
                     os.environ.pop("RAY_GCS_SERVER_PORT", None)
                 else:
                     os.environ["RAY_GCS_SERVER_PORT"] = previous
+    except SystemExit as stop:
+        if stop.code == signal.SIGTERM and callable(own_term):  # Ray's handler, during ray.init
+            own_term(signal.SIGTERM, None)
+        raise
     finally:
         announcer.setLevel(level)
         token.removeFilter(token_notice)
+        if callable(own_term):
+            signal.signal(signal.SIGTERM, own_term)
     RAY_SESSION["dashboard"] = f"http://{context.dashboard_url}" if context.dashboard_url else None
     auth = " (token authentication on)" if token_notice.seen else ""
     dashboard = f"; dashboard {RAY_SESSION['dashboard']}" if RAY_SESSION["dashboard"] and show_dashboard else ""
@@ -408,6 +419,8 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("start_from"):  # see run_single: Ray's record was cut short
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["start_from"])
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as directory:
         run_payload(loop_config["payload"], {"runner": "train", **loop_config.get("extra", {})}, send, directory,
                     curves=loop_config.get("curves"), log=print if loop_config.get("verbose", True) else _quiet)
@@ -456,12 +469,13 @@ def _trainer_class():
 
 def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), max_failures: int = 0, extra=None,
                  payload: dict | None = None, curves: dict | None = None, verbose: bool = True,
-                 ray_logs: bool = False):
+                 ray_logs: bool = False, start_from: str | None = None):
     """A TorchTrainer for config's scaling that trains payload (default: config's one run);
     curves: where rank 0 writes TensorBoard event files (run_payload); verbose: progress lines;
     ray_logs: Ray Train's own INFO and WARNING lines on the console (every report, resource
     requests, and under a loaded CPU a "safe to ignore" warning with a traceback); without,
-    only its errors (its log files keep everything)."""
+    only its errors (its log files keep everything); start_from: a checkpoint folder to begin
+    from when Ray Train holds none of its own."""
     import ray.train
 
     sc = config.scaling
@@ -469,7 +483,7 @@ def make_trainer(config: RunConfig, *, storage: str, name: str, callbacks=(), ma
     return _trainer_class()(
         train_loop,
         train_loop_config={"payload": payload or {"config": config.to_dict()}, "extra": extra or {}, "curves": curves,
-                           "verbose": verbose, "ray_logs": ray_logs},
+                           "verbose": verbose, "ray_logs": ray_logs, "start_from": start_from},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
@@ -509,6 +523,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     """
     out = Path(out).resolve()
     prepare_out_dir(out, resume)
+    start_from = None
     if resume:
         try:
             saved = json.loads((out / "config.json").read_text())
@@ -525,10 +540,20 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
             from liftplace.teachers import teacher_fingerprint
 
             checkpoints.check(last, checkpoints.config_digest(config.to_dict()), teacher_fingerprint(config.teacher.name))
+        snapshot = out / "run" / "checkpoint_manager_snapshot.json"
+        try:
+            json.loads(snapshot.read_text()) if snapshot.is_file() else None
+        except ValueError:
+            # Ray Train rewrites its record of the run's checkpoints in place; a full disk (or a
+            # crash while it wrote) leaves it cut short, and Ray refuses to start from it. The rows
+            # name the last checkpoint it had registered: the run goes on from that one instead
+            # (the record is set aside once the checks below have passed).
+            start_from = last or ""
         if rows and rows[-1]["step"] >= config.train.steps and (
                 rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
             print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")
             return rows[-1]
+    distill._pause_point("checks")
     check_inputs([config])
     check_resources([config], address)  # before Ray starts, where that can be known
     check_memory([config], address)
@@ -538,17 +563,31 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     check_memory([config], address)
     files.make_folder(out, "--out")
     config.save(out / "config.json")
+    if start_from is not None:
+        snapshot = out / "run" / "checkpoint_manager_snapshot.json"
+        snapshot.replace(snapshot.with_name(snapshot.name + ".cut-short"))
+        print(f"{snapshot} was cut short (a full disk, or a crash while it was written; kept as "
+              f"{snapshot.name}.cut-short): going on from {start_from or 'the start'}, the last checkpoint "
+              "metrics.jsonl names")
+        start_from = start_from or None
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],
-                           max_failures=max_failures, curves=curves)
+                           max_failures=max_failures, curves=curves, start_from=start_from)
+    distill._pause_point("trainer")
     error = _fit_interruptibly(trainer, out, config.train.steps)
     if error:
         log_file = out / "error.txt"
-        files.write_text(log_file, f"{error}\n")  # the workers' tracebacks, in full
+        try:
+            files.write_text(log_file, f"{error}\n")  # the workers' tracebacks, in full
+            where = f"the full error is in {log_file}"
+        except OSError as err:  # the disk the run filled, most likely: say so instead
+            where = f"its full error could not be written to {log_file} ({err.strerror or err})"
         rows = results.read_metrics(out / "metrics.jsonl")
         step = rows[-1]["step"] if rows else 0
-        raise RunFailed(f"the run failed after step {step} of {config.train.steps}: {failure_cause(error)}; "
-                        f"the full error is in {log_file}; continue it with --resume")
+        cause = failure_cause(error)
+        space = "; free space under " + str(out) if "No space left" in cause or "No space left" in where else ""
+        raise RunFailed(f"the run failed after step {step} of {config.train.steps}: {cause}; {where}{space}; "
+                        "continue it with --resume")
     last = results.read_metrics(out / "metrics.jsonl")[-1]
     if last.get("checkpoint_path") and (Path(last["checkpoint_path"]) / "samples.png").is_file():
         shutil.copy(Path(last["checkpoint_path"]) / "samples.png", out / "samples.png")

@@ -20,16 +20,21 @@ PAUSE_FILE = os.environ.setdefault("LIFTPLACE_PAUSE_FILE",
 
 @pytest.fixture
 def pause_point():
-    """Arm the training loop's pause point: arm(step) or arm(step, fail=MESSAGE); returns the
-    file's path. Disarmed (the file removed) after the test."""
+    """Arm the training loop's pause point: arm(step), arm(step, fail=MESSAGE) or arm(step,
+    fail=MESSAGE, errno=E) (step: a number, or "checks" / "trainer" before `liftplace distill`
+    trains); returns the file's path. Arming again while paused releases the pause. Disarmed
+    (the file removed) after the test."""
     import json
     import pathlib
 
     path = pathlib.Path(PAUSE_FILE)
 
-    def arm(step: int, fail: str | None = None) -> pathlib.Path:
+    def arm(step: int | str, fail: str | None = None, errno: int | None = None) -> pathlib.Path:
         pathlib.Path(f"{path}.paused").unlink(missing_ok=True)
-        path.write_text(json.dumps({"step": step, **({"fail": fail} if fail else {})}))
+        armed = {"step": step, **({"fail": fail} if fail else {}), **({"errno": errno} if errno else {})}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(armed))
+        tmp.replace(path)  # whole, so that a paused loop never reads half of it
         return path
 
     yield arm

@@ -352,7 +352,8 @@ def test_a_failed_trial_ends_its_study_with_one_line_and_no_report(ray_session, 
 def test_ctrl_c_or_sigterm_ends_liftplace_distill_with_one_line_and_the_resume_command(ray_session, tiny_teacher_dir,
                                                                                       tmp_path, pause_point):
     """SIGTERM at step 10, then (resumed) Ctrl-C at step 15, then a resume that finishes: each
-    stop is one stderr line with the command that continues it, exit 143 / 130; nothing lost."""
+    stop is one stderr line with the command that continues it, exit 143 / 130; nothing lost,
+    even when Ray Train's own record of the checkpoints was left cut short."""
     import signal
     import time
 
@@ -394,11 +395,136 @@ def test_ctrl_c_or_sigterm_ends_liftplace_distill_with_one_line_and_the_resume_c
     code, lines = stopped_at(15, signal.SIGINT, resume=True)
     assert code == 130 and len(lines) == 1 and "after step 15 of 20" in lines[0], lines
     assert "from its checkpoint at step 10" in lines[0] and lines[0].count("--resume") == 1
+    # Ray Train's record of the checkpoints, cut short as a full disk leaves it: the resume goes
+    # on from the checkpoint metrics.jsonl names (Ray alone would refuse to start).
+    record = out / "run" / "checkpoint_manager_snapshot.json"
+    record.write_bytes(record.read_bytes()[:40])
+    proc = subprocess.run([*liftplace(*args), "--resume"], capture_output=True, text=True, timeout=300, env=quiet,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
+    assert f"{record} was cut short" in proc.stdout and "checkpoint_" in proc.stdout.split("going on from")[1]
+    assert (out / "run" / "checkpoint_manager_snapshot.json.cut-short").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize("phase,sig,status", [("checks", "SIGINT", 130), ("trainer", "SIGTERM", 143)])
+def test_a_stop_before_training_ends_liftplace_distill_with_one_line(ray_session, tiny_teacher_dir, tmp_path,
+                                                                    pause_point, phase, sig, status):
+    """Ctrl-C while the inputs are checked (torch loaded, Ray not started): one line, exit 130,
+    nothing written. SIGTERM once config.json is written, before Ray Train starts: one line with
+    the resume command, exit 143, and that command finishes the run."""
+    import signal
+    import time
+
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    args = ["distill", "--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}", "--set", "eval.num_images=32",
+            "--set", "eval.sampler_steps=2", "--out", str(out), "--address", address]
+    quiet = {**env(), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    armed = pause_point(phase)
+    proc = subprocess.Popen(liftplace(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=quiet,
+                            cwd=ROOT)
+    deadline = time.time() + 180
+    while not Path(f"{armed}.paused").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert Path(f"{armed}.paused").exists(), proc.communicate()
+    proc.send_signal(getattr(signal, sig))
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    armed.unlink()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == status and len(lines) == 1, stderr
+    if phase == "checks":
+        assert lines[0] == f"liftplace: interrupted before the run started; nothing was written to {out}"
+        assert not out.exists()
+        return
+    assert lines[0].startswith("liftplace: interrupted before training started; continue it with: liftplace distill")
+    assert lines[0].endswith(f"--address {address} --resume"), lines[0]
+    assert "config.json" in os.listdir(out) and not (out / "metrics.jsonl").exists()
     proc = subprocess.run([*liftplace(*args), "--resume"], capture_output=True, text=True, timeout=300, env=quiet,
                           cwd=ROOT)
     assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file on disk until the file system is full; returns it."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as handle:  # unbuffered: nothing left to fail at close
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    handle.write(bytes(size))
+            except OSError:
+                continue
+    return filler
+
+
+def test_a_full_disk_under_out_ends_liftplace_distill_with_one_line_and_resume_finishes(ray_session, tiny_teacher_dir,
+                                                                                       tmp_path, pause_point):
+    """The disk under --out fills while the run trains (after step 10): one line naming the full
+    disk and the resume command, exit 1, though not even error.txt can be written; once space
+    is freed the resume finishes the run. On a tiny tmpfs where the test may mount one (root);
+    elsewhere a worker's write fails with ENOSPC and error.txt is a folder, so it cannot be
+    written either."""
+    import time
+
+    address = ray_session.get_runtime_context().gcs_address
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                                                       capture_output=True).returncode == 0
+    except (AttributeError, OSError):  # no geteuid (not POSIX), no mount command
+        mounted = False
+    try:
+        out = disk / "out"
+        args = ["distill", "--preset", "smoke", "--set", f"teacher.name={tiny_teacher_dir}", "--set",
+                "eval.num_images=32", "--set", "eval.sampler_steps=2", "--out", str(out), "--address", address]
+        quiet = {**env(), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        armed = pause_point(10)
+        proc = subprocess.Popen(liftplace(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=quiet, cwd=ROOT)
+        deadline = time.time() + 240
+        while not Path(f"{armed}.paused").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert Path(f"{armed}.paused").exists(), proc.communicate()
+        if mounted:
+            filler = _fill(disk)
+            armed.unlink()
+        else:
+            (out / "error.txt").mkdir()
+            pause_point(15, fail="No space left on device", errno=28)
+        try:
+            _, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(lines) == 1, stderr
+        # The step is the last whose row reached metrics.jsonl: which write meets the full disk
+        # first (the controller's record of step 10, a row, a checkpoint) is the machine's to say.
+        assert re.match(r"liftplace: error: the run failed after step \d+ of 20: OSError: ", lines[0]), lines[0]
+        assert "No space left on device" in lines[0] and f"could not be written to {out / 'error.txt'}" in lines[0]
+        assert f"free space under {out}" in lines[0] and lines[0].endswith("--resume")
+        if mounted:
+            filler.unlink()
+        else:
+            (out / "error.txt").rmdir()
+            armed.unlink()
+        proc = subprocess.run([*liftplace(*args), "--resume"], capture_output=True, text=True, timeout=300,
+                              env=quiet, cwd=ROOT)
+        assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_resuming_a_finished_run_does_nothing(tiny_teacher_dir, tmp_path):
