@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -146,6 +147,11 @@ def cli(make, description: str, *, list_paths: bool = True):
     except (ValueError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Run by a study's driver (which says it in its own line), quietly; alone, in one line.
+        if not os.environ.get("LIFTPLACE_REPORT_OF_STUDY"):
+            print(f"{Path(sys.argv[0]).name}: interrupted; run it again to build the report", file=sys.stderr)
+        raise SystemExit(130) from None
     if list_paths:
         for path in paths:
             print(path)

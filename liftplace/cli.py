@@ -281,11 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Stopped(BaseException):
-    """SIGTERM, turned into an exception in the main thread as Ctrl-C is (a BaseException, as
-    KeyboardInterrupt is, so that no library's ``except Exception`` swallows it)."""
-
-
 def _interrupted_before_training(args) -> str:
     """What a Ctrl-C or SIGTERM before a run's training loop started leaves, in one line."""
     out = getattr(args, "out", None)
@@ -302,15 +297,9 @@ def main(argv=None) -> int:
     """Bad input: one line, exit 2. A file that cannot be written (a full disk, no permission):
     one line, exit 1. Ctrl-C or SIGTERM before a command's own handling takes over (while
     torch and Ray load, during the checks, while Ray starts): one line, exit 130 or 143."""
-    import signal
+    from liftplace import stops
 
-    def on_term(sig, frame):
-        raise Stopped
-
-    # SIGINT explicitly too: a process started in the background by a non-interactive shell
-    # inherits SIGINT ignored, and `kill -INT` must still stop it with its one line.
-    previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with stops.stoppable():
         args = build_parser().parse_args(argv)
         try:
             args.func(args)
@@ -320,15 +309,11 @@ def main(argv=None) -> int:
         except OSError as err:
             print(f"liftplace: error: {err}", file=sys.stderr)
             return 1
-        except (KeyboardInterrupt, Stopped) as stop:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one while this is said is the same stop
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except (KeyboardInterrupt, stops.Stopped) as stop:
+            stops.quiet()
             print(f"liftplace: {_interrupted_before_training(args)}", file=sys.stderr)
-            return 143 if isinstance(stop, Stopped) else 130
+            return stops.status(stop)
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
 
 
 if __name__ == "__main__":

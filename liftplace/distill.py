@@ -512,7 +512,8 @@ def _train(members: dict, report: Callable, checkpoint, log) -> dict:
 # (with "errno": E, OSError(E, MESSAGE), as a full disk would). Writing other content into the
 # file while paused releases the pause and arms that instead. `liftplace distill` has named
 # points before training too ({"step": "checks"}, before the checks of its inputs; "trainer",
-# after config.json is written and before Ray Train starts).
+# after config.json is written and before Ray Train starts), and a study before its trials
+# ("study checks", before its checks; "study claimed", once study.json is written).
 PAUSE_FILE = os.environ.get("LIFTPLACE_PAUSE_FILE")
 
 

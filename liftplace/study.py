@@ -17,14 +17,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liftplace.config import RunConfig, from_dict, parse_override, resolve
-from liftplace.distill import cohort_key
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from liftplace.config import RunConfig
+# liftplace.config and liftplace.distill (torch, diffusers: seconds) load inside the functions
+# that need them: a study script's first import is light, so that study_main is running, and a
+# Ctrl-C ends in its one line, from the first second.
 
 RUNNERS = ("auto", "train", "direct")
 MAX_SEEDS = 1000  # seeds per variant: more is a typo (100000 planned for minutes), not a study
@@ -76,6 +82,8 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_lis
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if seeds > MAX_SEEDS or len(seed_list or []) > MAX_SEEDS:
         raise ValueError(f"--seeds {seeds}: at most {MAX_SEEDS} seeds per variant (plan with liftplace plan-seeds)")
+    from liftplace.config import parse_override, resolve
+
     user = dict(parse_override(o) for o in overrides)
     if "train.seed" in user:  # it would be recorded in study.json, yet every run takes the study's seed
         raise ValueError("--set train.seed: a study's runs take its seeds 0..N-1; use --seeds N (or --add-seeds N)")
@@ -97,6 +105,8 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_lis
 def group_cohorts(trials: list[dict], configs: list[RunConfig]) -> list[dict]:
     """Trials of one seed whose configs (the trials' own, resolved) share a cohort key become
     one cohort trial (in the order of the variants); a trial with no partner stays a single run."""
+    from liftplace.distill import cohort_key
+
     groups: dict[tuple, list[dict]] = {}
     for trial, config in zip(trials, configs):
         key = (trial["seed"], cohort_key(config))
@@ -133,6 +143,8 @@ def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None =
     if cohort not in COHORTS:
         raise ValueError(f"--cohort {cohort!r}: choose one of {', '.join(COHORTS)}")
     seeds = 1 if study.space else (study.seeds if seeds is None else seeds)
+    from liftplace.config import from_dict
+
     runs = expand(study, preset, list(overrides), seeds, seed_list)
     configs = [from_dict(t["config"], check_paths=False) for t in runs]
     trials = runs if cohort == "off" or study.space else group_cohorts(runs, configs)
@@ -212,7 +224,8 @@ def build_report(folder: Path) -> Path | None:
         print(f"analysis: {MAKE_ALL} not found (the package was installed without its repository); "
               f"the study's results are in {folder}")
         return None
-    subprocess.run([sys.executable, str(MAKE_ALL), str(folder)], check=True)
+    subprocess.run([sys.executable, str(MAKE_ALL), str(folder)], check=True,
+                   env={**os.environ, "LIFTPLACE_REPORT_OF_STUDY": "1"})  # a Ctrl-C is said once, by the study
     return Path(folder) / "analysis" / "REPORT.md"
 
 
@@ -235,7 +248,37 @@ def resume_command(argv=None) -> str:
 
 
 def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
-    """The command line every study script shares: run (or resume) the study, then its report."""
+    """The command line every study script shares: run (or resume) the study, then its report.
+    Ctrl-C or SIGTERM before the trials start (while torch and Ray load, during the checks) or
+    while the report is built ends with one line that says what is left and how to go on; once
+    the trials run, the study's own handling says it (``StudyInterrupted``)."""
+    from liftplace import stops
+
+    stage: dict = {}
+    with stops.stoppable():
+        try:
+            return _study_main(study, argv, report=report, stage=stage)
+        except (KeyboardInterrupt, stops.Stopped) as stop:
+            stops.quiet()
+            print(f"{Path(sys.argv[0]).name}: {_where_stopped(stage, argv)}", file=sys.stderr)
+            raise SystemExit(stops.status(stop)) from None
+
+
+def _where_stopped(stage: dict, argv) -> str:
+    folder = stage.get("folder")
+    if folder is None:
+        return "interrupted before the study started; nothing was written"
+    if stage.get("report"):
+        return (f"interrupted while its report was built (the study is finished); build it with: "
+                f"python {MAKE_ALL.relative_to(Path.cwd()) if MAKE_ALL.is_relative_to(Path.cwd()) else MAKE_ALL} {folder}")
+    from liftplace.results import STUDY_FILE
+
+    if (folder / STUDY_FILE).is_file():
+        return f"interrupted before its trials started; continue it with: {resume_command(argv)}"
+    return f"interrupted before the study started; nothing was written to {folder}"
+
+
+def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
     parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
     parser.add_argument("--preset", default="cpu", help="smoke | cpu | cpu-50 | paper (default cpu)")
     parser.add_argument("--seeds", default=str(study.seeds),
@@ -282,9 +325,10 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
             parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
-    try:
-        from liftplace.sweep import RunFailed, StudyInterrupted, run_study  # Ray's import (~1 s) after the command line is read
+    stage["folder"] = Path(args.storage).expanduser().resolve() / study.name
+    from liftplace.sweep import RunFailed, StudyInterrupted, run_study  # Ray's import (~1 s) after the command line is read
 
+    try:
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
                            address=args.address, resume=args.resume, runner=args.runner,
                            max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"),
@@ -300,6 +344,7 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
         print(f"{Path(sys.argv[0]).name}: error: {err}; continue it with: {resume_command(argv)}", file=sys.stderr)
         raise SystemExit(1) from None
     if report:
+        stage["report"] = True
         path = build_report(folder)
         if path is not None:
             print(f"analysis: {Path(folder) / 'analysis'} (open {path})")

@@ -801,6 +801,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     storage = folder.parent
     if study.space:
         _check_space(study, trials[0]["config"])
+    distill._pause_point("study checks")
     check_inputs(configs, log=log)
     check_resources(configs, address)
     # As many trials at once as this machine's CPUs allow (the default below), within the memory.
@@ -831,6 +832,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             results.record(folder, "margin", margin)
         results.record(folder, "history", {"action": action, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "provenance": results.provenance()})
+        distill._pause_point("study claimed")
         ray = ensure_ray(address, show_dashboard=False)
         check_resources(configs)
         check_memory(configs, address, members=members, log=log)  # a joined cluster's nodes, now known
@@ -1086,6 +1088,11 @@ def _sigterm_as_sigint():
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(notices)
     tune_logger.addFilter(incomplete)
+    # (And, of a trial stopped before its first row, "Failed to fetch metrics ...: both
+    # result.json and progress.csv were not found": the study's own line says what finished.)
+    unfetched = _Swallow("Failed to fetch metrics")
+    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_logger.addFilter(unfetched)
     previous = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
     try:
         yield received
@@ -1096,6 +1103,7 @@ def _sigterm_as_sigint():
         signal.signal(signal.SIGINT, previous[1])
         tune_logger.removeFilter(notices)
         tune_logger.removeFilter(incomplete)
+        analysis_logger.removeFilter(unfetched)
 
 
 def _duration(seconds: float) -> str:

@@ -233,6 +233,37 @@ def test_a_study_whose_docstring_was_edited_resumes_and_any_other_change_is_refu
     assert json.loads((folder / "study.json").read_text()) == measured
 
 
+@pytest.mark.parametrize("phase,sig,status", [("study checks", signal.SIGINT, 130),
+                                               ("study claimed", signal.SIGTERM, 143)])
+def test_a_stop_before_the_trials_ends_a_study_with_one_line(ray_session, tmp_path, pause_point, phase, sig, status):
+    """Ctrl-C during the checks: nothing written, one line; SIGTERM once study.json is written
+    (before Ray and the trials): one line with the resume command."""
+    address = ray_session.get_runtime_context().gcs_address
+    args = ["--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), "--address", address, *FAST]
+    armed = pause_point(phase)
+    driver = subprocess.Popen([sys.executable, str(ROOT / "studies" / "ablate_k.py"), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not Path(f"{armed}.paused").exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert Path(f"{armed}.paused").exists(), driver.communicate()
+    driver.send_signal(sig)
+    try:
+        _, err = driver.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        raise
+    lines = err.strip().splitlines()
+    assert driver.returncode == status and len(lines) == 1, err
+    folder = tmp_path / "ablate_k"
+    if phase == "study checks":
+        assert lines[0] == f"ablate_k.py: interrupted before the study started; nothing was written to {folder}"
+        assert not folder.exists() or not any(folder.iterdir())
+    else:
+        assert lines[0].startswith("ablate_k.py: interrupted before its trials started; continue it with: python ")
+        assert lines[0].endswith(" --resume") and (folder / "study.json").is_file()
+
+
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_ends_a_study_with_one_line_and_the_resume_command(ray_session, tmp_path, sig, status):
     address = ray_session.get_runtime_context().gcs_address
