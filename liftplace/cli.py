@@ -306,6 +306,11 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError) as err:
             print(f"liftplace: error: {err}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the reader went away (`liftplace status | head`): nothing to say
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit
+            return 141
         except OSError as err:
             print(f"liftplace: error: {err}", file=sys.stderr)
             return 1
