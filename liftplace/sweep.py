@@ -523,7 +523,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     """
     out = Path(out).resolve()
     prepare_out_dir(out, resume)
-    start_from = None
+    start_from, cut_short = None, False
     if resume:
         try:
             saved = json.loads((out / "config.json").read_text())
@@ -548,7 +548,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
             # crash while it wrote) leaves it cut short, and Ray refuses to start from it. The rows
             # name the last checkpoint it had registered: the run goes on from that one instead
             # (the record is set aside once the checks below have passed).
-            start_from = last or ""
+            start_from, cut_short = last, True
         if rows and rows[-1]["step"] >= config.train.steps and (
                 rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
             print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")
@@ -563,13 +563,12 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     check_memory([config], address)
     files.make_folder(out, "--out")
     config.save(out / "config.json")
-    if start_from is not None:
+    if cut_short:
         snapshot = out / "run" / "checkpoint_manager_snapshot.json"
         snapshot.replace(snapshot.with_name(snapshot.name + ".cut-short"))
         print(f"{snapshot} was cut short (a full disk, or a crash while it was written; kept as "
               f"{snapshot.name}.cut-short): going on from {start_from or 'the start'}, the last checkpoint "
               "metrics.jsonl names")
-        start_from = start_from or None
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(out / "metrics.jsonl")],
                            max_failures=max_failures, curves=curves, start_from=start_from)
