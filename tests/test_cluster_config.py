@@ -25,7 +25,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_FILES = sorted([ROOT / "cluster.yaml", *(ROOT / "cluster").glob("*.yaml")])
+# Found on disk (not named): a missing cluster.yaml must fail the test below, not be parametrized in.
+CLUSTER_FILES = sorted([*ROOT.glob("cluster.yaml"), *(ROOT / "cluster").glob("*.yaml")])
 IDS = [str(p.relative_to(ROOT)) for p in CLUSTER_FILES]
 SCRIPT = ROOT / "scripts" / "ray_up_local.sh"
 COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
