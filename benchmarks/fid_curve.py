@@ -10,7 +10,7 @@ cohort's students may differ in (learning rate, EMA decay, objective, student), 
 stream. Every student is evaluated every ``--eval-every`` steps under the preset's protocol
 (the teacher's card is measured under the same one). Prints one line per evaluation and
 writes every evaluated row (variant, step, FID, KID, precision, recall, loss, elapsed seconds)
-to ``--out`` as CSV, so that curves for several settings can be compared (this is how the `cpu` preset's regime was chosen; README, "Choosing the cpu preset").
+to ``--out`` as CSV, so that curves for several settings can be compared (this is how the `cpu` preset's regime was chosen; docs/teachers-and-fid.md, "Choosing the cpu preset").
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ Presets:
 - ``cpu`` (the default): the built-in MNIST at 16x16, the shipped ``unet-m`` teacher (1.1M
   parameters, FID 2.98), a 90%-pruned student (10,801 parameters: 0.97% of the teacher, the
   paper's is 1.6%) trained 2,000 steps at batch 64. Chosen by measured FID-vs-step curves
-  (README, "Choosing the cpu preset"). It is not the paper's regime: there the student trained
-  alone (task) reaches FID 12.9 and with kd 11.7 (1.1x, where the paper's premise asks for 3x)
-  and kd is 3.9x its teacher (the paper's 8.5x), so the premise gate fails (README, "The
-  premise gate").
+  (docs/teachers-and-fid.md, "Choosing the cpu preset"). It is not the paper's regime: the
+  student trained alone is about as good as with kd, so the premise gate fails (the numbers:
+  README, "What the default study shows"; the gate: docs/premise.md).
 - ``cpu-50``: the earlier default, a 50%-pruned student of ``unet-xs`` (a quarter of its
   weights) trained 1,500 steps. Its students do not converge (FID 300-800); it shows how fast
   each objective leaves noise, where PLACE led KD by 2.5x.

@@ -15,7 +15,7 @@ Cost: `cpu` preset, 6 variants x 4 seeds as 4 cohort trials with FID at 500 / 1,
 2,000 steps, measured 1 h 06 min 57 s on a 2-core machine including the report (first round at
 load 3.5-4 from tests beside it, 37.9 min; second round nearly quiet, 26.8 min; ~57 min quiet,
 estimated); the 30 min aimed for is not met. `paper` preset: 4 cohort trials of 500k steps of
-the user's DDPM and six 90% students each (README, GPU-hours).
+the user's DDPM and six 90% students each (docs/performance.md, "GPU-hours").
 Result at `cpu` (final FID, mean +- std of 4 seeds; teacher 2.98): kd 11.80 +- 0.70, task
 13.11 +- 0.92, lift 52.53 +- 8.14 (worse than kd, Holm p 0.010), place K=16 25.54 +- 13.38,
 place K=4 9.23 +- 1.50 (Welch p 0.033, Holm 0.13: inconclusive, power 0.25 for a 20%

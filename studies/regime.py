@@ -14,12 +14,15 @@ and `unet-l` on MNIST; `unet-m-glyphs` on `glyphs`, 52 letters in 21 fonts, a ha
 Held fixed: the preset's steps, batch, lr, EMA, sampler and FID protocol; FID at a quarter, half,
 three quarters and the end of training; seeds 0..N-1. The variants of one teacher and seed train
 as one cohort trial (8 students on one teacher forward per step).
-Cost: `cpu`, 24 variants x 2 seeds as 6 cohort trials of 8 students; measured in part: 4 of
-the 6 trials (unet-m both seeds, unet-l and unet-m-glyphs seed 0) in 1 h 23 min at load 6-11
-(tests beside it), 35-46 min a trial; the whole study is about 2 h on 2 cores (estimated).
-Result so far (README, "The premise gate"): no setting passes. The student alone is at most
-1.47x worse than with kd (glyphs, ours 80%: FID 330 vs 225); the authors' student structure
-(one channel per GroupNorm group) learns nothing in 2,000 steps except on unet-l at 80%.
+Cost: `cpu`, 24 variants x 2 seeds as 6 cohort trials of 8 students, two at a time: measured
+3 h 49 min of trials in two pieces (2 h 44 min, stopped with Ctrl-C, then `--resume` for 1 h
+05 min), all of it under load (4-17: the test suite and other work beside it), 35-65 min a
+trial; then about 30 min for the report (the linear-correction figure samples each student).
+Quiet, the whole study is about 2 h on 2 cores (estimated from the trials' step rates).
+Result (docs/premise.md): no setting passes. The student alone is at most 1.51x worse than
+with kd (glyphs, ours 80%: FID 330 and 400 against 225 and 257); where students learn, kd is
+1.0-1.5x better than the student alone; the authors' student structure (one channel per
+GroupNorm group) learns nothing in 2,000 steps except on unet-l at 80%.
 
     python studies/regime.py [--preset smoke|cpu] [--seeds N] [--storage DIR] [--set key=value ...]
 """

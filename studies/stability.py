@@ -15,7 +15,7 @@ other benchmarks ran beside it at a higher priority; its trials took 22-48 min e
 the 45 minutes aimed for; quiet, three rounds of ~18 min make ~55 min, still over: five or six
 seeds on two cores are three rounds of two-at-a-time trials, and each trial is ~1,000 s of one
 core (2,000 steps of 0.44 s plus 15 FID evaluations of ~13 s). Four seeds would fit in two
-rounds (~37 min). `paper`: 6 cohort trials of 100k steps (README, GPU-hours).
+rounds (~37 min). `paper`: 6 cohort trials of 100k steps (docs/performance.md, "GPU-hours").
 Result at `cpu` (6 seeds; mean FID at steps 400 / 800 / 1,200 / 1,600 / 2,000):
 kd 223 / 116 / 47 / 19.6 / 12.0; lift 299 / 144 / 102 / 74 / 62.3; place K=16 260 / 166 / 93 /
 57.5 / 35.7. Final FID: kd 12.00 +- 0.60 (95% bootstrap CI 11.6-12.4), place 35.7 +- 21.7

@@ -368,7 +368,7 @@ def test_student_depth_is_a_dit_option_checked_before_training(tmp_path):
     config = resolve("smoke", {"teacher.name": "dit-s", "student.prune_ratio": 0.9, "student.depth": 2})
     teacher, _ = load_teacher("dit-s")
     student = build_student(teacher, config.student, seed=0, example_shape=(2, 1, 16, 16))
-    # the shares the README states: heads and MLP alone, with depth, one block
+    # the shares docs/own-model.md states: heads and MLP alone, with depth, one block
     assert len(student.transformer_blocks) == 2 and round(count_params(student) / count_params(teacher), 2) == 0.30
     share = {}
     for ratio, depth in ((0.5, None), (0.9, None), (0.0, 2), (0.9, 1)):
