@@ -17,7 +17,7 @@ as one cohort trial (8 students on one teacher forward per step).
 Cost: `cpu`, 24 variants x 2 seeds as 6 cohort trials of 8 students, two at a time: measured
 3 h 49 min of trials in two pieces (2 h 44 min, stopped with Ctrl-C, then `--resume` for 1 h
 05 min), all of it under load (4-17: the test suite and other work beside it), 35-65 min a
-trial; then about 30 min for the report (the linear-correction figure samples each student).
+trial; then 47 min for the report at load 9-15 (the linear-correction figure samples students).
 Quiet, the whole study is about 2 h on 2 cores (estimated from the trials' step rates).
 Result (docs/premise.md): no setting passes. The student alone is at most 1.51x worse than
 with kd (glyphs, ours 80%: FID 330 and 400 against 225 and 257); where students learn, kd is
