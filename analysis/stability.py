@@ -50,25 +50,42 @@ def make(folder):
     variants = list(summary["variant"].drop_duplicates())
     # The final-FID panel widens with the variants (compression has 18), so their names fit.
     width = max(4.0, 0.45 * len(variants))
+    # Many variants (regime has 24): 20 distinct colours, and the legend goes under the curves
+    # in two columns, the figure taller by its rows, instead of over them.
+    many = len(variants) > 8
+    height = 4 + (0.17 * -(-len(variants) // 2) if many and curves_shown else 0)
+    color = (lambda i: plt.get_cmap("tab20")(i % 20)) if many else (lambda i: f"C{i}")
     if curves_shown:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(6 + width, 4), gridspec_kw={"width_ratios": [6, width]})
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(6 + width, height), gridspec_kw={"width_ratios": [6, width]})
     else:
-        fig, ax2 = plt.subplots(figsize=(1 + width, 4))
+        fig, ax2 = plt.subplots(figsize=(1 + width, height))
+    finite = summary.loc[~summary["diverged"], "final_fid"].dropna()
+    # FIDs spanning orders of magnitude (students that learn beside ones that do not): log axes.
+    log = len(finite) and finite.min() > 0 and finite.max() / finite.min() > 20
     for i, variant in enumerate(variants):
         curves = evals[evals["variant"] == variant].pivot_table(index="step", columns="run", values="fid")
         if curves_shown and not curves.empty:
-            ax.plot(curves.index, curves.mean(axis=1), "-o", ms=3, color=f"C{i}", label=f"{variant} ({curves.shape[1]} seeds)")
-            ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=f"C{i}", alpha=0.15)
+            ax.plot(curves.index, curves.mean(axis=1), "-o", ms=3, color=color(i), label=f"{variant} ({curves.shape[1]} seeds)")
+            ax.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), color=color(i), alpha=0.15)
         finals = summary[(summary["variant"] == variant) & ~summary["diverged"]]["final_fid"]
-        ax2.scatter(np.full(len(finals), i) + np.linspace(-0.1, 0.1, len(finals)), finals, color=f"C{i}", s=18)
+        ax2.scatter(np.full(len(finals), i) + np.linspace(-0.1, 0.1, len(finals)), finals, color=color(i), s=18)
         ax2.boxplot([finals.dropna()], positions=[i], widths=0.4, showfliers=False)
     if curves_shown:
         ax.set_xlabel("training step")
         ax.set_ylabel("FID of the EMA student (lower is better)")
         ax.set_title(f"{info['name']}: FID along training (mean, band = min..max)", fontsize=10)
-        ax.legend(fontsize=8)
+        if many:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        else:
+            ax.legend(fontsize=8)
+        if log:
+            ax.set_yscale("log")
+    if log:
+        ax2.set_yscale("log")
+        ax2.set_ylabel("final FID (log scale)")
+    else:
+        ax2.set_ylabel("final FID")
     ax2.set_xticks(range(len(variants)), variants, rotation=20 if len(variants) <= 6 else 60, ha="right", fontsize=8)
-    ax2.set_ylabel("final FID")
     ax2.set_title(f"{info['name']}: final FID per seed", fontsize=10)
     paths = save_figure(fig, folder, "stability", footer=protocol_line(summary))
     stats = statistics(summary)
