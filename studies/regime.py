@@ -20,9 +20,10 @@ Cost: `cpu`, 24 variants x 2 seeds as 6 cohort trials of 8 students, two at a ti
 trial; then 47 min for the report at load 9-15 (the linear-correction figure samples students).
 Quiet, the whole study is about 2 h on 2 cores (estimated from the trials' step rates).
 Result (docs/premise.md): no setting passes. The student alone is at most 1.51x worse than
-with kd (glyphs, ours 80%: FID 330 and 400 against 225 and 257); where students learn, kd is
-1.0-1.5x better than the student alone; the authors' student structure (one channel per
-GroupNorm group) learns nothing in 2,000 steps except on unet-l at 80%.
+with kd (glyphs, ours 80%: FID 330 and 400 against 225 and 257); where students learn, it
+ends 1.06-1.51x kd's FID, and with 2 seeds no interval of that ratio excludes 1. The authors'
+student structure (one channel per GroupNorm group) learns nothing in 2,000 steps except on
+unet-l at 80%.
 
     python studies/regime.py [--preset smoke|cpu] [--seeds N] [--storage DIR] [--set key=value ...]
 """

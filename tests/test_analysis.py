@@ -334,24 +334,6 @@ def test_make_all_reports_a_partial_study_and_lists_what_is_missing(tmp_path):
         assert (study / "analysis" / figure).is_file(), figure
 
 
-def test_the_driver_heartbeat_tells_running_from_interrupted_and_reads_the_old_name(tmp_path):
-    import os
-    import socket
-
-    from liftplace.results import DRIVER_FILE, LEGACY_DRIVER_FILE, STALE_S, driver_state, write_heartbeat
-
-    assert driver_state(tmp_path) == "unknown"  # a study from before heartbeats
-    beat = {"host": socket.gethostname(), "pid": os.getpid(), "updated": 1000.0, "state": "finished"}
-    (tmp_path / LEGACY_DRIVER_FILE).write_text(json.dumps(beat))
-    assert driver_state(tmp_path) == "finished"  # a study from before the rename
-    write_heartbeat(tmp_path, "running")  # this process: alive, fresh
-    assert driver_state(tmp_path) == "running"
-    updated = json.loads((tmp_path / DRIVER_FILE).read_text())["updated"]
-    assert driver_state(tmp_path, now=updated + STALE_S + 1) == "interrupted"  # no beat for too long
-    (tmp_path / DRIVER_FILE).write_text(json.dumps({**beat, "state": "running", "pid": 2**22 + 12345, "updated": updated}))
-    assert driver_state(tmp_path, now=updated) == "interrupted"  # on this host, its process is gone
-
-
 # --- the premise gate: does a study's own numbers put it where the paper's claim applies? -------
 
 import premise  # noqa: E402

@@ -1,6 +1,7 @@
-"""The results schema's readers and writers (liftplace/results.py), in-process: a crash's cut-short
-last line is dropped and damage before it refused, a re-reported step replaces the old one,
-study.json refuses another study, and a driver's heartbeat tells running from gone."""
+"""The results schema's readers and writers (liftplace/results.py), in-process: study.json refuses
+another study and keeps what drivers recorded, a driver's heartbeat tells running from gone, and
+names and checkpoints are read from rows. (metrics.jsonl's cut-short and re-reported rows, and
+study.json under failed writes: tests/test_faults.py.)"""
 
 import json
 import os
@@ -10,34 +11,6 @@ import time
 import pytest
 
 from liftplace import results
-
-
-def write_lines(path, *lines):
-    path.write_text("".join(line + "\n" for line in lines))
-
-
-def test_a_cut_short_last_line_is_dropped_and_a_bad_line_before_it_is_damage(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    write_lines(path, '{"step": 1}', '{"step": 2}', '{"step": 3, "lo')
-    assert results.read_jsonl(path) == [{"step": 1}, {"step": 2}]
-    write_lines(path, '{"step": 1}', '{"st', '{"step": 3}')
-    with pytest.raises(results.DamagedFile, match="line 2 is not JSON"):
-        results.read_jsonl(path)
-    assert results.read_jsonl(tmp_path / "absent.jsonl") == []
-
-
-def test_a_re_reported_step_replaces_the_rows_from_it_on(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    first = results.MetricsFile(path)
-    for step in (5, 10, 15, 20):
-        first.append({"step": step, "loss": float(step)})
-    with open(path, "a") as f:
-        f.write('{"step": 25, "lo')  # the crash
-    resumed = results.MetricsFile(path)  # a new process, resumed from the checkpoint at step 10
-    resumed.append({"step": 15, "loss": -15.0})
-    resumed.append({"step": 20, "loss": -20.0})
-    assert [(r["step"], r["loss"]) for r in results.read_jsonl(path)] == [(5, 5.0), (10, 10.0), (15, -15.0), (20, -20.0)]
-    assert path.read_text().endswith("\n") and os.listdir(tmp_path) == ["metrics.jsonl"]  # no temporary file left
 
 
 def test_study_json_refuses_another_study_and_keeps_what_drivers_recorded(tmp_path):
@@ -71,16 +44,20 @@ def test_seeds_of_a_grown_study():
 
 def test_the_heartbeat_tells_a_running_driver_from_a_gone_one(tmp_path):
     assert results.driver_state(tmp_path) == "unknown"  # a study from before heartbeats
-    results.write_heartbeat(tmp_path, "running")
+    beat = {"host": socket.gethostname(), "pid": os.getpid(), "updated": 1000.0, "state": "finished"}
+    (tmp_path / results.LEGACY_DRIVER_FILE).write_text(json.dumps(beat))
+    assert results.driver_state(tmp_path) == "finished"  # a study from before the rename
+    results.write_heartbeat(tmp_path, "running")  # this process: alive, fresh
     assert results.driver_state(tmp_path) == "running"
-    assert results.driver_state(tmp_path, now=time.time() + results.STALE_S + 1) == "interrupted"
-    beat = json.loads((tmp_path / results.DRIVER_FILE).read_text())
-    assert beat["pid"] == os.getpid() and beat["host"] == socket.gethostname()
-    dead = max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 10_000  # no such process
-    (tmp_path / results.DRIVER_FILE).write_text(json.dumps({**beat, "pid": dead}))
-    assert results.driver_state(tmp_path) == "interrupted"  # killed on this machine
-    (tmp_path / results.DRIVER_FILE).write_text(json.dumps({**beat, "pid": dead, "host": "elsewhere"}))
-    assert results.driver_state(tmp_path) == "running"  # another host's process: only its age tells
+    written = json.loads((tmp_path / results.DRIVER_FILE).read_text())
+    assert written["pid"] == os.getpid() and written["host"] == socket.gethostname()
+    updated = written["updated"]
+    assert results.driver_state(tmp_path, now=updated + results.STALE_S + 1) == "interrupted"  # no beat for too long
+    gone = {**beat, "state": "running", "pid": 2**22 + 12345, "updated": updated}  # above Linux's pid_max
+    (tmp_path / results.DRIVER_FILE).write_text(json.dumps(gone))
+    assert results.driver_state(tmp_path, now=updated) == "interrupted"  # on this host, its process is gone
+    (tmp_path / results.DRIVER_FILE).write_text(json.dumps({**gone, "host": "elsewhere"}))
+    assert results.driver_state(tmp_path, now=updated) == "running"  # another host's process: only its age tells
     results.write_heartbeat(tmp_path, "finished")
     assert results.driver_state(tmp_path, now=time.time() + 10 * results.STALE_S) == "finished"
 
@@ -94,3 +71,4 @@ def test_names_and_checkpoints_read_from_rows(tmp_path):
     assert results.last_checkpoint([*rows, {"step": 30, "checkpoint_path": "/x/ckpt"}]) == "/x/ckpt"
     assert dict(results.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3})) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert results.config_columns({"train": {"lr": 0.1}}) == {"config/train/lr": 0.1}
+    assert results.read_jsonl(tmp_path / "absent.jsonl") == []
