@@ -30,11 +30,12 @@ import torch
 from common import kd_and_best_ours, load, out_dir, plt, save_figure, save_table
 from liftplace import models
 from liftplace.checkpoints import load_student
+from liftplace.evaluate import generate
 from liftplace.latents import load_split
 from liftplace.metrics import compute_metrics
 from liftplace.objectives import fit_lines
 from liftplace.results import trial_config
-from liftplace.teachers import generate, load_vae, teacher_space
+from liftplace.teachers import load_vae, teacher_space
 
 NUM_TIMESTEPS = 11  # evenly spaced over [0, T): 0, 100, ..., 900, 999 for T = 1000
 PROBE_IMAGES = 256  # validation images per timestep for the error shares

@@ -40,7 +40,8 @@ def provenance_lines(info: dict) -> list[str]:
     """Who ran the study: each driver's commit, versions and machine, from study.json."""
     history = info.get("history", [])
     if not history:
-        return ["**Provenance.** Not recorded (a study written before drivers recorded it).", ""]
+        why = "`liftplace distill` records none" if info.get("kind") == "run" else "a study written before drivers recorded it"
+        return [f"**Provenance.** Not recorded ({why}).", ""]
     lines = ["**Provenance.** " + "; ".join(
         f"{h['action']} {h['at']}: commit {(h['provenance'].get('commit') or 'none')[:10]}"
         + (" (uncommitted changes)" if h["provenance"].get("dirty") else "")

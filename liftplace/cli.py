@@ -33,7 +33,7 @@ def cmd_objectives(args) -> None:
 
 def cmd_teacher_train(args) -> None:
     from liftplace.metrics import Protocol
-    from liftplace.teachers import train_teacher
+    from liftplace.recipes import train_teacher
 
     protocol = Protocol(num_images=args.eval_images, sampler_steps=args.eval_steps)
     card = train_teacher(
@@ -47,7 +47,7 @@ def cmd_teacher_train(args) -> None:
 
 
 def cmd_teacher_vae(args) -> None:
-    from liftplace.latents import train_vae
+    from liftplace.recipes import train_vae
     from liftplace.metrics import Protocol
 
     card = train_vae(args.out, data=args.data, resolution=args.resolution, steps=args.steps, batch=args.batch,
@@ -59,7 +59,7 @@ def cmd_teacher_vae(args) -> None:
 
 
 def cmd_extractor_train(args) -> None:
-    from liftplace.metrics import train_extractor
+    from liftplace.recipes import train_extractor
 
     result = train_extractor(args.data, args.resolution, epochs=args.epochs, seed=args.seed, out=args.out)
     print(f"saved {args.out}: validation accuracy {result['accuracy']:.4f}")
@@ -75,7 +75,8 @@ def cmd_distill(args) -> None:
     from liftplace.config import resolve
 
     config = resolve(args.preset, args.set)
-    from liftplace.sweep import RunFailed, RunInterrupted, prepare_out_dir, run_single  # Ray's import (~1 s) after the config is checked
+    # Ray's import (~1 s) after the config is checked
+    from liftplace.runner.single import RunFailed, RunInterrupted, prepare_out_dir, run_single
 
     prepare_out_dir(Path(args.out), args.resume)  # before Ray starts
     try:
@@ -96,9 +97,10 @@ def cmd_distill(args) -> None:
 
 def status_text(folder: str) -> str:
     """The table `liftplace status` prints: a summary line, then one line per run."""
-    from liftplace.results import study_status
+    from liftplace.results import read_study_info, study_status
 
     table, driver = study_status(folder)
+    who = "a `liftplace distill` run" if read_study_info(folder).get("kind") == "run" else f"driver {driver}"
     counts = ", ".join(f"{n} {state}" for state, n in table["state"].value_counts().items())
     rows = [("variant", "seed", "state", "step", "loss", "FID", "elapsed")]
     for r in table.itertuples():
@@ -109,7 +111,7 @@ def status_text(folder: str) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return f"{Path(folder).resolve()}: driver {driver}; {len(table)} runs: {counts}\n" + "\n".join(lines)
+    return f"{Path(folder).resolve()}: {who}; {len(table)} runs: {counts}\n" + "\n".join(lines)
 
 
 def cmd_status(args) -> None:
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     status = sub.add_parser("status", help="the state of every run of a study, from its folder (running or not)")
-    status.add_argument("folder", help="a study's folder, <storage>/<study>")
+    status.add_argument("folder", help="a study's folder, <storage>/<study>, or a `liftplace distill --out` folder")
     status.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
                         help="refresh every SECONDS (default 10) until Ctrl-C")
     status.set_defaults(func=cmd_status)
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--power", type=float, default=0.8, help="the power wanted (default 0.8)")
     plan.set_defaults(func=cmd_plan_seeds)
     export = sub.add_parser("export", help="a study's rows and runs as CSV or Parquet, to load elsewhere")
-    export.add_argument("study", help="a study's folder, <storage>/<study>")
+    export.add_argument("study", help="a study's folder, <storage>/<study>, or a `liftplace distill --out` folder")
     export.add_argument("--format", default="csv", choices=["csv", "parquet"])
     export.add_argument("--out", default=None, help="a folder (default <study>/export)")
     export.set_defaults(func=cmd_export)

@@ -39,11 +39,11 @@ from pathlib import Path
 from liftplace import files
 from liftplace.data import check_dataset_spec
 from liftplace.diffusion import PREDICTIONS
+from liftplace.dotted import flatten
 from liftplace.metrics import Protocol
 from liftplace.models import GROUPINGS, IMPORTANCES
 from liftplace.objectives import (FEAT_INITS, REDUCTIONS, make_objective, objective_class, objective_defaults,
                                   objective_names, objective_options)
-from liftplace.results import flatten
 
 
 @dataclass
@@ -509,70 +509,3 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         make_objective(o.name, **config.objective_options(), **widths, shape=(channels, size, size))
     except ValueError as err:
         _refuse("objective", str(err))
-
-
-def check_inputs(configs: list[RunConfig], *, log=print) -> None:
-    """What ``validate`` cannot see without loading, checked once per distinct teacher and data
-    before Ray starts: the teacher's weights (they fit its config.json and are finite), its
-    channels against the data's, every image of a data folder (decoded), and the split sizes
-    (the validation split holds eval.num_images images, the training split a batch). Raises
-    ValueError or FileNotFoundError naming the key."""
-    from liftplace.data import check_images, load_dataset
-    from liftplace.teachers import load_teacher
-
-    from diffusers import DiTTransformer2DModel
-
-    from liftplace import files
-    from liftplace.metrics import cache_root
-
-    try:  # the FID statistics' cache: a file in its place fails only after training, at the first FID
-        files.check_writable(cache_root(), "the metrics cache (LIFTPLACE_CACHE)")
-    except ValueError as err:
-        _refuse("LIFTPLACE_CACHE", str(err))
-    checked_teachers: dict[str, int] = {}
-    classes: dict[str, int | None] = {}
-    checked_data: dict[tuple, tuple[int, int, int]] = {}
-    said: set = set()
-    for config in configs:
-        name, d = config.teacher.name, config.data
-        if name not in checked_teachers:
-            try:
-                teacher, _ = load_teacher(name)  # its weights read and checked, on this machine's CPU
-            except (ValueError, FileNotFoundError) as err:
-                _refuse("teacher.name", str(err), type(err))
-            from liftplace.teachers import load_vae, teacher_space
-
-            space = teacher_space(name)
-            try:
-                load_vae(space)  # a latent teacher's VAE: its weights read and checked too
-            except (ValueError, FileNotFoundError) as err:
-                _refuse("teacher.name", str(err), type(err))
-            # the channels its data is read with, and a DiT's label table (its classes)
-            checked_teachers[name] = space.image_channels
-            classes[name] = teacher.config.num_embeds_ada_norm if isinstance(teacher, DiTTransformer2DModel) else None
-            del teacher
-        channels = checked_teachers[name]
-        key = (d.spec, d.resolution, channels)
-        if key not in checked_data:
-            if d.spec.startswith("folder:") and not any(k[0] == d.spec for k in checked_data):
-                root = d.spec.partition(":")[2]
-                try:
-                    check_images(root, progress=lambda done, total: log(f"data: decoded {done:,} of {total:,} images"))
-                except ValueError as err:
-                    _refuse("data.spec", str(err))
-            try:
-                splits = [load_dataset(d.spec, d.resolution, split, channels) for split in ("train", "val")]
-            except ValueError as err:
-                _refuse("data.spec", f"{err} (teacher {name})")
-            checked_data[key] = (len(splits[0]), len(splits[1]), splits[0].num_classes)
-        train_size, val_size, num_classes = checked_data[key]
-        if classes[name] is not None and num_classes > classes[name]:
-            _refuse("data.spec", f"{d.spec} has {num_classes} classes, more than the {classes[name]} that teacher "
-                                 f"{name} embeds (num_embeds_ada_norm)")
-        if config.eval.num_images > val_size and (key, config.eval.num_images) not in said:
-            said.add((key, config.eval.num_images))
-            log(f"eval: {d.spec} has {val_size:,} validation images, fewer than eval.num_images="
-                f"{config.eval.num_images:,}: FID, KID, precision and recall compare {config.eval.num_images:,} "
-                f"generated images with those {val_size:,} (rows: eval_reference_images)")
-        if config.train.batch > train_size:
-            _refuse("train.batch", f"{config.train.batch} is more than the {train_size} training images of {d.spec}")

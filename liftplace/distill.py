@@ -3,7 +3,7 @@
 ``run(config, report, checkpoint=None)`` trains one student; ``run_cohort(members, report,
 checkpoint=None)`` trains a cohort: several students (variants) that share the teacher, the
 data and the stream of batches, timesteps and noise, in lock step, on one teacher forward per
-step. Both are plain functions: Ray Train calls them in every worker (``liftplace.sweep``),
+step. Both are plain functions: Ray Train calls them in every worker (``liftplace.runner``),
 tests call them in-process. They import nothing from Ray.
 
 ``report(row, checkpoint_dir)`` (a cohort: ``report({variant: row}, checkpoint_dir)``) receives
@@ -43,11 +43,12 @@ from torchvision.utils import save_image
 from liftplace import checkpoints, latents, models
 from liftplace.config import RunConfig
 from liftplace.diffusion import NoiseProcess
+from liftplace.dotted import flatten
+from liftplace.evaluate import evaluate, generate
 from liftplace.metrics import protocol_record
 from liftplace.objectives import Objective, make_objective, objective_class
-from liftplace.results import EVAL_COLUMNS, flatten
-from liftplace.teachers import (evaluate, generate, load_teacher, load_vae, teacher_fingerprint, teacher_process,
-                                teacher_space)
+from liftplace.results import EVAL_COLUMNS
+from liftplace.teachers import load_teacher, load_vae, teacher_fingerprint, teacher_process, teacher_space
 
 Report = Callable[[dict, "Path | None"], None]
 # The settings the students of one cohort may differ in; everything else (teacher, data, seed,
@@ -575,7 +576,7 @@ def ema_weights(student, ema: EMAModel):
 
 
 def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device, *, vae=None) -> dict:
-    """FID/KID/precision/recall of the EMA student (``teachers.evaluate``: a latent student's
+    """FID/KID/precision/recall of the EMA student (``evaluate.evaluate``: a latent student's
     samples are decoded by ``vae`` first, the metrics compare images)."""
     with ema_weights(student, ema):
         return evaluate(student, process, config.data.spec, config.data.resolution, config.eval.protocol(config.data.spec),

@@ -20,8 +20,6 @@ name says (damaged, cut short) is encoded again and replaced, with a line saying
 
 from __future__ import annotations
 
-import dataclasses
-
 import hashlib
 import json
 import os
@@ -193,89 +191,3 @@ def _read(path: Path, vae_key: str, data_key: str, count: int) -> tuple[torch.Te
     if latents is None or latents.ndim != 4 or len(latents) != count or not bool(torch.isfinite(latents).all()):
         return None, "does not hold one finite latent per image"
     return latents, ""
-
-
-# The shipped VAE's shape: 1-channel 16x16 digits -> 4 x 8 x 8 latents (two blocks: one halving).
-VAE_SPEC = {"block_out_channels": (16, 32), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
-
-
-def train_vae(out: str | Path, *, data: str = "mnist", resolution: int = 16, steps: int = 2000, batch: int = 64,
-              lr: float = 1e-3, kl_weight: float = 1e-4, seed: int = 0, protocol=None, command: str | None = None,
-              progress: bool = True) -> dict:
-    """Train a small AutoencoderKL on a data set, save it (``save_pretrained``) with card.json
-    and samples.png (validation images above their reconstructions); returns the card.
-
-    Loss: the mean squared reconstruction error of a posterior sample plus ``kl_weight`` times
-    the KL divergence to N(0, 1) per latent element (a light KL: the latents stay informative).
-    After training, ``scaling_factor`` is set to 1 / the standard deviation of the training
-    latents (posterior means), as latent diffusion does, so that a denoiser sees unit variance.
-    The card states the reconstruction error and the FID of the reconstructed validation images:
-    the best FID a latent teacher on this VAE can reach under the protocol.
-    """
-    import shlex
-    import sys
-    import time
-
-    from diffusers import AutoencoderKL
-    from torchvision.utils import save_image
-    from tqdm import tqdm
-
-    from liftplace.data import load_dataset
-    from liftplace.metrics import Protocol, compute_metrics, protocol_record, real_images, stack_dataset
-    from liftplace.models import count_params
-    from liftplace.teachers import warmup_cosine
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out (models are never overwritten)")
-    protocol = dataclasses.replace(protocol or Protocol(), data=data)  # the data's own extractor, where one ships
-    torch.manual_seed(seed)
-    images, _ = stack_dataset(load_dataset(data, resolution, "train"))
-    blocks = len(VAE_SPEC["block_out_channels"])
-    vae = AutoencoderKL(in_channels=images.shape[1], out_channels=images.shape[1], sample_size=resolution,
-                        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                        **VAE_SPEC)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = warmup_cosine(opt, steps)  # as teachers are trained
-    gen = torch.Generator().manual_seed(seed)
-    start = time.time()
-    vae.train()
-    bar = tqdm(range(steps), desc="vae", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        x = images[torch.randint(0, len(images), (batch,), generator=gen)]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=None)).sample
-        mse = torch.nn.functional.mse_loss(recon, x)
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = mse + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}", refresh=False)
-    train_time = time.time() - start
-    vae.eval().requires_grad_(False)
-    vae.register_to_config(scaling_factor=1.0)
-    scale = 1.0 / float(encode(vae, images).std())
-    vae.register_to_config(scaling_factor=scale)
-    out.mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(str(out), safe_serialization=True)
-    val = load_dataset(data, resolution, "val", images.shape[1])
-    real = real_images(val, protocol.num_images)
-    recon = decode(vae, encode(vae, real))
-    metrics = compute_metrics(recon, real, protocol, real_cache_key=val.name)
-    card = {"name": out.name, "kind": "AutoencoderKL", "data": data, "resolution": resolution,
-            "channels": images.shape[1], "latent_shape": list(encode(vae, images[:1]).shape[1:]),
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in VAE_SPEC.items()},
-            "steps": steps, "batch": batch, "lr": lr, "kl_weight": kl_weight, "seed": seed,
-            "scaling_factor": scale, "train_wall_time_s": round(train_time, 1),
-            "val_recon_mse": float(torch.nn.functional.mse_loss(recon, real)),
-            "params": count_params(vae),
-            **{f"recon_{k}": v for k, v in metrics.items()}, **protocol_record(protocol),
-            "command": command or shlex.join(sys.argv), "torch": torch.__version__}
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    grid = torch.cat([torch.cat([real[i:i + 8], recon[i:i + 8]]) for i in range(0, 32, 8)])
-    grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 64 // resolution), mode="nearest")
-    save_image((grid + 1) / 2, str(out / "samples.png"), nrow=8, padding=2, pad_value=1.0)
-    return card

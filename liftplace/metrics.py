@@ -3,15 +3,17 @@
 No weights are ever downloaded. Two feature extractors:
 
 - ``digits-cnn`` (the default for the built-in data): a small classifier trained on a labelled
-  dataset's train split by ``liftplace extractor train`` and shipped with the package, one per
-  built-in data set that has its own (``liftplace/assets/extractor-mnist16.safetensors``, and
-  ``extractor-glyphs16.safetensors`` for ``glyphs``; any other data uses MNIST's); its 128-d
-  penultimate layer is the feature space. Registered with torch-fidelity under that name.
+  dataset's train split by ``liftplace extractor train`` (``liftplace.recipes.train_extractor``)
+  and shipped with the package, one per built-in data set that has its own
+  (``liftplace/assets/extractor-mnist16.safetensors``, and ``extractor-glyphs16.safetensors``
+  for ``glyphs``; any other data uses MNIST's); its 128-d penultimate layer is the feature
+  space. Registered with torch-fidelity under that name.
 - ``inception-v3-compat``: the standard FID network, used only when the user gives a local
   weights file (``weights-inception-2015-12-05-6726825d.pth``). A missing file is an error.
 
 Every result carries the protocol (extractor, image count, sampler steps, seed) it was
-computed under, so that no number is reported without it.
+computed under, so that no number is reported without it. Sampling a model and measuring its
+samples is ``liftplace.evaluate``'s.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,50 +294,3 @@ def stack_dataset(dataset) -> tuple[Tensor, Tensor]:
     """All of a dataset as tensors: images [N, C, H, W], labels [N]."""
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(images), torch.tensor(labels)
-
-
-def classifier_accuracy(model: DigitsCNN, images: Tensor, labels: Tensor) -> float:
-    with torch.no_grad():
-        pred = torch.cat([model(x)[1].argmax(1) for x in images.split(500)])
-    return (pred == labels).float().mean().item()
-
-
-def train_extractor(data: str = "mnist", resolution: int = 16, *, epochs: int = 20, seed: int = 0,
-                    out: str | Path = DEFAULT_EXTRACTOR_WEIGHTS, log=print) -> dict:
-    """Train the digits-cnn feature extractor on a labelled dataset's train split and save it.
-
-    Small shifts (a random 0-2 pixel translation) keep the features stable under the small
-    misalignments that generated digits have. Returns the validation accuracy.
-    """
-    from liftplace.data import load_dataset
-
-    torch.manual_seed(seed)
-    train_x, train_y = stack_dataset(load_dataset(data, resolution, "train"))
-    val_x, val_y = stack_dataset(load_dataset(data, resolution, "val"))
-    if train_x.shape[1] != 1 or int(train_y.min()) < 0:
-        raise ValueError(f"the digits-cnn extractor needs a labelled 1-channel dataset; {data!r} is not")
-    model = DigitsCNN(int(train_y.max()) + 1, resolution)
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
-    steps = epochs * (len(train_x) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
-    pad = max(1, resolution // 8)
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(train_x)).split(64)[: len(train_x) // 64]:
-            x = F.pad(train_x[idx], (pad,) * 4, value=-1.0)
-            dx, dy = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-            x = x[..., dy:dy + resolution, dx:dx + resolution]
-            loss = F.cross_entropy(model(x)[1], train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
-        log(f"epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}  val accuracy {classifier_accuracy(model, val_x, val_y):.4f}")
-    accuracy = classifier_accuracy(model, val_x, val_y)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_extractor(model, out)
-    card = {"accuracy": round(accuracy, 4), "data": data, "resolution": resolution, "epochs": epochs, "seed": seed,
-            "val_images": len(val_x), "command": shlex.join(["liftplace", *sys.argv[1:]])}
-    Path(out).with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    return card

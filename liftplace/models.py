@@ -323,40 +323,6 @@ def count_decode_macs(vae: nn.Module, latent_shape: Sequence[int]) -> int:
     return _macs(lambda: vae.decode(z))
 
 
-def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Module | None = None) -> int:
-    """Bytes one training step distilling ``teacher`` into ``student`` holds at its peak, for a
-    batch of shape ``example_shape`` [B, C, H, W]: the teacher's forward without a graph, the
-    student's forward with the activations autograd keeps for the backward, its gradients, and
-    three copies of its weights (Adam's two moments and the EMA).
-
-    Without a student, the teacher stands in for it: an upper bound for any student pruned from
-    it or narrower than it, found without building (pruning) one, but a loose one for a tiny
-    student (at 16x16, batch 4,000: 3.6 GiB for unet-xs as its own student against 0.8 GiB with
-    its 90%-pruned student).
-
-    Estimated without computing anything: the forward and backward run on "meta" copies (shapes
-    only) under torch's MemTracker, which follows every tensor's allocation and release (Adam's
-    step is counted, not run: on meta tensors it alone took seconds). Measured here against the
-    resident memory a real CPU step adds (unet-m, its 90% student, 28x28): 84 MiB estimated vs
-    110 MiB at batch 64, 1,279 vs 1,401 MiB at batch 1,024; the caller adds a margin. The
-    distillation loss itself (a few tensors the size of the output) is left out."""
-    if len(example_shape) != 4:
-        raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
-    # MemTracker hooks every parameter's gradient, so both copies must ask for one; the teacher
-    # still runs under no_grad below, as in training.
-    teacher = copy.deepcopy(_unwrap(teacher)).to("meta").requires_grad_(True)
-    student = copy.deepcopy(_unwrap(student) if student is not None else teacher).to("meta").requires_grad_(True)
-    x = torch.empty(tuple(example_shape), device="meta")
-    t = torch.zeros(example_shape[0], dtype=torch.long, device="meta")
-
-    def step():
-        with torch.no_grad():
-            target = predict(teacher, x, t).float()
-        ((predict(student, x, t).float() - target) ** 2).mean().backward()
-
-    return meta_peak(step, teacher, student) + 3 * weight_bytes(student)
-
-
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters."""
     return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -7,23 +7,30 @@ A run's rows are one JSON object per reported step: ``step``, ``loss`` and its p
 ``compression``, MACs (the denoisers'), ``denoiser_size`` (the side the denoisers see: smaller
 than the images for a latent teacher), for a latent teacher ``vae_params`` and ``vae_decode_macs``
 (one decode per generated image), ``images_per_s``, ``elapsed_s`` and the FID protocol
-(``eval_*``). They
-are written to ``metrics.jsonl`` by ``liftplace distill`` (``MetricsFile``) and to Tune's
-``result.json`` in a study; both are JSON-lines files read by ``read_jsonl``. A study's folder (written by
-``liftplace.sweep`` under Ray Tune)::
+(``eval_*``).
 
-    <storage>/<study>/study.json              the study: name, axes, seeds, metric, base config
-    <storage>/<study>/<trial>/params.json     the trial's config (nested dict)
-    <storage>/<study>/<trial>/result.json     one JSON object per reported row
+A run is a folder, written by one writer (``RunFolder``): ``config.json`` (the run's resolved
+config), ``metrics.jsonl`` (its rows) and, if it failed, ``error.txt``. ``liftplace distill
+--out`` is such a folder; a study is ``study.json`` and one such folder per run, a cohort
+member's too, that its driver writes from the rows the trials report to Ray Tune::
+
+    <storage>/<study>/study.json                     the study: name, axes, seeds, metric, base config
+    <storage>/<study>/runs/<run>/run.json            who the run is: variant, seed, trial, run id
+    <storage>/<study>/runs/<run>/config.json         its config; metrics.jsonl: its rows
+    <storage>/<study>/<trial>/                       Ray Tune's trial folder: params.json, result.json
+                                                     and the checkpoints (a cohort's, m0/, m1/, ...)
 
 A trial trains one run ({"run": {"variant", "seed", "config"}}) or a cohort of runs that share
 one stream of batches ({"run": {"variant", "seed", "members": [{"variant", "config"}]}}), whose
-Tune rows are {"step", "members": {variant: the run's row}}. ``load_study(path)`` gives one
-row per reported step and run, with the run's flattened config as ``config/...`` columns (as
-Ray writes them), the metrics of the schema, ``variant``, ``trial_dir`` (the trial's folder)
-and ``run`` (a run's identity: the trial folder, ``/variant`` for a cohort member).
-A step reported twice (a trial resumed from a checkpoint re-reports the steps after it) keeps
-its last report, so every trial has one row per step. Analysis reads nothing else.
+Tune rows are {"step", "members": {variant: the run's row}}; ``trial_rows`` unpacks them into
+the runs' rows, once, for the driver. A study begun before run folders (no ``layout`` in its
+study.json) is read from its trial folders instead (``_load_trials``), to the same frame.
+``load_study(path)`` gives one row per reported step and run, with the run's flattened config as
+``config/...`` columns (as Ray writes them), the metrics of the schema, ``variant``,
+``trial_dir`` (the trial's folder) and ``run`` (a run's identity: the trial folder, ``/variant``
+for a cohort member; a run folder's own name). A step reported twice (a trial resumed from a
+checkpoint re-reports the steps after it) keeps its last report, so every run has one row per
+step. Analysis reads nothing else.
 """
 
 from __future__ import annotations
@@ -37,8 +44,13 @@ import numpy as np
 import pandas as pd
 
 from liftplace import files
+from liftplace.dotted import flatten  # noqa: F401 -- results.flatten, as before
 
 STUDY_FILE = "study.json"
+RUN_CONFIG, RUN_METRICS = "config.json", "metrics.jsonl"  # a run folder's (``liftplace distill --out``)
+RUNS = "runs"  # a study's run folders: <study>/runs/<run>/
+RUN_FILE = "run.json"  # a study's run folder: who the run is ({"variant", "seed", "trial_dir", "run", "search"})
+RUN_IDENTITY = ("trial_dir",)  # what a study's run rows also say: the trial folder that holds their checkpoints
 # Evaluation columns: NaN in a row without an evaluation (rows keep one schema).
 EVAL_COLUMNS = ("fid", "kid", "precision", "recall")
 
@@ -49,15 +61,6 @@ class NotAStudy(ValueError):
 
 class DamagedFile(ValueError):
     """A JSON-lines file with a bad line before its last: damage, not a crash mid-write."""
-
-
-def flatten(data: dict, prefix: str = "", sep: str = "."):
-    """(key, value) pairs of a nested dict, keys joined by sep: {"a": {"b": 1}} -> ("a.b", 1)."""
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from flatten(value, f"{prefix}{key}{sep}", sep)
-        else:
-            yield f"{prefix}{key}", value
 
 
 def config_columns(config: dict) -> dict:
@@ -232,7 +235,7 @@ _PROSE = ("description",)
 # --seeds auto, and the folder of each), "looks" (a sequential study's looks and verdicts),
 # "sequential" (its rule: the most seeds, the round), "margin" (the verdicts' equivalence
 # margin, --margin: a fraction of kd's mean final FID).
-RECORDS = ("history", "additions", "looks", "sequential", "margin")
+RECORDS = ("history", "additions", "looks", "sequential", "margin", "layout")
 _SET = ("sequential", "margin")  # set, not appended to
 
 
@@ -241,8 +244,9 @@ def _defining(info: dict) -> dict:
 
 
 def study_seeds(info: dict) -> list[int]:
-    """Every seed of a grid study: 0..seeds-1, then those its additions grew."""
-    seeds = list(range(int(info.get("seeds") or 0)))
+    """Every seed of a grid study: 0..seeds-1 (a run folder's: its own), then those its
+    additions grew."""
+    seeds = [int(s) for s in info["seed_list"]] if "seed_list" in info else list(range(int(info.get("seeds") or 0)))
     for addition in info.get("additions", []):
         seeds += [int(s) for s in addition["seeds"]]
     return seeds
@@ -334,16 +338,42 @@ def claim_study(folder: Path, info: dict, resume: bool) -> None:
     if resume:
         raise FileNotFoundError(f"--resume: no study to resume at {folder}")
     files.make_folder(folder, "the study folder")
-    files.write_text(info_file, json.dumps(info, indent=2) + "\n")
+    # A study begun now keeps a folder per run (runs/); one begun before them is read from
+    # its trial folders, and stays so when it is resumed (a record, kept from the first claim).
+    files.write_text(info_file, json.dumps({**info, "layout": RUNS}, indent=2) + "\n")
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` is one run's folder (``liftplace distill --out``): its config.json and
+    metrics.jsonl, and no study.json."""
+    path = Path(path)
+    return (path / RUN_CONFIG).is_file() and not (path / STUDY_FILE).is_file()
+
+
+def run_folder_info(path: str | Path) -> dict:
+    """A run folder read as a study of one: the study.json it would have (one variant, named
+    after its objective, and its seed)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / RUN_CONFIG).read_text())
+        variant, seed = config["objective"]["name"], int(config["train"]["seed"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise NotAStudy(f"not a run: {path / RUN_CONFIG} is not a run's config ({err})") from None
+    return {"name": path.name, "kind": "run", "description": f"One `liftplace distill` run ({variant}, seed {seed}).",
+            "preset": config.get("preset"), "overrides": [], "seeds": 1, "seed_list": [seed], "evals": None,
+            "space": {}, "variants": {variant: {}}, "base": {}, "runner": "train", "trials": 1, "cohort": "off"}
 
 
 def read_study_info(path: str | Path) -> dict:
+    """A study's study.json; for a run folder, the study of one it is (``run_folder_info``)."""
     path = Path(path)
     if not path.is_dir():
         raise NotAStudy(f"not a study: {path} is not a directory")
+    if is_run_folder(path):
+        return run_folder_info(path)
     info_file = path / STUDY_FILE
     if not info_file.is_file():
-        raise NotAStudy(f"not a study: {path} has no {STUDY_FILE} (write studies with liftplace.sweep)")
+        raise NotAStudy(f"not a study: {path} has no {STUDY_FILE} (write studies with liftplace.runner)")
     return json.loads(info_file.read_text())
 
 
@@ -368,11 +398,59 @@ def trial_dirs(path: Path) -> list[list[Path]]:
 def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFrame:
     """One row per (run, step): metrics, ``run``, ``trial_id``, ``study`` and ``config/...`` columns.
 
-    Raises NotAStudy naming what is missing: the folder, study.json, trial folders, or (unless
-    allow_unfinished) a trial that never reported.
+    A study's runs are read from its run folders (``runs/``); a study written before it had
+    them, from its trial folders (``_load_trials``): the same frame either way. Raises NotAStudy
+    naming what is missing: the folder, study.json, runs, or (unless allow_unfinished) a run
+    that never reported.
     """
     path = Path(path)
     info = read_study_info(path)
+    if info.get("kind") == "run":
+        return _load_run_folder(path, info, allow_unfinished)
+    if info.get("layout") != RUNS:
+        return _load_trials(path, info, allow_unfinished)
+    frames = []
+    for folder in run_folders(path):
+        try:
+            rows = [r for r in read_jsonl(folder / RUN_METRICS) if "step" in r]
+        except DamagedFile as err:
+            raise NotAStudy(f"half-written study: {err}") from None
+        if not rows:
+            if allow_unfinished:
+                continue
+            raise NotAStudy(f"half-written study: run {folder.name} has no reported rows ({folder / RUN_METRICS}); "
+                            "resume the study with --resume")
+        who = json.loads((folder / RUN_FILE).read_text())
+        frames.append(_frame(rows, json.loads((folder / RUN_CONFIG).read_text()), rows[-1].get("variant", who["variant"]),
+                             rows[-1]["trial_id"], who["trial_dir"], who["run"], _study_checkpoint(rows, path)))
+    if not frames:
+        raise NotAStudy(f"half-written study: no run under {path / RUNS} has reported yet")
+    return _study_frame(frames, info, path)
+
+
+def _frame(rows: list[dict], config: dict, variant: str, trial_id: str, trial_dir: str, run: str,
+           final_checkpoint: str | None) -> pd.DataFrame:
+    """One run's rows as load_study gives them: its columns, its config's, who it is."""
+    frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict) and k not in RUN_IDENTITY}
+                          for r in rows])
+    for key, value in config_columns(config).items():
+        frame[key] = [value] * len(frame)
+    frame["variant"] = variant
+    frame["trial_id"] = trial_id
+    frame["trial_dir"] = trial_dir
+    frame["run"] = run
+    frame["final_checkpoint"] = final_checkpoint
+    return frame.drop_duplicates("step", keep="last")
+
+
+def _study_frame(frames: list[pd.DataFrame], info: dict, path: Path) -> pd.DataFrame:
+    df = pd.concat(frames, ignore_index=True)
+    df["study"] = info.get("name", path.name)
+    return df.sort_values(["run", "step"], ignore_index=True)
+
+
+def _load_trials(path: Path, info: dict, allow_unfinished: bool) -> pd.DataFrame:
+    """load_study of a study written before run folders: its rows as Ray Tune wrote them."""
     trials = trial_dirs(path)
     if not trials:
         raise NotAStudy(f"half-written study: {path} has {STUDY_FILE} but no trial folders (*/params.json)")
@@ -394,23 +472,114 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
         for run_id, config, run_rows, folder in _runs(trial.name, params.get("run", {}), rows):
             if not run_rows:
                 continue
-            frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in run_rows])
-            for key, value in config_columns(config).items():
-                frame[key] = [value] * len(frame)
-            for key, value in params.get("search", {}).items():  # a search trial's sampled values
-                frame["config/" + key.replace(".", "/")] = value
-            frame["variant"] = run_rows[-1].get("variant", params.get("run", {}).get("variant", trial.name))
-            frame["trial_id"] = rows[-1].get("trial_id", trial.name)
-            frame["trial_dir"] = trial.name
-            frame["run"] = run_id
             checkpoint = last_checkpoint(run_rows, group[-1])
-            frame["final_checkpoint"] = str(Path(checkpoint) / folder) if checkpoint and folder else checkpoint
-            frames.append(frame.drop_duplicates("step", keep="last"))
+            frames.append(_frame(run_rows, with_search(config, params.get("search", {})),
+                                 run_rows[-1].get("variant", params.get("run", {}).get("variant", trial.name)),
+                                 rows[-1].get("trial_id", trial.name), trial.name, run_id,
+                                 str(Path(checkpoint) / folder) if checkpoint and folder else checkpoint))
     if not frames:
         raise NotAStudy(f"half-written study: no trial under {path} has reported yet")
-    df = pd.concat(frames, ignore_index=True)
-    df["study"] = info.get("name", path.name)
-    return df.sort_values(["run", "step"], ignore_index=True)
+    return _study_frame(frames, info, path)
+
+
+def with_search(config: dict, search: dict) -> dict:
+    """A run config (nested dict) with a search trial's sampled values (dotted keys) in place."""
+    config = json.loads(json.dumps(config))
+    for key, value in search.items():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+def _load_run_folder(path: Path, info: dict, allow_unfinished: bool) -> pd.DataFrame:
+    """load_study of a run folder: its metrics.jsonl rows with the columns a study's rows have
+    (the run is the folder; its variant the objective's name)."""
+    try:
+        rows = [r for r in read_jsonl(path / RUN_METRICS) if "step" in r]
+    except DamagedFile as err:
+        raise NotAStudy(f"half-written run: {err}") from None
+    if not rows:
+        raise NotAStudy(f"half-written run: {path / RUN_METRICS} has no rows yet"
+                        + ("" if allow_unfinished else "; continue the run with --resume"))
+    config = json.loads((path / RUN_CONFIG).read_text())
+    frame = _frame(rows, config, next(iter(info["variants"])), path.name, ".", path.name, last_checkpoint(rows, path))
+    return _study_frame([frame], info, path)
+
+
+def run_folders(path: str | Path) -> list[Path]:
+    """A study's run folders (``runs/*/`` with a config.json), in name order."""
+    return sorted(p.parent for p in (Path(path) / RUNS).glob(f"*/{RUN_CONFIG}"))
+
+
+def _study_checkpoint(rows: list[dict], study: Path) -> str | None:
+    """A study run's last checkpoint, from its rows: Ray Train's (absolute) or Tune's (in the
+    trial folder the row names), with the run's sub-folder for a cohort member."""
+    for row in reversed(rows):
+        where = row.get("checkpoint_path") or (row.get("checkpoint_dir_name") and str(
+            study / row["trial_dir"] / row["checkpoint_dir_name"]))
+        if where:
+            return str(Path(where) / row["member"]) if row.get("member") else where
+    return None
+
+
+class RunFolder:
+    """The one writer of a run's folder: config.json once, then metrics.jsonl row by row
+    (MetricsFile: a re-reported step replaces the rows from it on), and error.txt if the
+    run fails. ``liftplace distill`` writes its --out folder with it, a study's driver each
+    run's folder under runs/."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.metrics = MetricsFile(self.path / RUN_METRICS)
+
+    def start(self, config: dict, who: dict | None = None) -> None:
+        """Write config.json and, for a study's run, run.json (``who``: its variant, seed, trial
+        and id); a resumed run's stay as they are."""
+        if not (self.path / RUN_CONFIG).is_file():
+            files.make_folder(self.path, "a run folder")
+            if who is not None:
+                files.write_text(self.path / RUN_FILE, json.dumps(who, indent=2) + "\n")
+            files.write_text(self.path / RUN_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def append(self, row: dict) -> None:
+        self.metrics.append(row)
+
+    def fail(self, text: str) -> None:
+        files.write_text(self.path / "error.txt", text.rstrip("\n") + "\n")
+
+
+def trial_runs(trial_dir: str, params: dict, folder: str | None = None) -> list[tuple[str, dict, dict]]:
+    """(run folder name, run.json, config) of each run a trial trains: a cohort's members, or
+    its one run (a search trial's with its sampled values). ``folder``: the trial's folder
+    relative to the study's (``trial_dir`` unless the trial is in an addition's folder)."""
+    run, search = params.get("run", {}), "search" in params
+    base = {"seed": run.get("seed"), "trial_dir": trial_dir, "folder": folder or trial_dir, "search": search}
+    if "members" in run:
+        return [(run_label(m["variant"], run["seed"]), {"variant": m["variant"], **base, "run": f"{trial_dir}/{m['variant']}"},
+                 m["config"]) for m in run["members"]]
+    variant = run.get("variant", trial_dir)
+    name = trial_dir if search else run_label(variant, run.get("seed", 0))
+    return [(name, {"variant": variant, **base, "run": trial_dir}, with_search(run.get("config", {}), params.get("search", {})))]
+
+
+def trial_rows(trial_dir: str, params: dict, result: dict, folder: str | None = None) -> list[tuple[str, dict]]:
+    """(run folder name, row) of each run in one row a trial reported to Tune: the rows that
+    the run folders hold, equal to the rows a study's trial folders give (``_runs``) plus the
+    trial's id and RUN_IDENTITY: the folder the trial writes now (``folder``; a restored trial
+    may get a second folder, ``<trial_dir>_<4 hex digits>``, see trial_dirs)."""
+    if "step" not in result:
+        return []
+    names = {who["run"]: name for name, who, _ in trial_runs(trial_dir, params)}
+    out = []
+    for run_id, _, rows, _ in _runs(trial_dir, params.get("run", {}), [result]):
+        for row in rows:
+            row = {k: v for k, v in row.items() if not isinstance(v, dict)}
+            row.setdefault("trial_id", result.get("trial_id", trial_dir))
+            out.append((names[run_id], {**row, "trial_dir": folder or trial_dir}))
+    return out
 
 
 def _runs(trial: str, run: dict, rows: list[dict]):
@@ -466,11 +635,13 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
-    """A run's validated RunConfig: the trial's, or its cohort member ``variant``'s, with a
+    """A run's validated RunConfig: the trial's, its cohort member ``variant``'s, or a run folder's, with a
     search trial's sampled values in place (a teacher or data path that is not on this
     machine raises FileNotFoundError)."""
     from liftplace.config import from_dict  # torch and friends: only for analysis that runs models
 
+    if is_run_folder(path):  # a run folder: its one config
+        return from_dict(json.loads((Path(path) / RUN_CONFIG).read_text()))
     params_file = Path(path) / trial_dir / "params.json"
     if not params_file.is_file():
         raise NotAStudy(f"half-written study: {params_file} is missing")
@@ -555,42 +726,33 @@ def study_status(path: str | Path, now: float | None = None) -> tuple[pd.DataFra
     info = read_study_info(path)
     driver = driver_state(path, now)
     found: dict[tuple, dict] = {}
-    for group in trial_dirs(path):
-        trial = group[0]
-        try:
-            params = json.loads((trial / "params.json").read_text())
-            rows = [r for d in group for r in read_jsonl(d / "result.json") if "step" in r]
-        except (OSError, ValueError):
-            continue  # a trial folder Tune is still writing
-        run = params.get("run", {})
-        errored = (group[-1] / "error.txt").is_file()
-        for run_id, config, run_rows, _ in _runs(trial.name, run, rows):
-            variant = run_rows[-1].get("variant") if run_rows else None
-            if variant is None:
-                variant = run_id.split("/", 1)[1] if "/" in run_id else run.get("variant", trial.name)
-            if "search" in params:
-                variant = f"{variant} ({trial.name.rsplit('-', 1)[-1]})"
-            steps = int(config.get("train", {}).get("steps", 0))
-            last = run_rows[-1] if run_rows else {}
-            fids = [r["fid"] for r in run_rows if isinstance(r.get("fid"), (int, float)) and r["fid"] == r["fid"]]
-            if any(r.get("diverged") for r in run_rows):
-                state = "diverged"
-            elif last and last["step"] >= steps:
-                state = "done"
-            elif errored:
-                state = "errored"
-            elif driver == "running":
-                state = "running" if run_rows else "pending"
-            elif not run_rows:
-                state = "pending"
-            elif driver == "finished" and "search" in params:
-                state = "stopped"
-            else:  # started, not ended, and no driver at work on it
-                state = "unfinished" if driver == "unknown" else "interrupted"
-            found[(variant, run.get("seed"))] = {
-                "trial": trial.name, "variant": variant, "seed": run.get("seed"), "state": state, "step": last.get("step", 0), "steps": steps,
-                "loss": last.get("loss", float("nan")), "fid": fids[-1] if fids else float("nan"),
-                "elapsed_s": last.get("elapsed_s", float("nan"))}
+    for trial, run, config, run_rows, errored, search in _status_runs(path, info):
+        variant = run_rows[-1].get("variant") if run_rows else None
+        if variant is None:
+            variant = run["variant"]
+        if search:
+            variant = f"{variant} ({trial.rsplit('-', 1)[-1]})"
+        steps = int(config.get("train", {}).get("steps", 0))
+        last = run_rows[-1] if run_rows else {}
+        fids = [r["fid"] for r in run_rows if isinstance(r.get("fid"), (int, float)) and r["fid"] == r["fid"]]
+        if any(r.get("diverged") for r in run_rows):
+            state = "diverged"
+        elif last and last["step"] >= steps:
+            state = "done"
+        elif errored:
+            state = "errored"
+        elif driver == "running":
+            state = "running" if run_rows else "pending"
+        elif not run_rows:
+            state = "pending"
+        elif driver == "finished" and search:
+            state = "stopped"
+        else:  # started, not ended, and no driver at work on it
+            state = "unfinished" if driver == "unknown" else "interrupted"
+        found[(variant, run.get("seed"))] = {
+            "trial": trial, "variant": variant, "seed": run.get("seed"), "state": state, "step": last.get("step", 0), "steps": steps,
+            "loss": last.get("loss", float("nan")), "fid": fids[-1] if fids else float("nan"),
+            "elapsed_s": last.get("elapsed_s", float("nan"))}
     planned = [] if info.get("space") else [(v, seed) for seed in study_seeds(info) for v in info.get("variants", {})]
     for key in planned:
         found.setdefault(key, {"trial": None, "variant": key[0], "seed": key[1], "state": "pending", "step": 0, "steps": None,
@@ -602,6 +764,44 @@ def study_status(path: str | Path, now: float | None = None) -> tuple[pd.DataFra
         table = table.sort_values(["variant", "seed"], key=lambda col: col.map(order).fillna(len(order)) if col.name == "variant"
                                   else col, ignore_index=True)
     return table, driver
+
+
+def _status_runs(path: Path, info: dict):
+    """(trial, {"variant", "seed"}, config, rows, errored, search) of every run a study folder
+    (or run folder) holds: from its run folders, or its trial folders if it has none."""
+    if info.get("kind") == "run":
+        try:
+            rows = [r for r in read_jsonl(path / RUN_METRICS) if "step" in r]
+            config = json.loads((path / RUN_CONFIG).read_text())
+        except (OSError, ValueError):
+            return
+        yield (path.name, {"variant": next(iter(info["variants"])), "seed": info["seed_list"][0]}, config, rows,
+               (path / "error.txt").is_file(), False)
+        return
+    if info.get("layout") == RUNS:
+        for folder in run_folders(path):
+            try:
+                who = json.loads((folder / RUN_FILE).read_text())
+                config = json.loads((folder / RUN_CONFIG).read_text())
+                rows = [r for r in read_jsonl(folder / RUN_METRICS) if "step" in r]
+            except (OSError, ValueError):
+                continue  # a run folder the driver is still writing
+            trial_folders = {who["folder"], *([rows[-1]["trial_dir"]] if rows else [])}
+            errored = any((where / "error.txt").is_file() for where in [folder, *(path / t for t in trial_folders)])
+            yield who["trial_dir"], who, config, rows, errored, who.get("search", False)
+        return
+    for group in trial_dirs(path):
+        trial = group[0]
+        try:
+            params = json.loads((trial / "params.json").read_text())
+            rows = [r for d in group for r in read_jsonl(d / "result.json") if "step" in r]
+        except (OSError, ValueError):
+            continue  # a trial folder Tune is still writing
+        run = params.get("run", {})
+        errored = (group[-1] / "error.txt").is_file()
+        for run_id, config, run_rows, _ in _runs(trial.name, run, rows):
+            variant = run_id.split("/", 1)[1] if "/" in run_id else run.get("variant", trial.name)
+            yield trial.name, {"variant": variant, "seed": run.get("seed")}, config, run_rows, errored, "search" in params
 
 
 def trials_finished(table: pd.DataFrame) -> int:

@@ -4,19 +4,20 @@ A study script declares a ``Study`` (labelled override sets, seeds, optionally a
 and calls ``study_main``. ``plan`` expands it into full, validated run configs, all before Ray
 starts, and groups them into cohorts: the variants of one seed that share the teacher, data
 and stream of batches (``distill.cohort_key``) train in one trial, in lock step, on one teacher
-forward per step (``--cohort off``: one trial per variant and seed, as a search always has); ``liftplace.sweep.run_study`` runs the plan as one Ray
-Tune experiment under ``<storage>/<study>``; the report is built after by the repository's
-``analysis/make_all.py``, the same command a user runs on a finished study.
+forward per step (``--cohort off``: one trial per variant and seed, as a search always has);
+``liftplace.runner.study.run_study`` runs the plan as one Ray Tune experiment under
+``<storage>/<study>``; the report is built after by the repository's ``analysis/make_all.py``,
+the same command a user runs on a finished study.
 
 Importing this module does not import Ray (checked by the tests): a bad command line is
-refused in one line without Ray's start-up cost.
+refused in one line without Ray's start-up cost. ``study_main`` imports ``liftplace.runner``
+inside, once the command line is read.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import shlex
 import subprocess
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 RUNNERS = ("auto", "train", "direct")
 MAX_SEEDS = 1000  # seeds per variant: more is a typo (100000 planned for minutes), not a study
 COHORTS = ("auto", "off")
-# Written by the cluster launcher (`ray up`) on the head node: the autoscaler's config.
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 # The analysis scripts live beside the package in the repository (they are not installed).
 MAKE_ALL = Path(__file__).resolve().parents[1] / "analysis" / "make_all.py"
 
@@ -192,31 +191,6 @@ def _info(study: Study, preset, overrides, seeds, runner, count) -> dict:
             "mode": study.mode, "runner": runner, "trials": count}
 
 
-def autoscaling_ceiling(have: dict, bootstrap: str | Path | None = None) -> dict:
-    """What an autoscaling cluster can grow to, from what it has now (``have``: CPU, GPU).
-
-    On the head node of a `ray up` cluster (cluster.yaml scales GPU workers from zero) the
-    autoscaler may add up to ``max_workers`` nodes of each worker type, with the ``resources``
-    the type declares (an upper bound: nodes already up count twice); a type that declares
-    none makes the ceiling unknown (infinite). Without the launcher's file: ``have``.
-    """
-    path = Path(bootstrap or BOOTSTRAP_CONFIG).expanduser()
-    have = dict(have)
-    if not path.is_file():
-        return have
-    import yaml
-
-    config = yaml.safe_load(path.read_text()) or {}
-    for name, node_type in (config.get("available_node_types") or {}).items():
-        count = node_type.get("max_workers", 0)
-        if name == config.get("head_node_type") or not count:
-            continue
-        declared = node_type.get("resources") or {}
-        for key in have:
-            have[key] += count * declared.get(key, 0) if declared else math.inf
-    return have
-
-
 def build_report(folder: Path) -> Path | None:
     """Run ``analysis/make_all.py`` on a finished study, as its own process (the library imports
     nothing from analysis/); returns REPORT.md, or None when the analysis scripts are absent."""
@@ -326,7 +300,9 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
     stage["folder"] = Path(args.storage).expanduser().resolve() / study.name
-    from liftplace.sweep import RunFailed, StudyInterrupted, run_study  # Ray's import (~1 s) after the command line is read
+    # Ray's import (~1 s) after the command line is read: a bad one is refused without it.
+    from liftplace.runner.study import StudyInterrupted, run_study
+    from liftplace.runner.train import RunFailed
 
     try:
         folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,

@@ -1,8 +1,9 @@
-"""Train, save and load teachers: diffusers directories (safetensors) plus a model card.
+"""Load and check teachers: shipped or local diffusers directories, their space and noise process.
 
 A teacher directory holds ``config.json`` and ``diffusion_pytorch_model.safetensors``
 (``save_pretrained``), ``card.json`` (data, resolution, steps, wall time, parameters, MACs,
-FID/KID with their protocol, the exact command) and ``samples.png`` (a grid to look at).
+FID/KID with their protocol, the exact command) and ``samples.png`` (a grid to look at); the
+shipped ones were trained by ``liftplace.recipes``.
 The `cpu` preset's teachers ship inside the package under ``liftplace/assets/teachers``;
 ``load_teacher`` takes one of their names, any local diffusers UNet2DModel /
 DiTTransformer2DModel directory (a user's own DDPM for CIFAR-10 or CelebA works the same way),
@@ -12,31 +13,18 @@ or a diffusers pipeline directory, whose scheduler config then sets the noise pr
 ``scheduler/``; its frozen ``AutoencoderKL`` encodes the data and decodes samples, see
 ``teacher_space`` and ``liftplace.latents``). Other pipelines are refused, naming the file.
 """
-
 from __future__ import annotations
-
-import dataclasses
 
 import json
 import logging
-import math
-import shlex
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
-from diffusers.training_utils import EMAModel
-from torchvision.utils import save_image
-from tqdm import tqdm
 
-from liftplace import files, latents, models
-from liftplace.data import load_dataset
+from liftplace import files, latents
 from liftplace.diffusion import SCHEDULE_FIELDS, NoiseProcess, make_process
-from liftplace.metrics import Protocol, compute_metrics, protocol_record, real_images, stack_dataset
 
 TEACHERS_DIR = Path(__file__).parent / "assets" / "teachers"
 MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
@@ -332,182 +320,3 @@ def _load_checked(cls, path: Path, what: str):
 def _key_name(entry) -> str:
     """A loading-info entry's tensor name (mismatched keys come as (name, shapes...) tuples)."""
     return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
-
-
-def build_teacher(arch: str, size: str, *, channels: int, resolution: int, num_classes: int):
-    if arch == "unet":
-        return models.build_unet(size, in_channels=channels, resolution=resolution)
-    if arch == "dit":
-        return models.build_dit(size, in_channels=channels, resolution=resolution, num_classes=max(1, num_classes))
-    raise ValueError(f"unknown teacher architecture {arch!r}; choose unet or dit")
-
-
-def generate(model, process, n: int, *, steps: int, seed: int, num_classes: int = 0, batch: int = 250,
-             device: str | torch.device = "cpu", predict_fn=None) -> torch.Tensor:
-    """n samples [n, C, H, W] in [-1, 1]; chunk i uses seed + i, so a seed fixes the set.
-
-    A class-conditional model gets labels cycling through its classes. predict_fn(x_t, t,
-    *labels), when given, replaces the model's own prediction (e.g. a corrected student);
-    model then only fixes the sample shape.
-    """
-    net = models._unwrap(model)
-    shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
-    fn = predict_fn or (lambda x, t, *y: models.predict(model, x, t, *y))
-    out = []
-    for i, start in enumerate(range(0, n, batch)):
-        b = min(batch, n - start)
-        labels = None
-        if isinstance(net, DiTTransformer2DModel):
-            labels = torch.arange(start, start + b, device=device) % max(1, num_classes)
-        out.append(process.sample(fn, (b, *shape), steps=steps, seed=seed + i, device=device, labels=labels).cpu())
-    return torch.cat(out)
-
-
-def evaluate(model, process, data: str, resolution: int, protocol: Protocol, *, num_classes: int = 0,
-             device="cpu", vae=None) -> dict:
-    """FID/KID/precision/recall of a model's samples against the validation split (a latent
-    model's samples decoded by ``vae`` first)."""
-    channels = vae.config.in_channels if vae is not None else models.in_channels(model)
-    val = load_dataset(data, resolution, "val", channels)
-    real = real_images(val, protocol.num_images)
-    fake = generate(model, process, protocol.num_images, steps=protocol.sampler_steps, seed=protocol.seed,
-                    num_classes=num_classes, device=device)
-    if vae is not None:
-        fake = latents.decode(vae, fake)
-    return compute_metrics(fake, real, protocol, real_cache_key=val.name)
-
-
-def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate of teachers and VAEs trained here: a linear warm-up over min(200,
-    steps / 10) steps, then a cosine decay to 0 at ``steps``."""
-    warmup = min(200, steps // 10)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
-
-
-def train_teacher(
-    out: str | Path,
-    *,
-    arch: str = "unet",
-    size: str = "m",
-    data: str = "mnist",
-    resolution: int = 16,
-    prediction: str = "epsilon",
-    steps: int = 3000,
-    batch: int = 64,
-    lr: float = 1e-3,
-    ema_decay: float = 0.999,
-    grad_clip: float = 1.0,
-    seed: int = 0,
-    protocol: Protocol | None = None,
-    command: str | None = None,
-    progress: bool = True,
-    vae: str | Path | None = None,
-) -> dict:
-    """Train a teacher from scratch, save it (EMA weights) with its card and sample grid.
-
-    Returns the card. AdamW with a 200-step linear warm-up then cosine decay, gradient
-    clipping, EMA; timesteps and noise from the noise process.
-
-    With ``vae`` (a saved AutoencoderKL directory, e.g. from ``latents.train_vae``) the teacher
-    is latent: a DiT trained on the VAE's latents of the data, saved as a ``DiTPipeline``
-    directory (``transformer/``, ``vae/``, ``scheduler/`` with ``clip_sample`` false; a flow
-    teacher gets a ``FlowMatchEulerDiscreteScheduler``) with card.json and decoded samples.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out (teachers are never overwritten)")
-    if vae is not None and arch != "dit":
-        raise ValueError(f"a latent teacher is a DiT (a DiTPipeline), not {arch!r}: use --arch dit")
-    protocol = dataclasses.replace(protocol or Protocol(), data=data)  # the data's own extractor, where one ships
-    torch.manual_seed(seed)
-    autoencoder = None
-    if vae is not None:
-        autoencoder = load_vae_dir(vae)
-    train = load_dataset(data, resolution, "train", autoencoder.config.in_channels if autoencoder is not None else None)
-    images, labels = stack_dataset(train)
-    if autoencoder is not None:
-        images = latents.encode(autoencoder, images)
-    model = build_teacher(arch, size, channels=images.shape[1], resolution=images.shape[-1], num_classes=train.num_classes)
-    process = make_process(prediction, clip=None if autoencoder is not None else 1.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = warmup_cosine(opt, steps)
-    ema = EMAModel(model.parameters(), decay=ema_decay)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.time()
-    bar = tqdm(range(steps), desc=f"teacher {arch}-{size}", disable=not progress, dynamic_ncols=True)
-    model.train()
-    for _ in bar:
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x_t, t, target = process.training_pair(images[idx], generator=gen)
-        y = labels[idx] if arch == "dit" else None
-        loss = F.mse_loss(models.predict(model, x_t, t, y), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        ema.step(model.parameters())
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    train_time = time.time() - start
-    ema.copy_to(model.parameters())
-    model.eval()
-    # Weights first: an evaluation that fails must not cost the training.
-    out.mkdir(parents=True, exist_ok=True)
-    if autoencoder is None:
-        model.save_pretrained(str(out), safe_serialization=True)
-    else:
-        _save_latent_pipeline(out, model, autoencoder, prediction, Path(vae))
-    metrics = evaluate(model, process, data, resolution, protocol, num_classes=train.num_classes, vae=autoencoder)
-    example = (1, *images.shape[1:])
-    card = {
-        "name": out.name,
-        "arch": arch,
-        "size": size,
-        "data": data,
-        "resolution": resolution,
-        "channels": autoencoder.config.in_channels if autoencoder is not None else images.shape[1],  # the images'
-        "num_classes": train.num_classes,
-        "prediction": prediction,
-        "steps": steps,
-        "batch": batch,
-        "lr": lr,
-        "ema_decay": ema_decay,
-        "grad_clip": grad_clip,
-        "seed": seed,
-        "train_wall_time_s": round(train_time, 1),
-        "final_loss": round(loss.item(), 5),
-        "params": models.count_params(model),
-        "macs": models.count_macs(model, example),
-        **({} if autoencoder is None else {
-            "vae": Path(vae).name, "latent_shape": list(images.shape[1:]), "vae_params": models.count_params(autoencoder),
-            "vae_decode_macs": models.count_decode_macs(autoencoder, example)}),
-        **metrics,
-        **protocol_record(protocol),
-        "command": command or shlex.join(sys.argv),
-        "torch": torch.__version__,
-    }
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    grid = generate(model, process, 64, steps=protocol.sampler_steps, seed=protocol.seed, num_classes=train.num_classes)
-    if autoencoder is not None:
-        grid = latents.decode(autoencoder, grid)
-    save_image((grid + 1) / 2, str(out / "samples.png"), nrow=8, padding=1)
-    return card
-
-
-def _save_latent_pipeline(out: Path, model, vae, prediction: str, vae_dir: Path) -> None:
-    """A latent teacher as diffusers saves a DiTPipeline, with the scheduler it was trained
-    under (the default linear schedule, or rectified flow) and the VAE's card beside it."""
-    import shutil
-
-    from diffusers import DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
-
-    if prediction == "flow":
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
-    else:
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                  prediction_type={v: k for k, v in PREDICTION_TYPES.items()}[prediction],
-                                  clip_sample=False)
-    DiTPipeline(transformer=model, vae=vae, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
-    if (vae_dir / "card.json").is_file():
-        shutil.copy(vae_dir / "card.json", out / "vae" / "card.json")

@@ -46,7 +46,7 @@ def pause_point():
 def tiny_teacher_dir(tmp_path_factory):
     """A 45k-parameter UNet teacher trained for 3 steps: enough to exercise every code path."""
     from liftplace.metrics import Protocol
-    from liftplace.teachers import train_teacher
+    from liftplace.recipes import train_teacher
 
     out = tmp_path_factory.mktemp("teachers") / "unet-tiny"
     train_teacher(out, size="tiny", data="mnist", resolution=16, steps=3, batch=8,
@@ -59,7 +59,7 @@ def ray_session():
     """One local Ray for the whole test session (two Ray clusters on one machine collide)."""
     import ray
 
-    from liftplace.sweep import ensure_ray
+    from liftplace.runner.cluster import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield ray

@@ -214,7 +214,8 @@ def affine_student(teacher, scale=2.0, shift=0.3):
 
 def test_the_fitted_line_removes_an_affine_students_whole_error(tiny_teacher_dir):
     from liftplace.diffusion import make_process
-    from liftplace.teachers import generate, load_teacher
+    from liftplace.evaluate import generate
+    from liftplace.teachers import load_teacher
 
     teacher, _ = load_teacher(tiny_teacher_dir)
     teacher.eval()

@@ -320,11 +320,21 @@ def test_a_failure_inside_a_worker_ends_with_one_line_and_resume_finishes_the_ru
     assert str(out / "error.txt") in line and "--resume" in line
     error = (out / "error.txt").read_text()
     assert "Traceback" in error and "simulated bug in the training loop" in error
+    # The run folder reads as a study of one: its state from its own files.
+    status = subprocess.run(liftplace("status", str(out)), capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT)
+    assert status.returncode == 0 and "a `liftplace distill` run; 1 runs: 1 errored" in status.stdout, status.stderr
     armed.unlink()
     proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=quiet, cwd=ROOT)
     assert proc.returncode == 0 and "done: FID" in proc.stdout, proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20] and rows[-1]["fid"] > 0
+    from liftplace.results import load_study, summarize
+
+    df = load_study(out)  # as analysis/ reads every study
+    assert list(df["step"]) == [5, 10, 15, 20] and list(df["loss"]) == [r["loss"] for r in rows]
+    assert set(df["variant"]) == {"place"} and (df["config/train/steps"] == 20).all()
+    run = summarize(df).iloc[0]
+    assert run["final_fid"] == rows[-1]["fid"] and run["final_checkpoint"] == rows[-1]["checkpoint_path"]
 
 
 def test_a_failed_trial_ends_its_study_with_one_line_and_no_report(ray_session, tiny_teacher_dir, tmp_path,

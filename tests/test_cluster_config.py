@@ -288,7 +288,7 @@ def test_the_local_script_runs_the_projects_interpreter_here_and_over_ssh():
 
 def test_a_uri_storage_is_refused_before_ray_starts():
     from liftplace.study import Study
-    from liftplace.sweep import run_study
+    from liftplace.runner.study import run_study
 
     study = Study(name="uri", variants={"kd": {"objective.name": "kd"}}, seeds=1)
     with pytest.raises(ValueError, match="URIs are not supported.*shared file system"):
@@ -298,17 +298,18 @@ def test_a_uri_storage_is_refused_before_ray_starts():
 def test_a_study_on_an_autoscaling_cluster_is_checked_against_its_ceiling(ray_session, tmp_path, monkeypatch):
     """On the head of a `ray up` cluster GPU workers start from zero: a run that fits the
     node types' ceiling is let through (the autoscaler adds the GPUs), a bigger one is refused."""
-    from liftplace import study, sweep
     from liftplace.config import resolve
+    from liftplace.preflight import check_resources
+    from liftplace.runner import cluster
 
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"  # what `ray up` writes on the head
     bootstrap.write_text(yaml.safe_dump(prepared(ROOT / "cluster.yaml")))
-    monkeypatch.setattr(study, "BOOTSTRAP_CONFIG", str(bootstrap))
+    monkeypatch.setattr(cluster, "BOOTSTRAP_CONFIG", str(bootstrap))
     now = ray.cluster_resources()
-    assert sweep.cluster_capacity() == {"CPU": now.get("CPU", 0) + 8 * 4 + 96, "GPU": now.get("GPU", 0) + 8 + 8}
-    sweep.check_resources([resolve("smoke", {"scaling.use_gpu": True, "scaling.num_workers": 8})])
+    assert cluster.cluster_capacity() == {"CPU": now.get("CPU", 0) + 8 * 4 + 96, "GPU": now.get("GPU", 0) + 8 + 8}
+    check_resources([resolve("smoke", {"scaling.use_gpu": True, "scaling.num_workers": 8})], cluster.capacity_now())
     with pytest.raises(ValueError, match="asks for 17 GPUs"):
-        sweep.check_resources([resolve("smoke", {"scaling.use_gpu": True, "scaling.num_workers": 17})])
+        check_resources([resolve("smoke", {"scaling.use_gpu": True, "scaling.num_workers": 17})], cluster.capacity_now())
 
 
 @pytest.mark.skipif(os.environ.get("LIFTPLACE_CLUSTER_TEST") != "1",

@@ -2,6 +2,7 @@
 type, every bad value is refused naming its key, a saved config comes back as the same run, and
 a config saved before a key existed still reads as the run it was."""
 
+import json
 import os
 
 import pytest
@@ -94,3 +95,57 @@ def test_relative_paths_are_made_absolute_where_they_exist(tmp_path, monkeypatch
     config = resolve("smoke", ["data.spec=folder:images", "eval.extractor_weights=missing.pth"], check_paths=False)
     assert config.data.spec == f"folder:{tmp_path / 'images'}" and os.path.isabs(config.data.spec[7:])
     assert config.eval.extractor_weights == "missing.pth"  # left as given: validation names it in the user's words
+
+
+def test_configs_saved_before_a_key_was_added_still_resume():
+    """A config.json or checkpoint digest written before student.min_group_channels existed
+    matches a config that leaves it at 1 (what those runs built), and only such a config."""
+    from liftplace.checkpoints import config_digest
+    from liftplace.config import comparable, from_dict
+
+    new = resolve("smoke").to_dict()
+    old = json.loads(json.dumps(new))
+    del old["student"]["min_group_channels"]
+    assert from_dict(old, check_paths=False).to_dict() == new
+    assert comparable(old) == comparable(new) and config_digest(old) == config_digest(new)
+    wide = resolve("smoke", {"student.min_group_channels": 3}).to_dict()
+    assert comparable(wide) != comparable(old) and config_digest(wide) != config_digest(old)
+    assert "min_group_channels" in new["student"]  # comparable copies; the config keeps its key
+
+
+@pytest.mark.parametrize("name", ["feat", "kd+feat", "place", "kd"])
+def test_configs_saved_when_feat_weight_defaulted_to_one_still_resume(name):
+    """objective.feat_weight was 1.0 in every saved config before it became None ("the
+    objective's own default", 1.0 for feat and kd+feat, ignored by the others), and the other
+    feature options did not exist: such a config.json and checkpoint digest still match a fresh
+    config of the same run, and comparable hashes exactly the objective section the old code did."""
+    from liftplace.checkpoints import config_digest
+    from liftplace.config import comparable, from_dict
+
+    new = resolve("smoke", {"objective.name": name}).to_dict()
+    assert new["objective"]["feat_weight"] is None
+    old = json.loads(json.dumps(new))
+    old["objective"]["feat_weight"] = 1.0
+    for key in ("feat_reduction", "feat_bias", "feat_init", "feat_init_scale"):
+        del old["objective"][key]
+    assert comparable(old) == comparable(new) and config_digest(old) == config_digest(new)
+    assert comparable(new)["objective"] == old["objective"]  # what the old code hashed
+    assert new["objective"]["feat_weight"] is None  # comparable copies; the config keeps its None
+    assert from_dict(old, check_paths=False).objective_options().get("feat_weight", 1.0) == 1.0
+    # a config that runs differently still differs
+    for changed in ({"objective.feat_weight": 0.5}, {"objective.feat_reduction": "sum"},
+                    {"objective.feat_bias": False}, {"objective.feat_init": "uniform"},
+                    {"objective.feat_init_scale": 0.01}):
+        other = resolve("smoke", {"objective.name": name, **changed}).to_dict()
+        assert comparable(other) != comparable(old) and config_digest(other) != config_digest(old)
+
+
+def test_place_feat_keeps_its_own_feature_weight_default_apart_from_one():
+    """place+feat's None is the authors' 1e-6: it must not compare equal to an explicit 1.0."""
+    from liftplace.checkpoints import config_digest
+    from liftplace.config import comparable
+
+    default = resolve("smoke", {"objective.name": "place+feat"}).to_dict()
+    one = resolve("smoke", {"objective.name": "place+feat", "objective.feat_weight": 1.0}).to_dict()
+    assert comparable(default)["objective"]["feat_weight"] is None
+    assert comparable(default) != comparable(one) and config_digest(default) != config_digest(one)

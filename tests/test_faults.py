@@ -21,7 +21,7 @@ from torch import nn
 from liftplace import checkpoints, files
 from liftplace.config import resolve
 from liftplace.results import MetricsFile, claim_study, read_metrics
-from liftplace.sweep import run_single
+from liftplace.runner.single import run_single
 
 
 def smoke(teacher, **overrides):

@@ -195,10 +195,10 @@ def test_a_dit_pipeline_distills_on_its_vae_latents_and_is_evaluated_on_decoded_
     assert torch.allclose(train.x0[:8], latents.encode(vae, train.images[:8]), atol=1e-5)
     # metrics compare decoded digits with the real ones: 1 channel, 16x16
     seen = []
-    from liftplace import teachers
+    from liftplace import evaluate
 
-    compute = teachers.compute_metrics  # what distill's evaluation calls (teachers.evaluate)
-    monkeypatch.setattr(teachers, "compute_metrics", lambda fake, real, *a, **k: seen.append((fake, real)) or compute(fake, real, *a, **k))
+    compute = evaluate.compute_metrics  # what distill's evaluation calls (evaluate.evaluate)
+    monkeypatch.setattr(evaluate, "compute_metrics", lambda fake, real, *a, **k: seen.append((fake, real)) or compute(fake, real, *a, **k))
     rows, kept = [], tmp_path / "kept"
 
     def report(row, checkpoint):
@@ -223,20 +223,20 @@ def test_a_dit_pipeline_distills_on_its_vae_latents_and_is_evaluated_on_decoded_
 def test_the_memory_check_counts_a_latent_teachers_vae(dit_pipe, monkeypatch):
     """A latent run's step estimate is the denoisers' step on latents plus the VAE's weights
     and one encode/decode call, both times the margin."""
-    from liftplace import models, sweep
+    from liftplace import preflight
     from liftplace.teachers import load_teacher, load_vae, teacher_space
 
-    monkeypatch.setattr(sweep, "_STEPS", {})
+    monkeypatch.setattr(preflight, "_STEPS", {})
     config = latent_config(dit_pipe, **{"train.batch": 16})
-    step, _ = sweep._step_estimate(config, exact=False)
+    step, _ = preflight._step_estimate(config, exact=False)
     space = teacher_space(dit_pipe)
-    denoiser = models.step_memory(load_teacher(str(dit_pipe))[0], (16, 4, 8, 8))
+    denoiser = preflight.step_memory(load_teacher(str(dit_pipe))[0], (16, 4, 8, 8))
     vae = latents.vae_memory(load_vae(space), 1, 16)
-    assert step == pytest.approx((denoiser + vae) * sweep.STEP_MARGIN) and vae > denoiser / 100
+    assert step == pytest.approx((denoiser + vae) * preflight.STEP_MARGIN) and vae > denoiser / 100
 
 
 def test_a_latent_pipeline_that_cannot_serve_is_refused_in_one_line(dit_pipe, tmp_path):
-    from liftplace.config import check_inputs
+    from liftplace.preflight import check_inputs
 
     with pytest.raises(ValueError) as err:
         latent_config(dit_pipe, **{"data.resolution": 8})
@@ -297,45 +297,6 @@ def test_a_flow_matching_dit_pipeline_distills_as_rectified_flow_with_its_shift(
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*scheduler_config.json: use_dynamic_shifting True is "
                                          r"not supported; sampling follows a fixed shift only$"):
         latent_config(pipe, **{"teacher.prediction": "flow"})
-
-
-def test_a_vae_and_a_latent_dit_trained_here_make_a_pipeline_that_loads_by_its_shipped_name(tmp_path, monkeypatch):
-    from liftplace import teachers
-    from liftplace.metrics import Protocol
-    from liftplace.models import count_params
-
-    protocol = Protocol(num_images=16, sampler_steps=2)
-    card = latents.train_vae(tmp_path / "vae", steps=3, batch=8, protocol=protocol, progress=False, command="test")
-    assert card["latent_shape"] == [4, 8, 8] and card["params"] > 0 and card["recon_fid"] > 0
-    vae = teachers.load_vae_dir(tmp_path / "vae")
-    from liftplace.data import load_dataset
-    from liftplace.metrics import stack_dataset
-    images, _ = stack_dataset(load_dataset("mnist", 16, "train"))
-    # scaling_factor makes the training latents unit-variance, as latent diffusion wants them
-    assert abs(float(latents.encode(vae, images).std()) - 1) < 1e-3
-    with pytest.raises(ValueError, match="a latent teacher is a DiT"):
-        teachers.train_teacher(tmp_path / "unet", arch="unet", vae=tmp_path / "vae")
-    out = tmp_path / "shipped" / "dit-latent-test"
-    card = teachers.train_teacher(out, arch="dit", size="tiny", steps=3, batch=8, protocol=protocol, progress=False,
-                                  command="test", vae=tmp_path / "vae")
-    assert card["latent_shape"] == [4, 8, 8] and card["vae_params"] == count_params(vae)
-    assert (out / "vae" / "card.json").is_file() and (out / "samples.png").is_file()
-    assert json_of(out / "model_index.json")["_class_name"] == "DiTPipeline"
-    assert json_of(out / "scheduler" / "scheduler_config.json")["clip_sample"] is False
-    # shipped: found by its name, read as a latent pipeline, its card beside model_index.json
-    monkeypatch.setattr(teachers, "TEACHERS_DIR", tmp_path / "shipped")
-    assert "dit-latent-test" in teachers.shipped_teachers()
-    assert teachers.teacher_path("dit-latent-test") == out / "transformer"
-    space = teachers.teacher_space("dit-latent-test")
-    assert space.latent and space.vae == out / "vae" and space.resolution() == 16
-    model, loaded_card = teachers.load_teacher("dit-latent-test")
-    assert loaded_card["fid"] == card["fid"] and teachers.teacher_process("dit-latent-test", "epsilon").clip is None
-
-
-def json_of(path):
-    import json
-
-    return json.loads(path.read_text())
 
 
 def test_a_study_on_a_latent_teacher_runs_and_reports_on_decoded_images(ray_session, dit_pipe, tmp_path):

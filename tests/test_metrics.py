@@ -10,12 +10,12 @@ from liftplace.metrics import (
     DEFAULT_EXTRACTOR_WEIGHTS,
     DigitsCNNExtractor,
     Protocol,
-    classifier_accuracy,
     compute_metrics,
     load_extractor,
     stack_dataset,
     to_uint8_rgb,
 )
+from liftplace.recipes import classifier_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,9 @@ def test_protocol_refuses_bad_input(tmp_path):
 
 
 def test_a_validation_split_smaller_than_num_images_is_said_and_used_whole(val):
-    from liftplace.config import check_inputs, resolve
+    from liftplace.config import resolve
     from liftplace.metrics import real_images
+    from liftplace.preflight import check_inputs
 
     said = []
     config = resolve("smoke", {"data.spec": "digits", "eval.num_images": 1000})

@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from pandas import testing as pandas_testing
 
 from liftplace import results
 
@@ -72,3 +73,108 @@ def test_names_and_checkpoints_read_from_rows(tmp_path):
     assert dict(results.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3})) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert results.config_columns({"train": {"lr": 0.1}}) == {"config/train/lr": 0.1}
     assert results.read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_a_run_folder_reads_as_a_study_of_one(tmp_path):
+    """A `liftplace distill --out` folder (config.json, metrics.jsonl) is read by the study readers
+    as one run: its rows with config columns, its seed as the study's, its state from its rows."""
+    from liftplace.config import resolve
+
+    out = tmp_path / "my-run"
+    out.mkdir()
+    config = resolve("smoke", ["objective.name=place", "train.seed=7", "train.steps=20"], check_paths=False)
+    config.save(out / "config.json")
+    nan = float("nan")
+    rows = [{"step": 5, "loss": 1.0, "fid": nan}, {"step": 10, "loss": 0.9, "fid": nan, "checkpoint_path": "/c/10"},
+            {"step": 10, "loss": 0.8, "fid": nan, "checkpoint_path": "/c/10b"}]  # a restart re-reported step 10
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results.is_run_folder(out) and not results.is_run_folder(tmp_path)
+    info = results.read_study_info(out)
+    assert info["name"] == "my-run" and info["variants"] == {"place": {}} and results.study_seeds(info) == [7]
+    df = results.load_study(out)
+    assert list(df["step"]) == [5, 10] and list(df["loss"]) == [1.0, 0.8]  # the last report of a step
+    assert set(df["run"]) == {"my-run"} and set(df["variant"]) == {"place"} and set(df["study"]) == {"my-run"}
+    assert (df["config/train/seed"] == 7).all() and (df["config/objective/name"] == "place").all()
+    assert set(df["final_checkpoint"]) == {"/c/10b"}
+    summary = results.summarize(df)
+    assert len(summary) == 1 and summary.loc[0, "seed"] == 7 and summary.loc[0, "steps"] == 10
+    table, driver = results.study_status(out)
+    assert driver == "unknown" and list(table["state"]) == ["unfinished"] and list(table["step"]) == [10]
+    (out / "error.txt").write_text("Traceback ...\n")
+    assert list(results.study_status(out)[0]["state"]) == ["errored"]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 20, "loss": 0.7, "fid": 12.5}) + "\n")
+    table, _ = results.study_status(out)
+    assert list(table["state"]) == ["done"] and table.loc[0, "fid"] == 12.5
+    assert results.finished_runs(out)["final_fid"].tolist() == [12.5]
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(results.NotAStudy, match="has no rows yet"):
+        results.load_study(out)
+    (out / "config.json").write_text("{}")
+    with pytest.raises(results.NotAStudy, match="not a run's config"):
+        results.read_study_info(out)
+
+
+def _fake_study(folder, runs: bool):
+    """A study folder as a driver writes it: a cohort trial (kd, place; seed 1) and a search
+    trial (kd with a sampled lr), their Tune rows in result.json, and with ``runs`` the run
+    folders the driver writes from the same rows (trial_runs, trial_rows, RunFolder)."""
+    from liftplace.config import resolve
+
+    base = resolve("smoke", check_paths=False).to_dict()
+    place = json.loads(json.dumps(base))
+    place["objective"]["name"] = "place"
+    info = {"name": "fake", "seeds": 2, "variants": {"kd": {}, "place": {}}, "trials": 2}
+    results.claim_study(folder, info, resume=False)
+    written = json.loads((folder / results.STUDY_FILE).read_text())
+    assert written.pop("layout") == results.RUNS  # a study begun now keeps run folders
+    if not runs:  # one begun before them
+        (folder / results.STUDY_FILE).write_text(json.dumps(written))
+    cohort = {"run": {"variant": "kd+1", "seed": 1, "members": [{"variant": "kd", "config": base},
+                                                                  {"variant": "place", "config": place}]}}
+    search = {"run": {"variant": "kd", "seed": 0, "config": base}, "search": {"train.lr": 0.003}}
+    nan = float("nan")
+    tune_rows = {
+        "cohort-a": (cohort, [{"step": s, "trial_id": "a", "checkpoint_dir_name": f"checkpoint_{s:06d}",
+                               "members": {v: {"step": s, "loss": 1.0 / s + i, "fid": 10.0 * i if s == 20 else nan,
+                                               "variant": v, "member": f"m{i}"} for i, v in enumerate(("kd", "place"))}}
+                              for s in (10, 20, 20)]),
+        "search-b": (search, [{"step": s, "trial_id": "b", "loss": 2.0 / s, "fid": 3.0 if s == 20 else nan,
+                               "variant": "kd lr=0.003", "time_this_iter_s": 0.5, "config": {"run": "x"}}
+                              for s in (10, 20)]),
+    }
+    for trial, (params, rows) in tune_rows.items():
+        (folder / trial).mkdir()
+        (folder / trial / "params.json").write_text(json.dumps(params))
+        (folder / trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if runs:
+            writers = {}
+            for name, who, config in results.trial_runs(trial, params):
+                writers[name] = results.RunFolder(folder / results.RUNS / name)
+                writers[name].start(config, who)
+            for row in rows:
+                for name, run_row in results.trial_rows(trial, params, row):
+                    writers[name].append(run_row)
+    return folder
+
+
+def test_run_folders_give_the_rows_trial_folders_give(tmp_path):
+    """A study's run folders (one per run, a cohort member's too) read into the same frame as
+    the Tune trial folders they were written from; status reads them the same way."""
+    old = results.load_study(_fake_study(tmp_path / "old", runs=False))
+    new = results.load_study(_fake_study(tmp_path / "new", runs=True))
+    assert sorted(p.name for p in (tmp_path / "new" / results.RUNS).iterdir()) == ["kd-seed1", "place-seed1", "search-b"]
+    assert sorted(new.columns) == sorted(old.columns)
+    moved = new.assign(final_checkpoint=new["final_checkpoint"].str.replace(str(tmp_path / "new"), str(tmp_path / "old")))
+    pandas_testing.assert_frame_equal(moved[sorted(new.columns)], old[sorted(old.columns)])
+    assert list(new["run"]) == ["cohort-a/kd", "cohort-a/kd", "cohort-a/place", "cohort-a/place", "search-b", "search-b"]
+    assert new.loc[new["run"] == "search-b", "config/train/lr"].tolist() == [0.003, 0.003]
+    place = new[new["run"] == "cohort-a/place"].iloc[-1]
+    assert place["final_checkpoint"] == str(tmp_path / "new" / "cohort-a" / "checkpoint_000020" / "m1")
+    assert place["fid"] == 10.0 and place["trial_id"] == "a"
+    old_status, _ = results.study_status(tmp_path / "old")
+    new_status, _ = results.study_status(tmp_path / "new")
+    assert new_status.equals(old_status) and len(new_status) == 5  # 3 runs, 2 planned runs never started
+    (tmp_path / "new" / results.RUNS / "kd-seed1" / results.RUN_METRICS).write_text("")
+    with pytest.raises(results.NotAStudy, match="run kd-seed1 has no reported rows"):
+        results.load_study(tmp_path / "new")

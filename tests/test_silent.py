@@ -3,8 +3,9 @@ before anything trains."""
 
 import pytest
 
-from liftplace.config import check_inputs, resolve
+from liftplace.config import resolve
 from liftplace.diffusion import NoiseProcess
+from liftplace.preflight import check_inputs
 
 
 def test_a_prediction_other_than_the_shipped_teachers_card_is_refused():

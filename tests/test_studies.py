@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pandas import testing as pandas_testing
 
 from liftplace.results import load_study, study_status, summarize
 
@@ -77,6 +78,16 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure, capfd):
         assert evals.groupby("run").size().min() >= 3
 
 
+def assert_run_folders_hold_the_trials_rows(folder, df):
+    """A study's run folders (written by its driver, across a kill and a resume) give the rows
+    that Tune's trial folders give, value for value."""
+    from liftplace import results
+
+    assert results.read_study_info(folder)["layout"] == results.RUNS and len(results.run_folders(folder)) == df["run"].nunique()
+    trials = results._load_trials(folder, results.read_study_info(folder), allow_unfinished=False)
+    pandas_testing.assert_frame_equal(df[sorted(df.columns)], trials[sorted(trials.columns)])
+
+
 def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     # One trial per variant (--cohort off, as before cohorts), long enough to kill the driver
@@ -114,8 +125,10 @@ def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_pat
     module = load_script("ablate_k")
     module.study_main(module.STUDY, ["--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path), "--resume",
                                      *slower], report=False)
-    summary = summarize(load_study(folder))
+    df = load_study(folder)
+    summary = summarize(df)
     assert sorted(summary["variant"]) == sorted(module.STUDY.variants)  # every trial, once
+    assert_run_folders_hold_the_trials_rows(folder, df)
     assert (summary["steps"] == 120).all()
     for name, text in before.items():  # finished trials were not rerun
         assert (folder / name / "result.json").read_text() == text
@@ -158,7 +171,7 @@ def test_the_hyperparameter_search_runs_at_smoke(ray_session, tmp_path):
                                       check=True).stdout)
     saved = json.loads((folder / "study.json").read_text())
     recorded = saved.pop("history")  # what the driver records as it goes (results.RECORDS), beside the plan
-    assert [h["action"] for h in recorded] == ["start"]
+    assert [h["action"] for h in recorded] == ["start"] and saved.pop("layout") == "runs"
     assert fresh == saved and saved["space"]["objective.group_size"] == "choice([4, 16, 64])"
     assert saved["space"]["train.lr"] == "Float(0.0001, 0.003, LogUniform)"
 
@@ -188,8 +201,10 @@ def test_a_search_killed_mid_trial_resumes_from_its_checkpoint(ray_session, tmp_
         "the driver should die inside the first trial, after its first checkpoint"
     module = load_script("tune_hparams")
     module.study_main(module.STUDY, [*args, "--resume"], report=False)
-    summary = summarize(load_study(folder))
+    df = load_study(folder)
+    summary = summarize(df)
     assert len(summary) == 2 and summary["final_fid"].notna().all()
+    assert_run_folders_hold_the_trials_rows(folder, df)
     assert study_status(folder)[1] == "finished"
 
 

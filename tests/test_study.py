@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from liftplace.study import Study, autoscaling_ceiling, describe_domain, expand, pick_runner, plan, resume_command
+from liftplace.study import Study, describe_domain, expand, pick_runner, plan, resume_command
 
 
 def small(**kw) -> Study:
@@ -71,20 +71,6 @@ def test_a_search_dimension_is_described_the_same_in_every_process():
 
     assert describe_domain(tune.choice([4, 16])) == "choice([4, 16])"
     assert describe_domain(tune.loguniform(1e-4, 3e-3)).startswith("Float(0.0001, 0.003, LogUniform")
-
-
-def test_the_autoscaling_ceiling_reads_the_launchers_file(tmp_path):
-    bootstrap = tmp_path / "bootstrap.yaml"
-    bootstrap.write_text("head_node_type: head\navailable_node_types:\n"
-                         "  head: {max_workers: 0, resources: {CPU: 8}}\n"
-                         "  gpu: {max_workers: 4, resources: {CPU: 8, GPU: 1}}\n"
-                         "  spot: {max_workers: 2}\n")
-    have = {"CPU": 8, "GPU": 0}
-    ceiling = autoscaling_ceiling(have, bootstrap)
-    assert ceiling["CPU"] == float("inf")  # a type that declares no resources: unknown, so unbounded
-    bootstrap.write_text(bootstrap.read_text().replace("  spot: {max_workers: 2}\n", ""))
-    assert autoscaling_ceiling(have, bootstrap) == {"CPU": 8 + 4 * 8, "GPU": 4}
-    assert autoscaling_ceiling(have, tmp_path / "absent.yaml") == have
 
 
 def test_the_resume_command_is_the_same_command_without_a_second_addition(monkeypatch):

@@ -1,16 +1,25 @@
-"""Ray Train runs and Ray Tune studies, end to end on the local machine (smoke sizes)."""
+"""Ray's side (liftplace/runner/): Ray Train runs and Ray Tune studies end to end on the local
+machine (smoke sizes), the cluster's capacity, the study console, every worker's setup hook, and
+old study folders (written under liftplace.sweep) that must still resume."""
 
 import json
+import logging
 import math
+import pickle
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from liftplace.config import resolve
+from liftplace.preflight import check_resources
 from liftplace.results import load_study, summarize
+from liftplace.runner import cluster
+from liftplace.runner.cluster import autoscaling_ceiling
+from liftplace.runner.single import run_single
+from liftplace.runner.study import run_study
 from liftplace.study import Study
-from liftplace.sweep import check_resources, run_single, run_study
 
 
 def smoke(teacher, **overrides):
@@ -33,8 +42,9 @@ def test_one_run_on_ray_train(ray_session, tiny_teacher_dir, tmp_path, workers):
 
 
 def test_gpus_the_cluster_lacks_are_refused_up_front(ray_session, tiny_teacher_dir):
-    with pytest.raises(ValueError, match="asks for 2 GPUs.*has 0"):
-        check_resources([smoke(tiny_teacher_dir, **{"scaling.use_gpu": True, "scaling.num_workers": 2})])
+    with pytest.raises(ValueError, match="asks for 2 GPUs.*the Ray cluster has 0"):
+        check_resources([smoke(tiny_teacher_dir, **{"scaling.use_gpu": True, "scaling.num_workers": 2})],
+                        cluster.capacity_now())
 
 
 def tiny_study(teacher, name="tiny"):
@@ -99,71 +109,6 @@ def test_a_study_through_ray_train(ray_session, tiny_teacher_dir, tmp_path):
     assert summarize(df)["final_checkpoint"].map(lambda p: (Path(p) / "student.safetensors").is_file()).all()
 
 
-def test_a_step_that_cannot_fit_in_memory_is_refused(tiny_teacher_dir, monkeypatch):
-    """check_memory holds a step's estimate (models.step_memory times the margin, plus a worker
-    process) against the available memory: first with the teacher standing in for the student
-    (a bound), then, only where the bound does not fit, with the pruned student itself."""
-    import psutil
-    import ray
-
-    from liftplace import models, sweep
-    from liftplace.teachers import load_teacher
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as before Ray starts, whatever ran before
-    monkeypatch.setattr(sweep, "_STEPS", {})  # estimates are kept per process
-    config = smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9})
-    teacher = load_teacher(str(tiny_teacher_dir))[0]
-    shape = (1000, 1, 16, 16)
-    bound = models.step_memory(teacher, shape) * sweep.STEP_MARGIN
-    student = models.build_student(teacher, config.student, seed=0, example_shape=(2, 1, 16, 16))
-    exact = models.step_memory(teacher, shape, student) * sweep.STEP_MARGIN
-    assert 0 < exact < bound  # the 90%-pruned student keeps far fewer activations than the teacher would
-    worker = sweep.WORKER_BASE_BYTES
-    real = psutil.virtual_memory
-
-    def available(nbytes):
-        monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=int(nbytes + sweep.RAY_BASE_BYTES)))
-
-    built = []
-    monkeypatch.setattr(models, "build_student", lambda *a, **k: built.append(1) or student)
-    available(3.5 * (worker + bound))
-    assert sweep.check_memory([config], wanted=3) == 3 and not built  # the bound was enough
-    available(worker + (exact + bound) / 2)
-    assert sweep.check_memory([config]) == 1 and built  # the bound did not fit, the student did
-    available(worker + 0.9 * exact)
-    with pytest.raises(ValueError, match=r"^train\.batch: 1000 needs about .* GiB per worker"):
-        sweep.check_memory([config])
-    available(2.5 * (worker + exact))
-    with pytest.raises(ValueError, match=r"^--max-concurrent: 3 trials at a time do not fit .* at most 2 fit"):
-        sweep.check_memory([config], max_concurrent=3)
-    # Two workers of one run need two worker processes and two steps.
-    available(1.5 * (worker + exact))
-    with pytest.raises(ValueError, match="2 workers with their processes and Ray's own need .* or scaling.num_workers"):
-        sweep.check_memory([smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9,
-                                                        "scaling.num_workers": 2})])
-    # A GPU run: the step against each GPU's free memory (asked in a subprocess, patched here).
-    gpu = smoke(tiny_teacher_dir, **{"train.batch": 1000, "student.prune_ratio": 0.9})
-    gpu.scaling.use_gpu = True
-    monkeypatch.setattr(sweep, "_gpu_free_bytes", lambda: [int(0.5 * exact)] * 8)
-    with pytest.raises(ValueError, match="of GPU memory per worker.*GPUs have"):
-        sweep.check_memory([gpu])
-    monkeypatch.setattr(sweep, "_gpu_free_bytes", lambda: [int(1.5 * exact)] * 8)
-    assert sweep.check_memory([gpu], wanted=8) == 8  # one trial per GPU, each GPU fits it
-    gpu.scaling.gpus_per_worker = 0.25  # four workers could share a GPU, but memory holds one
-    assert sweep.check_memory([gpu], wanted=8) == 8
-    monkeypatch.setattr(sweep, "_gpu_free_bytes", lambda: [int(2.5 * exact)] * 8)
-    assert sweep.check_memory([gpu], wanted=16) == 16  # two per GPU
-    # A cohort trial holds its other students' weights, gradients, Adam moments and EMA too.
-    available(worker + exact + 1)
-    assert sweep.check_memory([config]) == 1
-    weights = sum(p.numel() * p.element_size() for p in student.parameters())
-    available(worker + exact + 9 * 5 * weights - 1)
-    with pytest.raises(ValueError, match="train.batch"):
-        sweep.check_memory([config], members=10)
-    # A cluster still to join: nothing known, nothing estimated.
-    assert sweep.check_memory([config], "ray://head:10001") is None
-
-
 def test_bad_study_input_is_refused_before_ray(tiny_teacher_dir, tmp_path):
     study = tiny_study(tiny_teacher_dir)
     with pytest.raises(ValueError, match="variant 'place K=16'.*group_size 24"):
@@ -176,12 +121,12 @@ def test_bad_study_input_is_refused_before_ray(tiny_teacher_dir, tmp_path):
 def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch):
     from types import SimpleNamespace
 
-    from liftplace import sweep
+    from liftplace.runner import console as study_console
 
     clock = [1000.0]
-    monkeypatch.setattr(sweep.time, "time", lambda: clock[0])
+    monkeypatch.setattr(study_console.time, "time", lambda: clock[0])
     lines = []
-    console = sweep.StudyConsole(3, every=30, log=lines.append)
+    console = study_console.StudyConsole(3, every=30, log=lines.append)
 
     def trial(i, status="RUNNING"):
         members = [{"variant": "kd", "config": {"train": {"steps": 100, "log_every": 10}}},
@@ -222,55 +167,74 @@ def test_the_study_console_counts_trials_and_steps_and_gives_an_eta(monkeypatch)
     assert lines[-1].endswith("steps 190/300 (63%); ETA 2m38s + the final evaluation (1 of 1 running trials in it)")
 
 
-def test_configs_saved_before_a_key_was_added_still_resume():
-    """A config.json or checkpoint digest written before student.min_group_channels existed
-    matches a config that leaves it at 1 (what those runs built), and only such a config."""
-    from liftplace.checkpoints import config_digest
-    from liftplace.config import comparable, from_dict
-
-    new = resolve("smoke").to_dict()
-    old = json.loads(json.dumps(new))
-    del old["student"]["min_group_channels"]
-    assert from_dict(old, check_paths=False).to_dict() == new
-    assert comparable(old) == comparable(new) and config_digest(old) == config_digest(new)
-    wide = resolve("smoke", {"student.min_group_channels": 3}).to_dict()
-    assert comparable(wide) != comparable(old) and config_digest(wide) != config_digest(old)
-    assert "min_group_channels" in new["student"]  # comparable copies; the config keeps its key
+def test_the_autoscaling_ceiling_reads_the_launchers_file(tmp_path):
+    bootstrap = tmp_path / "bootstrap.yaml"
+    bootstrap.write_text("head_node_type: head\navailable_node_types:\n"
+                         "  head: {max_workers: 0, resources: {CPU: 8}}\n"
+                         "  gpu: {max_workers: 4, resources: {CPU: 8, GPU: 1}}\n"
+                         "  spot: {max_workers: 2}\n")
+    have = {"CPU": 8, "GPU": 0}
+    ceiling = autoscaling_ceiling(have, bootstrap)
+    assert ceiling["CPU"] == float("inf")  # a type that declares no resources: unknown, so unbounded
+    bootstrap.write_text(bootstrap.read_text().replace("  spot: {max_workers: 2}\n", ""))
+    assert autoscaling_ceiling(have, bootstrap) == {"CPU": 8 + 4 * 8, "GPU": 4}
+    assert autoscaling_ceiling(have, tmp_path / "absent.yaml") == have
 
 
-@pytest.mark.parametrize("name", ["feat", "kd+feat", "place", "kd"])
-def test_configs_saved_when_feat_weight_defaulted_to_one_still_resume(name):
-    """objective.feat_weight was 1.0 in every saved config before it became None ("the
-    objective's own default", 1.0 for feat and kd+feat, ignored by the others), and the other
-    feature options did not exist: such a config.json and checkpoint digest still match a fresh
-    config of the same run, and comparable hashes exactly the objective section the old code did."""
-    from liftplace.checkpoints import config_digest
-    from liftplace.config import comparable, from_dict
+def test_old_study_folders_unpickle_through_the_sweep_stand_in():
+    """Tune pickled a study's trial-name functions, callbacks and trainables by reference under
+    the module they lived in, liftplace.sweep: resolved through the stand-in while a folder is
+    restored, and only then (no liftplace/sweep.py)."""
+    from liftplace.runner import console, study, trials
 
-    new = resolve("smoke", {"objective.name": name}).to_dict()
-    assert new["objective"]["feat_weight"] is None
-    old = json.loads(json.dumps(new))
-    old["objective"]["feat_weight"] = 1.0
-    for key in ("feat_reduction", "feat_bias", "feat_init", "feat_init_scale"):
-        del old["objective"][key]
-    assert comparable(old) == comparable(new) and config_digest(old) == config_digest(new)
-    assert comparable(new)["objective"] == old["objective"]  # what the old code hashed
-    assert new["objective"]["feat_weight"] is None  # comparable copies; the config keeps its None
-    assert from_dict(old, check_paths=False).objective_options().get("feat_weight", 1.0) == 1.0
-    # a config that runs differently still differs
-    for changed in ({"objective.feat_weight": 0.5}, {"objective.feat_reduction": "sum"},
-                    {"objective.feat_bias": False}, {"objective.feat_init": "uniform"},
-                    {"objective.feat_init_scale": 0.01}):
-        other = resolve("smoke", {"objective.name": name, **changed}).to_dict()
-        assert comparable(other) != comparable(old) and config_digest(other) != config_digest(old)
+    old_function = b"cliftplace.sweep\ntune_direct\n."  # what a pickle naming liftplace.sweep.tune_direct holds
+    callback = pickle.dumps(console.Heartbeat(Path("/tmp/a-study")), protocol=0)
+    assert b"cliftplace.runner.console\nHeartbeat\n" in callback
+    old_callback = callback.replace(b"cliftplace.runner.console\nHeartbeat\n", b"cliftplace.sweep\nHeartbeat\n")
+    old_name = pickle.dumps(trials._trial_name, protocol=0).replace(b"liftplace.runner.trials", b"liftplace.sweep")
+    assert b"liftplace.sweep" in old_name
+    with pytest.raises(ModuleNotFoundError, match="liftplace.sweep"):
+        pickle.loads(old_function)
+    with study._sweep_stand_in():
+        assert pickle.loads(old_function) is trials.tune_direct
+        assert pickle.loads(old_name) is trials._trial_name
+        beat = pickle.loads(old_callback)
+        assert type(beat) is console.Heartbeat and beat.folder == Path("/tmp/a-study")
+        with study._sweep_stand_in():  # nested: the outer one removes it
+            pass
+        assert "liftplace.sweep" in sys.modules
+    assert "liftplace.sweep" not in sys.modules
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(old_function)
+    # every name the old module lent Tune, each the object that does that job now
+    assert set(study.SWEEP_NAMES) >= {"tune_direct", "tune_train", "EvalOnlyOptuna", "_trial_name", "_trial_dirname",
+                                      "StudyConsole", "Heartbeat"}
+    assert all(getattr(value, "__name__", None) == name for name, value in study.SWEEP_NAMES.items())
 
 
-def test_place_feat_keeps_its_own_feature_weight_default_apart_from_one():
-    """place+feat's None is the authors' 1e-6: it must not compare equal to an explicit 1.0."""
-    from liftplace.checkpoints import config_digest
-    from liftplace.config import comparable
+def test_every_worker_drops_the_controllers_copy_of_a_file_system_error_only():
+    """The worker setup hook (cluster.WORKER_SETUP, Ray's worker_process_setup_hook) names a
+    function that exists, and filters the controller's logged OSError, nothing else."""
+    import importlib
 
-    default = resolve("smoke", {"objective.name": "place+feat"}).to_dict()
-    one = resolve("smoke", {"objective.name": "place+feat", "objective.feat_weight": 1.0}).to_dict()
-    assert comparable(default)["objective"]["feat_weight"] is None
-    assert comparable(default) != comparable(one) and config_digest(default) != config_digest(one)
+    module, _, name = cluster.WORKER_SETUP.rpartition(".")
+    setup = getattr(importlib.import_module(module), name)
+    assert setup is cluster.worker_setup
+    logger = logging.getLogger(cluster.CONTROLLER_LOGGER)
+    before = list(logger.filters)
+    try:
+        setup()
+        setup()  # once per process, however often it runs
+        added = [f for f in logger.filters if f not in before]
+        assert len(added) == 1
+
+        def record(exc, message="Error in control loop iteration 3"):
+            return logging.LogRecord(cluster.CONTROLLER_LOGGER, logging.ERROR, __file__, 1, message, None,
+                                     (type(exc), exc, None))
+
+        assert not added[0].filter(record(OSError(28, "No space left on device")))
+        assert added[0].filter(record(ValueError("a bug")))
+        assert added[0].filter(record(OSError(28, "No space left"), message="something else"))
+    finally:
+        for f in [f for f in logger.filters if f not in before]:
+            logger.removeFilter(f)
