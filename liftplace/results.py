@@ -551,6 +551,11 @@ class RunFolder:
         files.write_text(self.path / "error.txt", text.rstrip("\n") + "\n")
 
 
+def trial_members(run: dict) -> list[tuple[str, dict]]:
+    """(variant, config) of each run a trial's ``run`` holds: a cohort's members, or its one run."""
+    return [(m["variant"], m["config"]) for m in run["members"]] if "members" in run else [(run["variant"], run["config"])]
+
+
 def trial_runs(trial_dir: str, params: dict, folder: str | None = None) -> list[tuple[str, dict, dict]]:
     """(run folder name, run.json, config) of each run a trial trains: a cohort's members, or
     its one run (a search trial's with its sampled values). ``folder``: the trial's folder

@@ -60,23 +60,44 @@ class Study:
 
 
 @dataclass
+class Trial:
+    """One Ray Tune trial, typed until it is handed to Ray (``payload``): one run, or a cohort
+    of runs of one seed that share teacher, data and one stream of batches."""
+
+    variant: str  # the run's variant, or the cohort's label ("kd, lift, place K=16")
+    seed: int
+    runs: list[tuple[str, RunConfig]]  # (variant, its resolved and validated config)
+
+    @property
+    def cohort(self) -> bool:
+        return len(self.runs) > 1
+
+    def payload(self) -> dict:
+        """What Ray Tune gets as the trial's ``run`` (and writes to its params.json): {"variant",
+        "seed", "config"} for one run, {"variant", "seed", "members": [{"variant", "config"}]}
+        for a cohort, the configs as dicts (``RunConfig.to_dict``)."""
+        if not self.cohort:
+            return {"variant": self.variant, "seed": self.seed, "config": self.runs[0][1].to_dict()}
+        return {"variant": self.variant, "seed": self.seed,
+                "members": [{"variant": variant, "config": config.to_dict()} for variant, config in self.runs]}
+
+
+@dataclass
 class Plan:
     """A study ready to run: every trial resolved and validated, before Ray starts."""
 
     study: Study
     preset: str
-    # One per Tune trial: {"variant", "seed", "config": RunConfig.to_dict()} for a single run,
-    # or {"variant": the cohort's label, "seed", "members": [{"variant", "config"}, ...]}.
-    trials: list[dict]
+    trials: list[Trial]  # one per Tune trial
     configs: list[RunConfig]  # every run's, cohort members included
     runner: str  # direct | train
     folder: Path  # <storage>/<study name>
     info: dict  # what study.json records
 
 
-def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_list: list[int] | None = None) -> list[dict]:
-    """Every trial as {"variant", "seed", "config"}: resolved and validated, before Ray starts.
-    Seeds 0..seeds-1, or ``seed_list`` (the seeds an addition grows)."""
+def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_list: list[int] | None = None) -> list[Trial]:
+    """Every run as a trial of its own, resolved and validated, before Ray starts. Seeds
+    0..seeds-1, or ``seed_list`` (the seeds an addition grows)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if seeds > MAX_SEEDS or len(seed_list or []) > MAX_SEEDS:
@@ -97,27 +118,22 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_lis
                     config = resolve(preset, settings)
             except (ValueError, FileNotFoundError) as err:
                 raise type(err)(f"study {study.name}, variant {label!r}: {err}") from None
-            trials.append({"variant": label, "seed": seed, "config": config.to_dict()})
+            trials.append(Trial(label, seed, [(label, config)]))
     return trials
 
 
-def group_cohorts(trials: list[dict], configs: list[RunConfig]) -> list[dict]:
-    """Trials of one seed whose configs (the trials' own, resolved) share a cohort key become
-    one cohort trial (in the order of the variants); a trial with no partner stays a single run."""
+def group_cohorts(trials: list[Trial]) -> list[Trial]:
+    """Trials of one seed whose configs share a cohort key become one cohort trial (in the
+    order of the variants); a trial with no partner stays a single run."""
     from liftplace.distill import cohort_key
 
-    groups: dict[tuple, list[dict]] = {}
-    for trial, config in zip(trials, configs):
-        key = (trial["seed"], cohort_key(config))
-        groups.setdefault(key, []).append(trial)
-    out = []
-    for (seed, _), group in groups.items():
-        if len(group) == 1:
-            out.append(group[0])
-        else:
-            out.append({"variant": ", ".join(t["variant"] for t in group), "seed": seed,
-                        "members": [{"variant": t["variant"], "config": t["config"]} for t in group]})
-    return sorted(out, key=lambda t: t["seed"])
+    groups: dict[tuple, list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault((trial.seed, cohort_key(trial.runs[0][1])), []).append(trial)
+    out = [group[0] if len(group) == 1 else
+           Trial(", ".join(t.variant for t in group), seed, [run for t in group for run in t.runs])
+           for (seed, _), group in groups.items()]
+    return sorted(out, key=lambda t: t.seed)
 
 
 def pick_runner(config: RunConfig, runner: str) -> str:
@@ -142,11 +158,9 @@ def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None =
     if cohort not in COHORTS:
         raise ValueError(f"--cohort {cohort!r}: choose one of {', '.join(COHORTS)}")
     seeds = 1 if study.space else (study.seeds if seeds is None else seeds)
-    from liftplace.config import from_dict
-
     runs = expand(study, preset, list(overrides), seeds, seed_list)
-    configs = [from_dict(t["config"], check_paths=False) for t in runs]
-    trials = runs if cohort == "off" or study.space else group_cohorts(runs, configs)
+    configs = [t.runs[0][1] for t in runs]
+    trials = runs if cohort == "off" or study.space else group_cohorts(runs)
     runners = {pick_runner(c, runner) for c in configs}
     if len(runners) != 1:
         raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")

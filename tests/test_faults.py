@@ -285,7 +285,7 @@ def test_a_study_file_write_that_fails_leaves_the_folder_reusable(tmp_path, monk
             claim_study(folder, info, resume=False)
     assert list(folder.iterdir()) == []  # no study.json, no temporary file
     claim_study(folder, info, resume=False)  # so the same storage can be used again
-    assert json.loads((folder / "study.json").read_text()) == info
+    assert json.loads((folder / "study.json").read_text()) == {**info, "layout": "runs"}  # a study begun now keeps run folders
     with pytest.raises(FileExistsError, match="different study"):
         claim_study(folder, {**info, "trials": 3}, resume=True)
-    assert json.loads((folder / "study.json").read_text()) == info
+    assert json.loads((folder / "study.json").read_text()) == {**info, "layout": "runs"}

@@ -17,12 +17,16 @@ def small(**kw) -> Study:
 
 def test_a_study_expands_into_validated_configs_with_its_seeds():
     trials = expand(small(evals=3), "smoke", ["train.steps=40"], seeds=2)
-    assert [(t["variant"], t["seed"]) for t in trials] == [("kd", 0), ("kd", 1), ("place", 0), ("place", 1)]
+    assert [(t.variant, t.seed) for t in trials] == [("kd", 0), ("kd", 1), ("place", 0), ("place", 1)]
     for t in trials:
-        assert t["config"]["train"]["seed"] == t["seed"] and t["config"]["train"]["steps"] == 40
-        assert t["config"]["train"]["eval_every"] == 40 // (3 + 1)  # evals spread evenly, then the final one
-    assert trials[2]["config"]["objective"]["group_size"] == 4
-    assert expand(small(), "smoke", [], seeds=2, seed_list=[5])[0]["seed"] == 5  # an addition's seeds
+        (variant, config), = t.runs
+        assert variant == t.variant and not t.cohort
+        assert config.train.seed == t.seed and config.train.steps == 40
+        assert config.train.eval_every == 40 // (3 + 1)  # evals spread evenly, then the final one
+        # what Tune gets: the config as a dict, typed until then
+        assert t.payload() == {"variant": t.variant, "seed": t.seed, "config": config.to_dict()}
+    assert trials[2].runs[0][1].objective.group_size == 4
+    assert expand(small(), "smoke", [], seeds=2, seed_list=[5])[0].seed == 5  # an addition's seeds
 
 
 @pytest.mark.parametrize("seeds, overrides, message", [
@@ -40,12 +44,14 @@ def test_variants_of_one_seed_and_teacher_train_as_one_cohort():
     variants = {"kd": {"objective.name": "kd"}, "place": {"objective.name": "place"},
                 "kd batch 8": {"objective.name": "kd", "train.batch": 8}}
     grid = plan(small(variants=variants, seeds=2), preset="smoke")
-    cohorts = [t for t in grid.trials if "members" in t]
-    alone = [t for t in grid.trials if "members" not in t]
+    cohorts = [t for t in grid.trials if t.cohort]
+    alone = [t for t in grid.trials if not t.cohort]
     # kd and place share the teacher, the data and the stream of batches; another batch size does not
-    assert sorted((t["seed"], [m["variant"] for m in t["members"]]) for t in cohorts) == [(0, ["kd", "place"]),
-                                                                                         (1, ["kd", "place"])]
-    assert sorted((t["seed"], t["variant"]) for t in alone) == [(0, "kd batch 8"), (1, "kd batch 8")]
+    assert sorted((t.seed, [v for v, _ in t.runs]) for t in cohorts) == [(0, ["kd", "place"]), (1, ["kd", "place"])]
+    assert sorted((t.seed, t.variant) for t in alone) == [(0, "kd batch 8"), (1, "kd batch 8")]
+    payload = cohorts[0].payload()
+    assert payload["variant"] == "kd, place" and [m["variant"] for m in payload["members"]] == ["kd", "place"]
+    assert payload["members"][1]["config"] == cohorts[0].runs[1][1].to_dict() and "config" not in payload
     assert grid.info["runs"] == 6 and grid.info["trials"] == 4 and len(grid.configs) == 6
     assert len(plan(small(variants=variants, seeds=2), preset="smoke", cohort="off").trials) == 6
 

@@ -22,9 +22,7 @@ def _duration(seconds: float) -> str:
 
 
 def _trial_train(trial) -> dict:
-    run = trial.config["run"]
-    config = run["members"][0]["config"] if "members" in run else run["config"]
-    return config["train"]
+    return results.trial_members(trial.config["run"])[0][1]["train"]
 
 
 def _trial_steps(trial) -> int:
@@ -84,8 +82,7 @@ class StudyConsole(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
-        run = trial.config["run"]
-        runs = ", ".join(m["variant"] for m in run["members"]) if "members" in run else run["variant"]
+        runs = ", ".join(variant for variant, _ in results.trial_members(trial.config["run"]))
         self.log(f"start  {trial}: {runs}")
 
     def __getstate__(self):

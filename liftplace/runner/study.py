@@ -29,7 +29,7 @@ from liftplace.runner.runs import RunFolders
 from liftplace.runner.train import RunFailed, failure_cause, train_loop
 from liftplace.runner.trials import (EvalOnlyOptuna, _search_tuner, _trainable, _trial_dirname, _trial_name, tune_direct,
                                      tune_train)
-from liftplace.study import Study, plan
+from liftplace.study import Study, Trial, plan
 
 # Ray Tune pickles, by reference, what a study's Tuner holds into the study's folder: the
 # trials' name and folder creators and the callbacks (tuner.pkl, experiment_state-*.json), a
@@ -109,12 +109,12 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
         raise FileNotFoundError(f"--add-seeds: no study to grow at {folder}; run it first")
     storage = folder.parent
     if study.space:
-        _check_space(study, trials[0]["config"])
+        _check_space(study, trials[0].runs[0][1].to_dict())
     distill._pause_point("study checks")
     check_inputs(configs, log=log)
     check_resources(configs, capacity_now(), address)
     # As many trials at once as this machine's CPUs allow (the default below), within the memory.
-    members = max((len(t["members"]) for t in trials if "members" in t), default=1)
+    members = max((len(t.runs) for t in trials), default=1)
     memory_fits = check_memory(configs, address, node_memory=node_memory(), members=members, log=log,
                                wanted=min(len(trials), _trials_by_cpus(configs[0], os.cpu_count() or 1)),
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
@@ -261,28 +261,27 @@ def _look(folder: Path, info: dict, rule: dict, log) -> bool:
     return stop is None
 
 
-def _run_part(trials: list[dict], name: str | None, *, study: Study, chosen: str, configs, folder: Path,
+def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: str, configs, folder: Path,
               max_concurrent: int, max_failures: int, verbose: bool, log, tune) -> int:
     """Run (or resume) one part of a study as its own Tune experiment: the study's first seeds
     in ``folder`` itself (name None), an addition in ``folder/<name>``. A part whose every run
     ended is skipped. Returns how many trials this call finished."""
     experiment = folder if name is None else folder / name
     table, _ = results.study_status(folder)
-    seeds = {t["seed"] for t in trials}
+    seeds = {t.seed for t in trials}
     mine = table[table["seed"].isin(seeds)] if not study.space else table
     if not study.space and len(mine) and mine["state"].isin(["done", "diverged"]).all() and experiment.exists():
         return 0
     curves = results.tensorboard_available()
-    for t in trials:
-        t["train_storage"] = str(folder / "_train")
-        t["worker_failures"] = max_failures
-        t["verbose"] = verbose  # the trials' own progress lines, off by default
-        if curves:
-            t["curves"] = str(folder / results.TENSORBOARD)
+    # The trials as Tune gets them (the configs as dicts from here on), with where a trial
+    # writes, how often its Ray Train run may fail, and whether it prints its progress lines.
+    payloads = [{**t.payload(), "train_storage": str(folder / "_train"), "worker_failures": max_failures,
+                 "verbose": verbose, **({"curves": str(folder / results.TENSORBOARD)} if curves else {})}
+                for t in trials]
     trainable = _trainable(chosen, configs[0])
-    runs = f"{len(trials) if study.space else sum(len(t.get('members', [t])) for t in trials)} runs " \
+    runs = f"{len(trials) if study.space else sum(len(t.runs) for t in trials)} runs " \
            f"({len(study.variants)} variants x {len(seeds)} seeds" + (f": {', '.join(map(str, sorted(seeds)))}" if name else "") + ")"
-    cohorts = sum("members" in t for t in trials)
+    cohorts = sum(t.cohort for t in trials)
     if cohorts:
         runs += f" in {len(trials)} trials ({cohorts} cohorts: one teacher forward per step for each)"
     count = f"{study.num_samples} sampled trials" if study.space else runs
@@ -328,12 +327,12 @@ def _run_part(trials: list[dict], name: str | None, *, study: Study, chosen: str
         restored = tuner._local_tuner.get_run_config()
         restored.callbacks, restored.verbose = console, tune_verbose
     elif study.space:
-        tuner = _search_tuner(study, trials, configs[0], trainable, folder.parent, max_concurrent, max_failures,
+        tuner = _search_tuner(study, payloads, configs[0], trainable, folder.parent, max_concurrent, max_failures,
                               console, tune_verbose)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"run": tune.grid_search(trials)},
+            param_space={"run": tune.grid_search(payloads)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=chosen == "direct",
                                         trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
             run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent), verbose=tune_verbose,

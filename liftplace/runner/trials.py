@@ -145,7 +145,8 @@ def _trial_name(trial) -> str:
     """What Ray's console and dashboard call a trial: <variant>-seed<k>; a cohort is named after
     its first variant and how many more it trains (kd+5-seed0)."""
     run = trial.config["run"]
-    name = f"{run['members'][0]['variant']}+{len(run['members']) - 1}" if "members" in run else run["variant"]
+    variants = [variant for variant, _ in results.trial_members(run)]
+    name = f"{variants[0]}+{len(variants) - 1}" if "members" in run else variants[0]
     # Sampled trials of a search share variant and seed: their id tells them apart.
     return results.run_label(name, run["seed"]) + (f"-{trial.trial_id}" if "search" in trial.config else "")
 
