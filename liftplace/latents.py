@@ -58,7 +58,7 @@ def vae_memory(vae, image_channels: int, size: int) -> int:
     """Bytes a latent run's frozen VAE holds at its peak: its weights, plus the activations of
     the larger of one encode and one decode call (no graph) at ``chunk_size`` images of
     ``image_channels`` x ``size`` x ``size``. Estimated without computing anything, on a "meta"
-    copy under torch's MemTracker, as ``models.step_memory`` estimates a training step."""
+    copy under torch's MemTracker, as ``preflight.step_memory`` estimates a training step."""
     import copy
 
     from liftplace.models import meta_peak, weight_bytes

@@ -49,7 +49,7 @@ from liftplace.dotted import flatten  # noqa: F401 -- results.flatten, as before
 STUDY_FILE = "study.json"
 RUN_CONFIG, RUN_METRICS = "config.json", "metrics.jsonl"  # a run folder's (``liftplace distill --out``)
 RUNS = "runs"  # a study's run folders: <study>/runs/<run>/
-RUN_FILE = "run.json"  # a study's run folder: who the run is ({"variant", "seed", "trial_dir", "run", "search"})
+RUN_FILE = "run.json"  # a study's run folder: who the run is ({"variant", "seed", "trial_dir", "folder", "run", "search"})
 RUN_IDENTITY = ("trial_dir",)  # what a study's run rows also say: the trial folder that holds their checkpoints
 # Evaluation columns: NaN in a row without an evaluation (rows keep one schema).
 EVAL_COLUMNS = ("fid", "kid", "precision", "recall")
@@ -234,9 +234,10 @@ _PROSE = ("description",)
 # what it did, when, and its provenance), "additions" (the seeds grown by --add-seeds or
 # --seeds auto, and the folder of each), "looks" (a sequential study's looks and verdicts),
 # "sequential" (its rule: the most seeds, the round), "margin" (the verdicts' equivalence
-# margin, --margin: a fraction of kd's mean final FID).
+# margin, --margin: a fraction of kd's mean final FID), "layout" ("runs": the study keeps a
+# folder per run under runs/; absent in a study begun before, read from its trial folders).
 RECORDS = ("history", "additions", "looks", "sequential", "margin", "layout")
-_SET = ("sequential", "margin")  # set, not appended to
+_SET = ("sequential", "margin", "layout")  # set, not appended to
 
 
 def _defining(info: dict) -> dict:
@@ -298,7 +299,7 @@ def provenance() -> dict:
 
 def record(folder: Path, key: str, entry) -> dict:
     """Append ``entry`` to study.json's list ``key`` (a RECORDS field), or set it where ``key``
-    is "sequential" or "margin"; returns the new study.json."""
+    is one of _SET; returns the new study.json."""
     if key not in RECORDS:
         raise ValueError(f"study.json records {', '.join(RECORDS)}, not {key!r}")
     info_file = Path(folder) / STUDY_FILE
@@ -344,8 +345,8 @@ def claim_study(folder: Path, info: dict, resume: bool) -> None:
 
 
 def is_run_folder(path: str | Path) -> bool:
-    """Whether ``path`` is one run's folder (``liftplace distill --out``): its config.json and
-    metrics.jsonl, and no study.json."""
+    """Whether ``path`` is one run's folder (``liftplace distill --out``): a config.json and no
+    study.json."""
     path = Path(path)
     return (path / RUN_CONFIG).is_file() and not (path / STUDY_FILE).is_file()
 
@@ -543,6 +544,13 @@ class RunFolder:
             if who is not None:
                 files.write_text(self.path / RUN_FILE, json.dumps(who, indent=2) + "\n")
             files.write_text(self.path / RUN_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def who(self) -> dict | None:
+        """A study's run: its run.json (None for a `liftplace distill` folder)."""
+        try:
+            return json.loads((self.path / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
 
     def append(self, row: dict) -> None:
         self.metrics.append(row)

@@ -103,7 +103,14 @@ def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_lis
     if seeds > MAX_SEEDS or len(seed_list or []) > MAX_SEEDS:
         raise ValueError(f"--seeds {seeds}: at most {MAX_SEEDS} seeds per variant (plan with liftplace plan-seeds)")
     from liftplace.config import parse_override, resolve
+    from liftplace.results import run_label
 
+    folders: dict[str, str] = {}  # each run's folder is runs/<run_label>: one per variant and seed
+    for label in study.variants:
+        other = folders.setdefault(run_label(label, 0).lower(), label)
+        if other != label:
+            raise ValueError(f"study {study.name}: variants {other!r} and {label!r} would share one run folder "
+                             f"(runs/{run_label(label, 0)[:-1]}<k>): rename one")
     user = dict(parse_override(o) for o in overrides)
     if "train.seed" in user:  # it would be recorded in study.json, yet every run takes the study's seed
         raise ValueError("--set train.seed: a study's runs take its seeds 0..N-1; use --seeds N (or --add-seeds N)")

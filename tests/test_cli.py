@@ -22,6 +22,16 @@ def env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
+def load_study_variants():
+    """The default study's variants (studies/ablate_k.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablate_k_study", ROOT / "studies" / "ablate_k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.STUDY.variants
+
+
 def liftplace(*args):
     return [sys.executable, "-m", "liftplace.cli", *args]
 
@@ -354,6 +364,13 @@ def test_a_failed_trial_ends_its_study_with_one_line_and_no_report(ray_session, 
     assert "RuntimeError: simulated bug in the training loop" in lines[0]
     assert str(trial / "error.txt") in lines[0] and lines[0].endswith("--resume")
     assert (trial / "error.txt").is_file()
+    # Every run of the failed (cohort) trial has the error in its own folder, and status says so.
+    runs = sorted((storage / "ablate_k" / "runs").iterdir())
+    assert len(runs) == len(load_study_variants()) and all(
+        "simulated bug in the training loop" in (run / "error.txt").read_text() for run in runs)
+    from liftplace.results import study_status
+
+    assert set(study_status(storage / "ablate_k")[0]["state"]) == {"errored"}
     # The console said it too (a retry, then the failure), and no report was built.
     assert "retry  " in proc.stdout and f"failed " in proc.stdout
     assert not (storage / "ablate_k" / "analysis").exists()

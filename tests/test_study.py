@@ -40,6 +40,13 @@ def test_a_bad_study_is_refused_naming_what_is_wrong(seeds, overrides, message):
         expand(small(), "smoke", overrides, seeds)
 
 
+def test_variants_that_would_share_a_run_folder_are_refused():
+    variants = {"place K=16": {"objective.name": "place"}, "Place K-16": {"objective.name": "place"}}
+    with pytest.raises(ValueError, match=r"variants 'place K=16' and 'Place K-16' would share one run folder "
+                                         r"\(runs/Place-K-16-seed<k>\): rename one"):
+        expand(small(variants=variants), "smoke", [], seeds=1)
+
+
 def test_variants_of_one_seed_and_teacher_train_as_one_cohort():
     variants = {"kd": {"objective.name": "kd"}, "place": {"objective.name": "place"},
                 "kd batch 8": {"objective.name": "kd", "train.batch": 8}}

@@ -18,7 +18,8 @@ as one Tune grid under ``<storage>/<study>``. One module per job:
 - ``single``: ``liftplace distill``, one run on Ray Train into its folder;
 - ``trials``: the Tune trainables, the search (Optuna, ASHA) and the trials' names;
 - ``study``: a study's driver (its parts, its lock, --seeds auto, Ctrl-C and SIGTERM);
-- ``console``: what a study prints while it runs, and its heartbeat.
+- ``console``: what a study prints while it runs, and its heartbeat;
+- ``runs``: the driver's writer of a study's run folders (runs/<run>/).
 
 The checks before Ray starts are ``liftplace.preflight``'s (Ray-free). This package's
 ``__init__`` imports nothing: every Ray worker process imports ``cluster`` (its setup hook).

@@ -39,8 +39,24 @@ class RunFolders(Callback):
         name, folder = self._trial(trial)
         for run, who, config in results.trial_runs(name, trial.config, str(Path(folder).parent / name)):
             if run not in self.writers:
-                self.writers[run] = results.RunFolder(self.folder / results.RUNS / run)
-                self.writers[run].start(config, who)
+                writer = results.RunFolder(self.folder / results.RUNS / run)
+                writer.start(config, who)
+                self.writers[run] = writer
+            owner = self.writers[run].who()
+            if owner is not None and (owner["variant"], owner["seed"]) != (who["variant"], who["seed"]):
+                # study.check_labels refuses such variants before Ray; a folder from elsewhere may not
+                raise RuntimeError(f"{self.folder / results.RUNS / run} belongs to {owner['variant']!r} seed "
+                                   f"{owner['seed']}, not {who['variant']!r} seed {who['seed']}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        """A failed trial's error (Tune's error.txt in its folder) goes into each of its runs'
+        folders too, so that runs/ alone tells a failed run."""
+        error = Path(trial.path) / "error.txt"
+        text = error.read_text() if error.is_file() else f"trial {Path(trial.path).name} failed (no error.txt)"
+        self._start(trial)
+        name, folder = self._trial(trial)
+        for run, _, _ in results.trial_runs(name, trial.config, str(Path(folder).parent / name)):
+            self.writers[run].fail(text)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start(trial)

@@ -291,7 +291,7 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
         "curves: none (pip install -e '.[watch]' for TensorBoard event files)")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    # Tune's JSON and CSV rows (result.json is what results.load_study reads); not its own
+    # Tune's JSON and CSV rows (result.json: what results.load_study reads in a study begun before run folders); not its own
     # TensorBoard logger, whose flattened cohort rows would sit beside the readable curves above.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     console = [JsonLoggerCallback(), CSVLoggerCallback(), Heartbeat(folder)]

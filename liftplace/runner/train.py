@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
-from pathlib import Path
 
 from liftplace import distill, results
 from liftplace.config import RunConfig, from_dict
