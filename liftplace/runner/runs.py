@@ -22,10 +22,14 @@ class RunFolders(Callback):
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.writers: dict[str, results.RunFolder] = {}
+        self.trials: dict[str, tuple[str, str, list[str]]] = {}  # trial id -> (name, folder, its runs' folders)
 
-    def _trial(self, trial) -> tuple[str, str]:
-        """(the trial's name in the study, its folder now, relative to the study's): a restored
-        trial may write a second folder, <name>_<4 hex digits>, beside its first."""
+    def _trial(self, trial) -> tuple[str, str, list[str]]:
+        """(the trial's name in the study, its folder now relative to the study's, its runs'
+        folder names), found once per trial: a restored trial may write a second folder,
+        <name>_<4 hex digits>, beside its first. Its runs' folders are claimed then."""
+        if trial.trial_id in self.trials:
+            return self.trials[trial.trial_id]
         path = Path(trial.path)
         try:
             folder = path.resolve().relative_to(self.folder.resolve())
@@ -33,36 +37,31 @@ class RunFolders(Callback):
             folder = Path(path.name)
         twin = re.fullmatch(r"(.+)_[0-9a-f]{4}", folder.name)
         name = twin.group(1) if twin and (self.folder / folder.parent / twin.group(1)).is_dir() else folder.name
-        return name, str(folder)
+        runs = []
+        for run, who, config in results.trial_runs(name, trial.config, str(folder.parent / name)):
+            writer = self.writers.setdefault(run, results.RunFolder(self.folder / results.RUNS / run))
+            writer.start(config, who)
+            owner = writer.who() or {}
+            if (owner.get("variant"), owner.get("seed")) != (who["variant"], who["seed"]):
+                # study.expand refuses variants whose folders collide; a folder from elsewhere may
+                raise RuntimeError(f"{writer.path} belongs to another run ({owner or 'no run.json'}), "
+                                   f"not {who['variant']!r} seed {who['seed']}")
+            runs.append(run)
+        self.trials[trial.trial_id] = name, str(folder), runs
+        return self.trials[trial.trial_id]
 
-    def _start(self, trial) -> None:
-        name, folder = self._trial(trial)
-        for run, who, config in results.trial_runs(name, trial.config, str(Path(folder).parent / name)):
-            if run not in self.writers:
-                writer = results.RunFolder(self.folder / results.RUNS / run)
-                writer.start(config, who)
-                self.writers[run] = writer
-            owner = self.writers[run].who()
-            if owner is not None and (owner["variant"], owner["seed"]) != (who["variant"], who["seed"]):
-                # study.check_labels refuses such variants before Ray; a folder from elsewhere may not
-                raise RuntimeError(f"{self.folder / results.RUNS / run} belongs to {owner['variant']!r} seed "
-                                   f"{owner['seed']}, not {who['variant']!r} seed {who['seed']}")
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._trial(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        name, folder, _ = self._trial(trial)
+        for run, row in results.trial_rows(name, trial.config, result, folder):
+            self.writers[run].append(row)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         """A failed trial's error (Tune's error.txt in its folder) goes into each of its runs'
         folders too, so that runs/ alone tells a failed run."""
         error = Path(trial.path) / "error.txt"
         text = error.read_text() if error.is_file() else f"trial {Path(trial.path).name} failed (no error.txt)"
-        self._start(trial)
-        name, folder = self._trial(trial)
-        for run, _, _ in results.trial_runs(name, trial.config, str(Path(folder).parent / name)):
+        for run in self._trial(trial)[2]:
             self.writers[run].fail(text)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._start(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._start(trial)  # a restored trial's runs: their writers are new
-        name, folder = self._trial(trial)
-        for run, row in results.trial_rows(name, trial.config, result, folder):
-            self.writers[run].append(row)
