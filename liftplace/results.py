@@ -10,15 +10,19 @@ than the images for a latent teacher), for a latent teacher ``vae_params`` and `
 (``eval_*``).
 
 A run is a folder, written by one writer (``RunFolder``): ``config.json`` (the run's resolved
-config), ``metrics.jsonl`` (its rows) and, if it failed, ``error.txt``. ``liftplace distill
+config), ``metrics.jsonl`` (its rows), ``checkpoints/step-<k>/`` (each checkpoint of the run,
+a cohort member's its own student only: see ``RunFolder.keep_checkpoint``) and, if it failed,
+``error.txt``. ``liftplace distill
 --out`` is such a folder; a study is ``study.json`` and one such folder per run, a cohort
 member's too, that its driver writes from the rows the trials report to Ray Tune::
 
     <storage>/<study>/study.json                     the study: name, axes, seeds, metric, base config
     <storage>/<study>/runs/<run>/run.json            who the run is: variant, seed, trial, run id
     <storage>/<study>/runs/<run>/config.json         its config; metrics.jsonl: its rows
+    <storage>/<study>/runs/<run>/checkpoints/        its checkpoints, step-<k>/ each
     <storage>/<study>/<trial>/                       Ray Tune's trial folder: params.json, result.json
-                                                     and the checkpoints (a cohort's, m0/, m1/, ...)
+                                                     and Ray's checkpoints (a cohort's, m0/, m1/, ...),
+                                                     which a resumed trial starts from
 
 A trial trains one run ({"run": {"variant", "seed", "config"}}) or a cohort of runs that share
 one stream of batches ({"run": {"variant", "seed", "members": [{"variant", "config"}]}}), whose
@@ -37,7 +41,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,7 @@ from liftplace.dotted import flatten  # noqa: F401 -- results.flatten, as before
 
 STUDY_FILE = "study.json"
 RUN_CONFIG, RUN_METRICS = "config.json", "metrics.jsonl"  # a run folder's (``liftplace distill --out``)
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints: checkpoints/step-<step, 7 digits>/
 RUNS = "runs"  # a study's run folders: <study>/runs/<run>/
 RUN_FILE = "run.json"  # a study's run folder: who the run is ({"variant", "seed", "trial_dir", "folder", "run", "search"})
 RUN_IDENTITY = ("trial_dir",)  # what a study's run rows also say: the trial folder that holds their checkpoints
@@ -423,7 +430,8 @@ def load_study(path: str | Path, *, allow_unfinished: bool = False) -> pd.DataFr
                             "resume the study with --resume")
         who = json.loads((folder / RUN_FILE).read_text())
         frames.append(_frame(rows, json.loads((folder / RUN_CONFIG).read_text()), rows[-1].get("variant", who["variant"]),
-                             rows[-1]["trial_id"], who["trial_dir"], who["run"], _study_checkpoint(rows, path)))
+                             rows[-1]["trial_id"], who["trial_dir"], who["run"],
+                             _own_checkpoint(folder, rows, _study_checkpoint(rows, path))))
     if not frames:
         raise NotAStudy(f"half-written study: no run under {path / RUNS} has reported yet")
     return _study_frame(frames, info, path)
@@ -506,13 +514,33 @@ def _load_run_folder(path: Path, info: dict, allow_unfinished: bool) -> pd.DataF
         raise NotAStudy(f"half-written run: {path / RUN_METRICS} has no rows yet"
                         + ("" if allow_unfinished else "; continue the run with --resume"))
     config = json.loads((path / RUN_CONFIG).read_text())
-    frame = _frame(rows, config, next(iter(info["variants"])), path.name, ".", path.name, last_checkpoint(rows, path))
+    frame = _frame(rows, config, next(iter(info["variants"])), path.name, ".", path.name,
+                   _own_checkpoint(path, rows, last_checkpoint(rows, path)))
     return _study_frame([frame], info, path)
 
 
 def run_folders(path: str | Path) -> list[Path]:
     """A study's run folders (``runs/*/`` with a config.json), in name order."""
     return sorted(p.parent for p in (Path(path) / RUNS).glob(f"*/{RUN_CONFIG}"))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{int(step):07d}"
+
+
+def _own_checkpoint(folder: Path, rows: list[dict], elsewhere: str | None) -> str | None:
+    """A run folder's last checkpoint: its own copy (checkpoints/step-<k>/) of the last one its
+    rows name; where Ray keeps it (``elsewhere``) for a folder written before run folders kept
+    copies."""
+    step = next((r["step"] for r in reversed(rows) if r.get("checkpoint_path") or r.get("checkpoint_dir_name")), None)
+    own = folder / CHECKPOINTS / checkpoint_name(step) if step is not None else None
+    return str(own) if own is not None and own.is_dir() else elsewhere
+
+
+def row_checkpoint(row: dict, study: Path) -> str | None:
+    """The checkpoint one of a study run's rows names, where Ray stored it (None: the row came
+    without one)."""
+    return _study_checkpoint([row], study)
 
 
 def _study_checkpoint(rows: list[dict], study: Path) -> str | None:
@@ -528,9 +556,9 @@ def _study_checkpoint(rows: list[dict], study: Path) -> str | None:
 
 class RunFolder:
     """The one writer of a run's folder: config.json once, then metrics.jsonl row by row
-    (MetricsFile: a re-reported step replaces the rows from it on), and error.txt if the
-    run fails. ``liftplace distill`` writes its --out folder with it, a study's driver each
-    run's folder under runs/."""
+    (MetricsFile: a re-reported step replaces the rows from it on), each checkpoint into
+    checkpoints/ (``keep_checkpoint``), and error.txt if the run fails. ``liftplace distill``
+    writes its --out folder with it, a study's driver each run's folder under runs/."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -552,11 +580,44 @@ class RunFolder:
         except (OSError, ValueError):
             return None
 
-    def append(self, row: dict) -> None:
+    def append(self, row: dict, checkpoint: str | Path | None = None) -> None:
+        """Add a reported row; with ``checkpoint`` (the folder where Ray stored the checkpoint
+        the row came with), the checkpoint first (``keep_checkpoint``), so that a row never
+        names a checkpoint its folder lacks."""
+        if checkpoint:
+            self.keep_checkpoint(row["step"], checkpoint)
         self.metrics.append(row)
+
+    def keep_checkpoint(self, step: int, source: str | Path) -> Path:
+        """Give the run a checkpoint that Ray has stored (``source``: a run's checkpoint folder,
+        a cohort member's sub-folder of its cohort's): checkpoints/step-<step>/ gets its files as
+        hard links, so no disk is spent twice (copies where the file system has no hard links),
+        complete or not at all (written under a hidden name, then renamed). A step kept again
+        (a resumed run re-reaches it) is replaced. Ray's copy stays what a resumed trial starts
+        from; this one is what readers of the run use (``final_checkpoint``, load_student)."""
+        source, target = Path(source), self.path / CHECKPOINTS / checkpoint_name(step)
+        tmp = files.temp_path(target)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a kept checkpoint cut short by a crash
+        try:
+            shutil.copytree(source, tmp, copy_function=_link_or_copy)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
 
     def fail(self, text: str) -> None:
         files.write_text(self.path / "error.txt", text.rstrip("\n") + "\n")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def trial_members(run: dict) -> list[tuple[str, dict]]:

@@ -1,30 +1,23 @@
-"""A study, without Ray: variants x seeds on a base config, its plan, and the shared command line.
+"""A study, without Ray: variants x seeds on a base config, and its plan of trials.
 
 A study script declares a ``Study`` (labelled override sets, seeds, optionally a search space)
-and calls ``study_main``. ``plan`` expands it into full, validated run configs, all before Ray
-starts, and groups them into cohorts: the variants of one seed that share the teacher, data
-and stream of batches (``distill.cohort_key``) train in one trial, in lock step, on one teacher
-forward per step (``--cohort off``: one trial per variant and seed, as a search always has);
-``liftplace.runner.study.run_study`` runs the plan as one Ray Tune experiment under
+and calls ``liftplace.cli.study_main``, the command line every study shares. ``plan`` expands
+it into full, validated run configs, all before Ray starts, and groups them into cohorts: the
+variants of one seed that share the teacher, data and stream of batches (``distill.cohort_key``)
+train in one trial, in lock step, on one teacher forward per step (``--cohort off``: one trial
+per variant and seed, as a search always has); ``liftplace.runner.study.run_study`` runs the plan as one Ray Tune experiment under
 ``<storage>/<study>``; the report is built after by the repository's ``analysis/make_all.py``,
 the same command a user runs on a finished study.
 
 Importing this module does not import Ray (checked by the tests): a bad command line is
-refused in one line without Ray's start-up cost. ``study_main`` imports ``liftplace.runner``
-inside, once the command line is read.
+refused in one line without Ray's start-up cost. Nothing here imports the runner, which imports
+this module (``liftplace.cli.study_main`` imports the runner once the command line is read).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,8 +29,6 @@ if TYPE_CHECKING:
 RUNNERS = ("auto", "train", "direct")
 MAX_SEEDS = 1000  # seeds per variant: more is a typo (100000 planned for minutes), not a study
 COHORTS = ("auto", "off")
-# The analysis scripts live beside the package in the repository (they are not installed).
-MAKE_ALL = Path(__file__).resolve().parents[1] / "analysis" / "make_all.py"
 
 
 @dataclass
@@ -210,140 +201,3 @@ def _info(study: Study, preset, overrides, seeds, runner, count) -> dict:
             "seeds": seeds, "evals": study.evals, "space": {k: describe_domain(v) for k, v in study.space.items()},
             "num_samples": study.num_samples, "variants": study.variants, "base": study.base, "metric": study.metric,
             "mode": study.mode, "runner": runner, "trials": count}
-
-
-def build_report(folder: Path) -> Path | None:
-    """Run ``analysis/make_all.py`` on a finished study, as its own process (the library imports
-    nothing from analysis/); returns REPORT.md, or None when the analysis scripts are absent."""
-    if not MAKE_ALL.is_file():
-        print(f"analysis: {MAKE_ALL} not found (the package was installed without its repository); "
-              f"the study's results are in {folder}")
-        return None
-    subprocess.run([sys.executable, str(MAKE_ALL), str(folder)], check=True,
-                   env={**os.environ, "LIFTPLACE_REPORT_OF_STUDY": "1"})  # a Ctrl-C is said once, by the study
-    return Path(folder) / "analysis" / "REPORT.md"
-
-
-def resume_command(argv=None) -> str:
-    """The command that continues this study: the same one, with --resume."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    # An interrupted addition is recorded in study.json: --resume finishes it; --add-seeds again
-    # would add another.
-    kept = []
-    for i, word in enumerate(args):
-        if word == "--add-seeds" or word.startswith("--add-seeds="):
-            continue
-        if i and args[i - 1] == "--add-seeds":
-            continue
-        kept.append(word)
-    args = kept
-    script = sys.argv[0] if Path(sys.argv[0]).suffix == ".py" else "<study script>"
-    words = ["python", script, *args, *([] if "--resume" in args else ["--resume"])]
-    return " ".join(shlex.quote(w) for w in words)
-
-
-def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
-    """The command line every study script shares: run (or resume) the study, then its report.
-    Ctrl-C or SIGTERM before the trials start (while torch and Ray load, during the checks) or
-    while the report is built ends with one line that says what is left and how to go on; once
-    the trials run, the study's own handling says it (``StudyInterrupted``)."""
-    from liftplace import stops
-
-    stage: dict = {}
-    with stops.stoppable():
-        try:
-            return _study_main(study, argv, report=report, stage=stage)
-        except (KeyboardInterrupt, stops.Stopped) as stop:
-            stops.quiet()
-            print(f"{Path(sys.argv[0]).name}: {_where_stopped(stage, argv)}", file=sys.stderr)
-            raise SystemExit(stops.status(stop)) from None
-
-
-def _where_stopped(stage: dict, argv) -> str:
-    folder = stage.get("folder")
-    if folder is None:
-        return "interrupted before the study started; nothing was written"
-    if stage.get("report"):
-        return (f"interrupted while its report was built (the study is finished); build it with: "
-                f"python {MAKE_ALL.relative_to(Path.cwd()) if MAKE_ALL.is_relative_to(Path.cwd()) else MAKE_ALL} {folder}")
-    from liftplace.results import STUDY_FILE
-
-    if (folder / STUDY_FILE).is_file():
-        return f"interrupted before its trials started; continue it with: {resume_command(argv)}"
-    return f"interrupted before the study started; nothing was written to {folder}"
-
-
-def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
-    parser = argparse.ArgumentParser(description=study.description.strip().split("\n")[0] if study.description else study.name)
-    parser.add_argument("--preset", default="cpu", help="smoke | cpu | cpu-50 | paper (default cpu)")
-    parser.add_argument("--seeds", default=str(study.seeds),
-                        help=f"seeds per variant (default {study.seeds}), or auto: start from {max(study.seeds, 3)} and "
-                             "add rounds of seeds until every comparison with kd is decided (see --max-seeds)")
-    if not study.space:
-        parser.add_argument("--max-seeds", type=int, default=12, help="--seeds auto: the most seeds per variant (default 12)")
-        parser.add_argument("--round", type=int, default=2, help="--seeds auto: seeds added per round (default 2)")
-        parser.add_argument("--add-seeds", type=int, default=0, metavar="N",
-                            help="grow this study (finished or interrupted) by N seeds; earlier files stay as they are")
-    parser.add_argument("--margin", type=float, default=None,
-                        help="equivalence margin of the verdicts, a fraction of kd's mean final FID (default 0.2)")
-    parser.add_argument("--storage", default="results", help="results folder; the study goes to STORAGE/<name>")
-    parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
-    parser.add_argument("--runner", default="auto", choices=RUNNERS)
-    parser.add_argument("--max-concurrent", type=int, default=None)
-    if not study.space:
-        parser.add_argument("--cohort", default="auto", choices=COHORTS,
-                            help="auto (default): the variants of a seed that share the teacher and the stream of "
-                                 "batches train in one trial, on one teacher forward per step; off: one trial each")
-    if study.space:
-        parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    parser.add_argument("--verbose", action="store_true",
-                        help="Ray Tune's status tables and every trial's per-step progress lines")
-    args = parser.parse_args(argv)
-    sequential = None
-    if args.seeds == "auto" and not study.space:
-        args.seeds = max(study.seeds, 3)
-        sequential = {"max_seeds": args.max_seeds, "round": args.round}
-    else:
-        try:
-            args.seeds = int(args.seeds)
-        except ValueError:
-            parser.exit(2, f"{Path(sys.argv[0]).name}: error: --seeds must be a number or auto, got {args.seeds!r}\n")
-    for flag, value in (("--add-seeds", getattr(args, "add_seeds", 0)),):
-        if value < 0:
-            parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
-    if sequential and getattr(args, "add_seeds", 0):
-        parser.exit(2, f"{Path(sys.argv[0]).name}: error: --seeds auto grows the study itself; drop --add-seeds\n")
-    for flag, value in (("--max-concurrent", args.max_concurrent), ("--samples", getattr(args, "samples", 1))):
-        if value is not None and value < 1:
-            parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
-    if study.space:
-        study = dataclasses.replace(study, num_samples=args.samples)
-    stage["folder"] = Path(args.storage).expanduser().resolve() / study.name
-    # Ray's import (~1 s) after the command line is read: a bad one is refused without it.
-    from liftplace.runner.study import StudyInterrupted, run_study
-    from liftplace.runner.train import RunFailed
-
-    try:
-        folder = run_study(study, preset=args.preset, overrides=args.set, seeds=args.seeds, storage=args.storage,
-                           address=args.address, resume=args.resume, runner=args.runner,
-                           max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"),
-                           verbose=args.verbose, add_seeds=getattr(args, "add_seeds", 0), sequential=sequential,
-                           margin=args.margin)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except StudyInterrupted as stop:  # no report on a partial study
-        print(f"{Path(sys.argv[0]).name}: {stop}; continue it with: {resume_command(argv)}", file=sys.stderr)
-        raise SystemExit(128 + stop.signal) from None
-    except RunFailed as err:  # a trial failed inside a worker: no report either
-        print(f"{Path(sys.argv[0]).name}: error: {err}; continue it with: {resume_command(argv)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    if report:
-        stage["report"] = True
-        path = build_report(folder)
-        if path is not None:
-            print(f"analysis: {Path(folder) / 'analysis'} (open {path})")
-    return folder
-

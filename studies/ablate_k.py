@@ -29,7 +29,8 @@ worse.
                                [--add-seeds N] [--max-seeds M] [--round R] [--margin F]
 """
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 STUDY = Study(
     name="ablate_k",

@@ -20,7 +20,8 @@ seeds the report calls no difference (it needs 3 a side).
     python studies/ablate_weighting.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 PLACE = {"objective.name": "place", "objective.group_size": 16}
 STUDY = Study(

@@ -19,7 +19,8 @@ tested. `paper`: 36 GPU runs of 100k steps on the user's DDPM (the paper's table
     python studies/compression.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 METHODS = {
     "task": {"objective.name": "task"},

@@ -28,7 +28,8 @@ unet-l at 80%.
     python studies/regime.py [--preset smoke|cpu] [--seeds N] [--storage DIR] [--set key=value ...]
 """
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 OBJECTIVES = ("task", "kd")
 STRUCTURES = {

@@ -27,7 +27,8 @@ ablate_k's for the same seeds (evaluating along the way changes nothing).
     python studies/stability.py [--preset smoke|cpu|cpu-50|paper] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 STUDY = Study(
     name="stability",

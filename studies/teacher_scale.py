@@ -27,7 +27,8 @@ pass your own teachers with --set (one run per teacher directory).
     python studies/teacher_scale.py [--preset smoke|cpu] [--seeds N] [--cohort auto|off] [--set key=value ...]
 """
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 METHODS = {"task": {"objective.name": "task"}, "kd": {"objective.name": "kd"},
            "place": {"objective.name": "place", "objective.group_size": 16}}

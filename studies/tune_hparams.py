@@ -22,7 +22,8 @@ study's kd, lr 1e-3, is at 11.8 over 4 seeds), so this does not show that place 
 
 from ray import tune
 
-from liftplace.study import Study, study_main
+from liftplace.cli import study_main
+from liftplace.study import Study
 
 STUDY = Study(
     name="tune_hparams",

@@ -344,7 +344,15 @@ def test_a_failure_inside_a_worker_ends_with_one_line_and_resume_finishes_the_ru
     assert list(df["step"]) == [5, 10, 15, 20] and list(df["loss"]) == [r["loss"] for r in rows]
     assert set(df["variant"]) == {"place"} and (df["config/train/steps"] == 20).all()
     run = summarize(df).iloc[0]
-    assert run["final_fid"] == rows[-1]["fid"] and run["final_checkpoint"] == rows[-1]["checkpoint_path"]
+    # Its last checkpoint is the run folder's own: Ray Train's last one, kept as hard links.
+    from liftplace import checkpoints
+
+    assert run["final_fid"] == rows[-1]["fid"] and run["final_checkpoint"] == str(out / "checkpoints" / "step-0000020")
+    saved = [r["step"] for r in rows if r.get("checkpoint_path")]
+    assert saved == [10, 20] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+    assert checkpoints.check(run["final_checkpoint"]) == 20
+    ray_copy = Path(rows[-1]["checkpoint_path"]) / "student.safetensors"
+    assert (Path(run["final_checkpoint"]) / "student.safetensors").stat().st_ino == ray_copy.stat().st_ino
 
 
 def test_a_failed_trial_ends_its_study_with_one_line_and_no_report(ray_session, tiny_teacher_dir, tmp_path,

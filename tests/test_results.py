@@ -5,6 +5,7 @@ study.json under failed writes: tests/test_faults.py.)"""
 
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -147,6 +148,12 @@ def _fake_study(folder, runs: bool):
         (folder / trial).mkdir()
         (folder / trial / "params.json").write_text(json.dumps(params))
         (folder / trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for row in rows:  # Ray's checkpoints: a cohort's, one sub-folder per member
+            if row.get("checkpoint_dir_name"):
+                for member in ("m0", "m1"):
+                    (folder / trial / row["checkpoint_dir_name"] / member).mkdir(parents=True, exist_ok=True)
+                    (folder / trial / row["checkpoint_dir_name"] / member / "student.safetensors").write_text(
+                        f"{member} at {row['step']}")
         if runs:
             writers = {}
             for name, who, config in results.trial_runs(trial, params):
@@ -154,8 +161,48 @@ def _fake_study(folder, runs: bool):
                 writers[name].start(config, who)
             for row in rows:
                 for name, run_row in results.trial_rows(trial, params, row):
-                    writers[name].append(run_row)
+                    writers[name].append(run_row, results.row_checkpoint(run_row, folder))
     return folder
+
+
+def test_a_run_folder_keeps_each_checkpoint_whole(tmp_path, monkeypatch):
+    """RunFolder.append(row, checkpoint): the checkpoint lands in checkpoints/step-<k>/ before the
+    row names it, as hard links, or copies where links fail; a failed keep leaves nothing half
+    there; a step kept again replaces the first."""
+    ray = tmp_path / "ray" / "checkpoint_000001"
+    (ray / "sub").mkdir(parents=True)
+    (ray / "state.json").write_text('{"step": 5}')
+    (ray / "sub" / "samples.png").write_bytes(b"png")
+    from liftplace.config import resolve
+
+    folder = results.RunFolder(tmp_path / "run")
+    folder.start(resolve("smoke", check_paths=False).to_dict())
+    folder.append({"step": 5, "loss": 1.0, "checkpoint_path": str(ray)}, ray)
+    own = tmp_path / "run" / results.CHECKPOINTS / "step-0000005"
+    assert (own / "state.json").stat().st_ino == (ray / "state.json").stat().st_ino
+    assert (own / "sub" / "samples.png").read_bytes() == b"png"
+    assert results.load_study(tmp_path / "run")["final_checkpoint"].tolist() == [str(own)]
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(results.os, "link", no_links)
+    (ray / "state.json").write_text('{"step": 5, "again": true}')  # a resumed run re-reached step 5
+    folder.append({"step": 5, "loss": 0.9, "checkpoint_path": str(ray)}, ray)
+    assert (own / "state.json").read_text() == '{"step": 5, "again": true}'
+    assert (own / "state.json").stat().st_ino != (ray / "state.json").stat().st_ino  # copied
+
+    def full_disk(src, dst):
+        if src.endswith("samples.png"):
+            raise OSError(28, "No space left on device")
+        shutil.copy2(src, dst)
+
+    monkeypatch.setattr(results, "_link_or_copy", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        folder.append({"step": 10, "loss": 0.8, "checkpoint_path": str(ray)}, ray)
+    kept = sorted(p.name for p in (tmp_path / "run" / results.CHECKPOINTS).iterdir())
+    assert kept == ["step-0000005"]  # no half-kept step 10, no temporary folder
+    assert [r["step"] for r in results.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [5]  # nor its row
 
 
 def test_run_folders_give_the_rows_trial_folders_give(tmp_path):
@@ -165,12 +212,24 @@ def test_run_folders_give_the_rows_trial_folders_give(tmp_path):
     new = results.load_study(_fake_study(tmp_path / "new", runs=True))
     assert sorted(p.name for p in (tmp_path / "new" / results.RUNS).iterdir()) == ["kd-seed1", "place-seed1", "search-b"]
     assert sorted(new.columns) == sorted(old.columns)
-    moved = new.assign(final_checkpoint=new["final_checkpoint"].str.replace(str(tmp_path / "new"), str(tmp_path / "old")))
-    pandas_testing.assert_frame_equal(moved[sorted(new.columns)], old[sorted(old.columns)])
+    columns = sorted(set(new.columns) - {"final_checkpoint"})
+    pandas_testing.assert_frame_equal(new[columns], old[columns])
     assert list(new["run"]) == ["cohort-a/kd", "cohort-a/kd", "cohort-a/place", "cohort-a/place", "search-b", "search-b"]
     assert new.loc[new["run"] == "search-b", "config/train/lr"].tolist() == [0.003, 0.003]
-    place = new[new["run"] == "cohort-a/place"].iloc[-1]
-    assert place["final_checkpoint"] == str(tmp_path / "new" / "cohort-a" / "checkpoint_000020" / "m1")
+    # The old study's runs point into Ray's cohort checkpoint; the new one's into their own folders,
+    # which hold their own member's files (hard links: the same file, no second copy).
+    place, old_place = (df[df["run"] == "cohort-a/place"].iloc[-1] for df in (new, old))
+    ray_copy = tmp_path / "old" / "cohort-a" / "checkpoint_000020" / "m1"
+    assert old_place["final_checkpoint"] == str(ray_copy)
+    own = tmp_path / "new" / results.RUNS / "place-seed1" / results.CHECKPOINTS / "step-0000020"
+    assert place["final_checkpoint"] == str(own)
+    assert (own / "student.safetensors").read_text() == "m1 at 20"
+    ray_new = tmp_path / "new" / "cohort-a" / "checkpoint_000020" / "m1" / "student.safetensors"
+    assert (own / "student.safetensors").stat().st_ino == ray_new.stat().st_ino
+    kept = tmp_path / "new" / results.RUNS / "kd-seed1" / results.CHECKPOINTS
+    assert sorted(p.name for p in kept.iterdir()) == ["step-0000010", "step-0000020"]  # step 20 kept twice: replaced
+    assert (kept / "step-0000010" / "student.safetensors").read_text() == "m0 at 10"
+    assert not (tmp_path / "new" / results.RUNS / "search-b" / results.CHECKPOINTS).exists()  # its rows name none
     assert place["fid"] == 10.0 and place["trial_id"] == "a"
     old_status, _ = results.study_status(tmp_path / "old")
     new_status, _ = results.study_status(tmp_path / "new")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from liftplace.cli import export_study, main, plan_seeds_text
+from liftplace.cli import export_study, main, plan_seeds_text, resume_command, study_main
 from liftplace.results import DRIVER_FILE, STUDY_FILE, load_study, study_status, summarize
-from liftplace.study import Study, resume_command, study_main
+from liftplace.study import Study
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "analysis"))
@@ -111,7 +111,7 @@ def test_a_second_driver_on_a_running_study_is_refused_before_it_writes(ray_sess
 
     address = ray_session.get_runtime_context().gcs_address
     args = [*FAST, "--seeds", "1", "--storage", str(tmp_path), "--address", address, "--set", "train.steps=400"]
-    script = ("import sys; from liftplace.study import Study, study_main; "
+    script = ("import sys; from liftplace.cli import study_main; from liftplace.study import Study; "
               "study_main(Study(name='grown', variants={'kd': {'objective.name': 'kd'}}, seeds=2), sys.argv[1:], report=False)")
     first = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)

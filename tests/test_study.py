@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from liftplace.study import Study, describe_domain, expand, pick_runner, plan, resume_command
+from liftplace.cli import resume_command
+from liftplace.study import Study, describe_domain, expand, pick_runner, plan
 
 
 def small(**kw) -> Study:

@@ -2,7 +2,8 @@
 
 Each trial's rows reach the driver as Ray Tune results (a cohort's packed as
 ``{"step", "members": {variant: row}}``); ``RunFolders`` unpacks them there, once, into one
-folder per run -- ``run.json`` (who the run is), ``config.json`` and ``metrics.jsonl`` --
+folder per run -- ``run.json`` (who the run is), ``config.json``, ``metrics.jsonl`` and
+``checkpoints/`` --
 through ``results.RunFolder``, the writer ``liftplace distill`` uses for its --out folder. So
 ``results.load_study`` reads a study's runs as it reads a single run's folder. A Tune callback:
 pickled with the study's Tuner, and replaced by a new one when the study is restored.
@@ -54,9 +55,12 @@ class RunFolders(Callback):
         self._trial(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        """Each run's row, after its checkpoint if it came with one: Ray has stored that by now
+        (a trial's report returns once its checkpoint is in the study's folder), and the run
+        folder keeps it as checkpoints/step-<k>/ (hard links to Ray's files)."""
         name, folder, _ = self._trial(trial)
         for run, row in results.trial_rows(name, trial.config, result, folder):
-            self.writers[run].append(row)
+            self.writers[run].append(row, results.row_checkpoint(row, self.folder))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         """A failed trial's error (Tune's error.txt in its folder) goes into each of its runs'

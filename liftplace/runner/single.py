@@ -1,9 +1,9 @@
 """`liftplace distill`: one run on Ray Train, written to its own folder, resumable, stoppable in one line.
 
 ``run_single`` checks the run (``liftplace.preflight``) before Ray starts, trains it with a
-``TorchTrainer`` (``runner.train``), writes config.json, metrics.jsonl and samples.png under
-``--out``, and says a failure (``RunFailed``) or a Ctrl-C / SIGTERM (``RunInterrupted``) in one
-line naming how to continue it.
+``TorchTrainer`` (``runner.train``), writes config.json, metrics.jsonl, checkpoints/ and
+samples.png under ``--out``, and says a failure (``RunFailed``) or a Ctrl-C / SIGTERM
+(``RunInterrupted``) in one line naming how to continue it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     """`liftplace distill`: one run on Ray Train, written to ``out``.
 
     out/config.json (the resolved config), out/metrics.jsonl (one row per reported step),
-    out/run/checkpoint_* (Ray Train's checkpoints), out/samples.png (the final student's
+    out/checkpoints/step-<k>/ (the run's checkpoints: hard links to Ray Train's own, under
+    out/run/checkpoint_*, which --resume starts from), out/samples.png (the final student's
     samples, left four columns, beside the teacher's from the same noise, right four).
     """
     out = Path(out).resolve()

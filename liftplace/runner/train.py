@@ -94,12 +94,13 @@ def _row_log_callback(folder: RunFolder):
 
     class RowLog(ray.train.UserCallback):
         """In the Train controller: write rank 0's row of every report to the run folder's
-        metrics.jsonl (Ray keeps only the rows that came with a checkpoint)."""
+        metrics.jsonl (Ray keeps only the rows that came with a checkpoint), after the
+        checkpoint it came with, which Ray has stored by now, into its checkpoints/."""
 
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0])
             row["checkpoint_path"] = checkpoint.path if checkpoint else None
-            folder.append(row)
+            folder.append(row, checkpoint.path if checkpoint else None)
 
     return RowLog()
 
