@@ -55,7 +55,7 @@ def test_each_study_runs_at_smoke(ray_session, tmp_path, name, figure, capfd):
         assert pairs and all(ref == "kd " + variant.split(" ", 1)[1] for variant, ref in pairs.items()), pairs
     if name == "ablate_k":  # a paper study copied off its cluster: figures from the rows, the rest said
         copy = tmp_path / "copied" / name
-        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint_*", "analysis"))
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint_*", "checkpoints", "analysis"))
         info = json.loads((copy / "study.json").read_text())
         (copy / "study.json").write_text(json.dumps({**info, "preset": "paper"}))
         make(copy)
@@ -85,7 +85,15 @@ def assert_run_folders_hold_the_trials_rows(folder, df):
 
     assert results.read_study_info(folder)["layout"] == results.RUNS and len(results.run_folders(folder)) == df["run"].nunique()
     trials = results._load_trials(folder, results.read_study_info(folder), allow_unfinished=False)
-    pandas_testing.assert_frame_equal(df[sorted(df.columns)], trials[sorted(trials.columns)])
+    assert sorted(df.columns) == sorted(trials.columns)
+    columns = sorted(set(df.columns) - {"final_checkpoint"})
+    pandas_testing.assert_frame_equal(df[columns], trials[columns])
+    # Each run's last checkpoint is its own folder's copy of the one Ray keeps: the same files.
+    for own, ray in set(zip(df["final_checkpoint"], trials["final_checkpoint"])):
+        assert Path(own).parent.name == results.CHECKPOINTS and Path(own).parents[2] == folder / results.RUNS
+        names = sorted(p.name for p in Path(ray).iterdir() if p.is_file())
+        assert "student.safetensors" in names and names == sorted(p.name for p in Path(own).iterdir() if p.is_file())
+        assert all((Path(own) / n).stat().st_ino == (Path(ray) / n).stat().st_ino for n in names)
 
 
 def test_an_interrupted_study_resumes_with_every_trial_once(ray_session, tmp_path):
