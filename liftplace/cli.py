@@ -88,7 +88,8 @@ def cmd_distill(args) -> None:
 
     prepare_out_dir(Path(args.out), args.resume)  # before Ray starts
     try:
-        last = run_single(config, args.out, address=args.address, resume=args.resume)
+        last = run_single(config, args.out, address=args.address, resume=args.resume, tracker=args.tracker,
+                          tracker_uri=args.tracker_uri)
     except RunFailed as err:
         print(f"liftplace: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -211,6 +212,14 @@ def cmd_export(args) -> None:
         print(f"wrote {path}")
 
 
+def _tracker_arguments(parser: argparse.ArgumentParser, default_place: str) -> None:
+    parser.add_argument("--tracker", default=None, metavar="mlflow|wandb",
+                        help="also log every run to an experiment tracker (pip install -e '.[mlflow]' or '.[wandb]'); "
+                             f"W&B writes offline under {default_place} unless WANDB_MODE=online")
+    parser.add_argument("--tracker-uri", default=None, metavar="URI",
+                        help=f"MLflow's store (default MLFLOW_TRACKING_URI, else sqlite:///<{default_place}>/mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liftplace", description="LIFT and PLACE distillation for tiny diffusion models.")
     parser.add_argument("--version", action="version", version=f"liftplace {__version__}")
@@ -227,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="the run directory (new, or an earlier run with --resume)")
             p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
             p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
+            _tracker_arguments(p, "the run's folder")
         p.set_defaults(func=func)
 
     status = sub.add_parser("status", help="the state of every run of a study, from its folder (running or not)")
@@ -331,10 +341,6 @@ def main(argv=None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # The command line every study script shares (studies/*.py call study_main).
 
 
@@ -424,6 +430,7 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
     if study.space:
         parser.add_argument("--samples", type=int, default=study.num_samples, help="trials Optuna samples")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _tracker_arguments(parser, "the study's folder")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray Tune's status tables and every trial's per-step progress lines")
     args = parser.parse_args(argv)
@@ -456,6 +463,7 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
                            address=args.address, resume=args.resume, runner=args.runner,
                            max_concurrent=args.max_concurrent, cohort=getattr(args, "cohort", "auto"),
                            verbose=args.verbose, add_seeds=getattr(args, "add_seeds", 0), sequential=sequential,
+                           tracker=args.tracker, tracker_uri=args.tracker_uri,
                            margin=args.margin)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
@@ -473,3 +481,6 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
             print(f"analysis: {Path(folder) / 'analysis'} (open {path})")
     return folder
 
+
+if __name__ == "__main__":
+    sys.exit(main())

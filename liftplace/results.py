@@ -557,12 +557,15 @@ def _study_checkpoint(rows: list[dict], study: Path) -> str | None:
 class RunFolder:
     """The one writer of a run's folder: config.json once, then metrics.jsonl row by row
     (MetricsFile: a re-reported step replaces the rows from it on), each checkpoint into
-    checkpoints/ (``keep_checkpoint``), and error.txt if the run fails. ``liftplace distill``
+    checkpoints/ (``keep_checkpoint``), and error.txt if the run fails; with a ``tracker``
+    (``liftplace.trackers``), the same to an experiment tracker. ``liftplace distill``
     writes its --out folder with it, a study's driver each run's folder under runs/."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tracker=None):
         self.path = Path(path)
         self.metrics = MetricsFile(self.path / RUN_METRICS)
+        self.tracker = tracker  # a liftplace.trackers tracker, sent what this writes
+        self.steps: int | None = None  # the run's train.steps, once started
 
     def start(self, config: dict, who: dict | None = None) -> None:
         """Write config.json and, for a study's run, run.json (``who``: its variant, seed, trial
@@ -572,6 +575,12 @@ class RunFolder:
             if who is not None:
                 files.write_text(self.path / RUN_FILE, json.dumps(who, indent=2) + "\n")
             files.write_text(self.path / RUN_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.steps = int(config["train"]["steps"])
+        if self.tracker is not None:
+            self.tracker.start(self.path, config, who)
+            # A run begun without this tracker (or resumed) gives it the rows it has not seen.
+            for row in self.metrics.rows():
+                self.tracker.log(self.path, row, None, final=self.finished(row))
 
     def who(self) -> dict | None:
         """A study's run: its run.json (None for a `liftplace distill` folder)."""
@@ -584,9 +593,16 @@ class RunFolder:
         """Add a reported row; with ``checkpoint`` (the folder where Ray stored the checkpoint
         the row came with), the checkpoint first (``keep_checkpoint``), so that a row never
         names a checkpoint its folder lacks."""
-        if checkpoint:
-            self.keep_checkpoint(row["step"], checkpoint)
+        kept = self.keep_checkpoint(row["step"], checkpoint) if checkpoint else None
         self.metrics.append(row)
+        if self.tracker is not None:
+            self.tracker.log(self.path, row, kept, final=self.finished(row))
+
+    def finished(self, row: dict) -> bool:
+        """Whether ``row`` is the run's last: it diverged, or reached train.steps evaluated."""
+        fid = row.get("fid")
+        return bool(row.get("diverged")) or (self.steps is not None and row["step"] >= self.steps
+                                             and isinstance(fid, (int, float)) and math.isfinite(fid))
 
     def keep_checkpoint(self, step: int, source: str | Path) -> Path:
         """Give the run a checkpoint that Ray has stored (``source``: a run's checkpoint folder,
@@ -611,6 +627,8 @@ class RunFolder:
 
     def fail(self, text: str) -> None:
         files.write_text(self.path / "error.txt", text.rstrip("\n") + "\n")
+        if self.tracker is not None:
+            self.tracker.end(self.path, "FAILED")
 
 
 def _link_or_copy(src: str, dst: str) -> None:

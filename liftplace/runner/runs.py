@@ -20,8 +20,9 @@ from liftplace import results
 
 
 class RunFolders(Callback):
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, tracker=None):
         self.folder = Path(folder)
+        self.tracker = tracker  # liftplace.trackers: every run folder's writer feeds it too
         self.writers: dict[str, results.RunFolder] = {}
         self.trials: dict[str, tuple[str, str, list[str]]] = {}  # trial id -> (name, folder, its runs' folders)
 
@@ -40,7 +41,7 @@ class RunFolders(Callback):
         name = twin.group(1) if twin and (self.folder / folder.parent / twin.group(1)).is_dir() else folder.name
         runs = []
         for run, who, config in results.trial_runs(name, trial.config, str(folder.parent / name)):
-            writer = self.writers.setdefault(run, results.RunFolder(self.folder / results.RUNS / run))
+            writer = self.writers.setdefault(run, results.RunFolder(self.folder / results.RUNS / run, self.tracker))
             writer.start(config, who)
             owner = writer.who() or {}
             if (owner.get("variant"), owner.get("seed")) != (who["variant"], who["seed"]):

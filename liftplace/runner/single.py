@@ -22,6 +22,7 @@ from liftplace.config import RunConfig, comparable
 from liftplace.preflight import check_inputs, check_memory, check_resources
 from liftplace.runner.cluster import capacity_now, ensure_ray, node_memory
 from liftplace.runner.train import RunFailed, _row_log_callback, failure_cause, make_trainer
+from liftplace.trackers import make_tracker
 
 
 def prepare_out_dir(out: Path, resume: bool) -> None:
@@ -32,13 +33,15 @@ def prepare_out_dir(out: Path, resume: bool) -> None:
 
 
 def run_single(config: RunConfig, out: str | Path, *, address: str | None = None, resume: bool = False,
-               max_failures: int = 1) -> dict:
+               max_failures: int = 1, tracker: str | None = None, tracker_uri: str | None = None) -> dict:
     """`liftplace distill`: one run on Ray Train, written to ``out``.
 
     out/config.json (the resolved config), out/metrics.jsonl (one row per reported step),
     out/checkpoints/step-<k>/ (the run's checkpoints: hard links to Ray Train's own, under
     out/run/checkpoint_*, which --resume starts from), out/samples.png (the final student's
     samples, left four columns, beside the teacher's from the same noise, right four).
+    ``tracker``/``tracker_uri``: also log the run to an experiment tracker (``liftplace.trackers``;
+    its experiment is named after ``out``).
     """
     out = Path(out).resolve()
     prepare_out_dir(out, resume)
@@ -77,11 +80,12 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     check_resources([config], capacity_now(), address)  # before Ray starts, where that can be known
     check_memory([config], address, node_memory=node_memory())
     files.check_writable(out, "--out")
+    tracking = make_tracker(tracker, tracker_uri, out.name, out)
     ensure_ray(address)
     check_resources([config], capacity_now())
     check_memory([config], address, node_memory=node_memory())
     files.make_folder(out, "--out")
-    folder = results.RunFolder(out)  # the run's one writer: config.json, metrics.jsonl, error.txt
+    folder = results.RunFolder(out, tracking)  # the run's one writer: config.json, metrics.jsonl, checkpoints, error.txt
     folder.start(config.to_dict())
     if cut_short:
         snapshot = out / "run" / "checkpoint_manager_snapshot.json"
@@ -89,6 +93,8 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         print(f"{snapshot} was cut short (a full disk, or a crash while it was written; kept as "
               f"{snapshot.name}.cut-short): going on from {start_from or 'the start'}, the last checkpoint "
               "metrics.jsonl names")
+    if tracking is not None:
+        print(f"tracker: {tracking.where()}")
     curves = {"root": str(out / results.TENSORBOARD), "name": "run"} if results.tensorboard_available() else None
     trainer = make_trainer(config, storage=str(out), name="run", callbacks=[_row_log_callback(folder)],
                            max_failures=max_failures, curves=curves, start_from=start_from)

@@ -30,6 +30,7 @@ from liftplace.runner.train import RunFailed, failure_cause, train_loop
 from liftplace.runner.trials import (EvalOnlyOptuna, _search_tuner, _trainable, _trial_dirname, _trial_name, tune_direct,
                                      tune_train)
 from liftplace.study import Study, Trial, plan
+from liftplace.trackers import make_tracker
 
 # Ray Tune pickles, by reference, what a study's Tuner holds into the study's folder: the
 # trials' name and folder creators and the callbacks (tuner.pkl, experiment_state-*.json), a
@@ -78,7 +79,8 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
               storage: str | Path = "results", address: str | None = None, resume: bool = False,
               runner: str = "auto", max_concurrent: int | None = None, max_failures: int = 1,
               cohort: str = "auto", verbose: bool = False, add_seeds: int = 0,
-              sequential: dict | None = None, margin: float | None = None, log=print) -> Path:
+              sequential: dict | None = None, margin: float | None = None, tracker: str | None = None,
+              tracker_uri: str | None = None, log=print) -> Path:
     """Run (or resume) a study; returns its experiment folder ``<storage>/<study name>``.
 
     ``add_seeds``: grow a study that exists (finished or interrupted) by this many seeds, as
@@ -89,6 +91,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     each is decided or max_seeds is reached (``liftplace.verdicts``: alpha spent look by look).
     A resume (or an addition) first finishes every unfinished part. ``margin``: the verdicts'
     equivalence margin (a fraction of kd's mean final FID), recorded in study.json.
+    ``tracker``/``tracker_uri``: also log every run to an experiment tracker (``liftplace.trackers``).
     """
     from ray import tune
 
@@ -119,6 +122,11 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                                wanted=min(len(trials), _trials_by_cpus(configs[0], os.cpu_count() or 1)),
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
     check_reachable(address or os.environ.get("RAY_ADDRESS"))  # before anything is written: a dead cluster is refused in seconds
+    tracking = make_tracker(tracker, tracker_uri, study.name, folder)
+    if tracking is not None and (folder / results.STUDY_FILE).is_file() \
+            and results.read_study_info(folder).get("layout") != results.RUNS:
+        raise ValueError(f"--tracker: {folder} was begun before studies kept run folders, which the tracker is "
+                         "fed from; resume it without --tracker")
     had_lock_file = (folder / "driver.lock").exists()
     lock = _driver_lock(folder) if (folder / results.STUDY_FILE).is_file() else None
     try:
@@ -158,7 +166,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                     f"({max_concurrent} would by CPUs)")
                 max_concurrent = memory_fits
         part = dict(study=study, chosen=chosen, configs=configs, folder=folder, max_concurrent=max_concurrent,
-                    max_failures=max_failures, verbose=verbose, log=log, tune=tune)
+                    max_failures=max_failures, verbose=verbose, log=log, tune=tune, tracker=tracking)
         start = time.time()
         finished = 0
 
@@ -262,7 +270,7 @@ def _look(folder: Path, info: dict, rule: dict, log) -> bool:
 
 
 def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: str, configs, folder: Path,
-              max_concurrent: int, max_failures: int, verbose: bool, log, tune) -> int:
+              max_concurrent: int, max_failures: int, verbose: bool, log, tune, tracker=None) -> int:
     """Run (or resume) one part of a study as its own Tune experiment: the study's first seeds
     in ``folder`` itself (name None), an addition in ``folder/<name>``. A part whose every run
     ended is skipped. Returns how many trials this call finished."""
@@ -289,6 +297,8 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
     log(f"study {study.name}: {count}, runner {chosen}, up to {max_concurrent} at a time -> {experiment}{dashboard}")
     log(f"curves: tensorboard --logdir {folder}" if curves else
         "curves: none (pip install -e '.[watch]' for TensorBoard event files)")
+    if tracker is not None:
+        log(f"tracker: {tracker.where()}")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's JSON and CSV rows (result.json: what results.load_study reads in a study begun before run folders); not its own
@@ -296,7 +306,7 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     console = [JsonLoggerCallback(), CSVLoggerCallback(), Heartbeat(folder)]
     if results.read_study_info(folder).get("layout") == results.RUNS:  # a study begun before run folders: none
-        console.append(RunFolders(folder))
+        console.append(RunFolders(folder, tracker))
     if not verbose:
         console.append(StudyConsole(study.num_samples if study.space else len(trials), log=log))
     tune_verbose = 1 if verbose else 0
