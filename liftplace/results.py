@@ -44,6 +44,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -577,10 +578,10 @@ class RunFolder:
             files.write_text(self.path / RUN_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         self.steps = int(config["train"]["steps"])
         if self.tracker is not None:
-            self.tracker.start(self.path, config, who)
+            self._track("start", config, who)
             # A run begun without this tracker (or resumed) gives it the rows it has not seen.
             for row in self.metrics.rows():
-                self.tracker.log(self.path, row, None, final=self.finished(row))
+                self._track("log", row, None, self.finished(row))
 
     def who(self) -> dict | None:
         """A study's run: its run.json (None for a `liftplace distill` folder)."""
@@ -595,8 +596,21 @@ class RunFolder:
         names a checkpoint its folder lacks."""
         kept = self.keep_checkpoint(row["step"], checkpoint) if checkpoint else None
         self.metrics.append(row)
-        if self.tracker is not None:
-            self.tracker.log(self.path, row, kept, final=self.finished(row))
+        self._track("log", row, kept, self.finished(row))
+
+    def _track(self, method: str, *args) -> None:
+        """Send to the tracker. A tracker that fails mid-run (its server gone, its disk full) is
+        said in one line and no longer sent to by this writer; the run goes on, its folder keeps
+        every row, and a resume with the tracker sends what it missed (``start``)."""
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, method)(self.path, *args)
+        except Exception as err:  # noqa: BLE001 -- any tracker error: the run matters more
+            text = " ".join(str(err).split())[:200]
+            print(f"tracker: {self.tracker.kind} failed for {self.path.name} ({type(err).__name__}: {text}); "
+                  "its rows stay in the run folder, and a resume with --tracker sends them", file=sys.stderr)
+            self.tracker = None
 
     def finished(self, row: dict) -> bool:
         """Whether ``row`` is the run's last: it diverged, or reached train.steps evaluated."""
@@ -627,8 +641,7 @@ class RunFolder:
 
     def fail(self, text: str) -> None:
         files.write_text(self.path / "error.txt", text.rstrip("\n") + "\n")
-        if self.tracker is not None:
-            self.tracker.end(self.path, "FAILED")
+        self._track("end", "FAILED")
 
 
 def _link_or_copy(src: str, dst: str) -> None:

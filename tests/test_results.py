@@ -237,3 +237,37 @@ def test_run_folders_give_the_rows_trial_folders_give(tmp_path):
     (tmp_path / "new" / results.RUNS / "kd-seed1" / results.RUN_METRICS).write_text("")
     with pytest.raises(results.NotAStudy, match="run kd-seed1 has no reported rows"):
         results.load_study(tmp_path / "new")
+
+
+def test_a_tracker_that_fails_mid_run_is_said_once_and_the_run_folder_goes_on(tmp_path, capsys):
+    """A tracker that raises (its server gone) costs the run nothing: one line on stderr, no
+    more sends from that run's writer, every row still in metrics.jsonl."""
+    from liftplace.config import resolve
+
+    class Flaky:
+        kind = "flaky"
+
+        def __init__(self):
+            self.sent = []
+
+        def start(self, folder, config, who):
+            self.sent.append("start")
+
+        def log(self, folder, row, checkpoint, final):
+            if row["step"] == 10:
+                raise ConnectionError("server went away\nsecond line")
+            self.sent.append(row["step"])
+
+        def end(self, folder, status):
+            self.sent.append(status)
+
+    tracker = Flaky()
+    folder = results.RunFolder(tmp_path / "run", tracker=tracker)
+    folder.start(resolve("smoke", check_paths=False).to_dict())
+    for step in (5, 10, 15):
+        folder.append({"step": step, "loss": 1.0})
+    folder.fail("boom")
+    assert tracker.sent == ["start", 5]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tracker: flaky failed for run (ConnectionError: server went away second line)")
+    assert [r["step"] for r in results.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [5, 10, 15]
