@@ -594,6 +594,8 @@ class RunFolder:
         """Add a reported row; with ``checkpoint`` (the folder where Ray stored the checkpoint
         the row came with), the checkpoint first (``keep_checkpoint``), so that a row never
         names a checkpoint its folder lacks."""
+        if checkpoint and row.get("diverged") and not Path(checkpoint).is_dir():
+            checkpoint = None  # a cohort member that diverged: the cohort's checkpoint holds no folder of it
         kept = self.keep_checkpoint(row["step"], checkpoint) if checkpoint else None
         self.metrics.append(row)
         self._track("log", row, kept, self.finished(row))
@@ -642,6 +644,12 @@ class RunFolder:
     def fail(self, text: str) -> None:
         files.write_text(self.path / "error.txt", text.rstrip("\n") + "\n")
         self._track("end", "FAILED")
+
+    def close(self) -> None:
+        """The run's trial ended: its tracker run ends too, FINISHED if its rows reached the
+        end, KILLED if it was stopped before (a search's scheduler stops trials early)."""
+        rows = self.metrics.rows() if self.tracker is not None else []
+        self._track("end", "FINISHED" if rows and self.finished(rows[-1]) else "KILLED")
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -31,13 +31,14 @@ import os
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from liftplace import files
 from liftplace.dotted import flatten
 from liftplace.results import CURVES, EVAL_COLUMNS, RUN_CONFIG, RUN_FILE
 
 TRACKERS = ("mlflow", "wandb")
-TRACKER_FILE = "tracker.json"  # in a run folder: {kind: {"run_id", "last_step", "last_eval", ...}}
+TRACKER_FILE = "tracker.json"  # in a run folder: {kind: {"run_id", "last_step", "last_eval", "ended", ...}}
 SERVER_TIMEOUT_S = 10  # how long check() waits for an MLflow tracking server
 
 
@@ -62,6 +63,17 @@ def make_tracker(kind: str | None, uri: str | None, experiment: str, folder: Pat
     return tracker
 
 
+def send_runs(folders: list[Path], tracker: Tracker) -> None:
+    """Send a study's run folders (or a `liftplace distill` folder) to a tracker as they are:
+    before a study resumes with one, so that its finished runs are sent too, and what an
+    earlier tracker failure left unsent (each run's writer sends the rows its tracker run lacks)."""
+    from liftplace.results import RunFolder
+
+    for path in folders:
+        writer = RunFolder(path, tracker)
+        writer.start(json.loads((Path(path) / RUN_CONFIG).read_text()), writer.who())
+
+
 class Tracker:
     """What both trackers share: which run folder is which tracker run, what a row sends, and
     which steps were sent. A backend makes its runs (``_create``, ``_reopen``), sends metrics
@@ -84,8 +96,12 @@ class Tracker:
         self._runs = {}
 
     def start(self, folder: Path, config: dict, who: dict | None) -> None:
-        """Open the run folder's tracker run: a new one, or its own again (a resumed run)."""
-        self._open(Path(folder), config, who)
+        """Open the run folder's tracker run: a new one, or its own again (a resumed run; a
+        finished run's stays finished, as when a study is resumed with a tracker only so that
+        its runs are sent)."""
+        state = self._open(Path(folder), config, who)
+        if state.pop("reopened", False) and not state["ended"]:
+            self._running(state)
 
     def _open(self, folder: Path, config: dict | None = None, who: dict | None = None) -> dict:
         key = str(folder)
@@ -93,19 +109,22 @@ class Tracker:
             return self._runs[key]
         saved = _read_tracker_file(folder).get(self.kind, {})
         if saved.get("run_id") and self._same_store(saved):
-            state = {**saved, "handle": self._reopen(folder, saved)}
+            # A run that ended FINISHED stays so; one that failed or was stopped goes on.
+            state = {**saved, "handle": self._reopen(folder, saved), "reopened": True,
+                     "ended": saved.get("ended") if saved.get("ended") == "FINISHED" else False}
         else:
             if config is None:  # start() was called on the folder, in this process or another
                 config = json.loads((folder / RUN_CONFIG).read_text())
             run_id, handle = self._create(folder, dict(flatten(config)), _tags(folder, config, who))
-            state = {**self._store(), "run_id": run_id, "last_step": -1, "last_eval": -1, "handle": handle}
+            state = {**self._store(), "run_id": run_id, "last_step": -1, "last_eval": -1, "ended": False,
+                     "handle": handle}
             self._save(folder, state)
-        state["ended"], state["folder"] = False, key
+        state["folder"] = key
         self._runs[key] = state
         return state
 
     def _save(self, folder: Path, state: dict) -> None:
-        entry = {k: v for k, v in state.items() if k not in ("handle", "ended", "folder")}
+        entry = {k: v for k, v in state.items() if k not in ("handle", "folder", "reopened")}
         files.write_text(folder / TRACKER_FILE, json.dumps({**_read_tracker_file(folder), self.kind: entry}, indent=2) + "\n")
 
     def log(self, folder: Path, row: dict, checkpoint: Path | None, final: bool) -> None:
@@ -120,7 +139,7 @@ class Tracker:
         evaluated = _number(row.get("fid")) and step > state["last_eval"]
         values = {tag: float(row[c]) for c, tag in CURVES.items() if _number(row.get(c))
                   and (evaluated if c in EVAL_COLUMNS else step > state["last_step"])}
-        if final:
+        if final and not state["ended"]:
             values.update({f"final_{c}": float(row[c]) for c in EVAL_COLUMNS if _number(row.get(c))})
         if values:
             self._send(state, step, values, final)
@@ -132,18 +151,19 @@ class Tracker:
             state["last_eval"] = step if evaluated else state["last_eval"]
             self._save(folder, state)
         if final and not state["ended"]:
-            self._finish(state, "FINISHED")
-            state["ended"] = True
+            self.end(folder, "FINISHED")
 
     def end(self, folder: Path, status: str) -> None:
-        """A run that failed (status FAILED)."""
+        """End the run's tracker run: FINISHED, FAILED (its trial failed) or KILLED (stopped
+        before its last step), once; tracker.json keeps how it ended."""
         folder = Path(folder)
         if not (folder / TRACKER_FILE).is_file() and str(folder) not in self._runs:
             return  # never opened: nothing to end
         state = self._open(folder)
         if not state["ended"]:
             self._finish(state, status)
-            state["ended"] = True
+            state["ended"] = status
+            self._save(folder, state)
 
     # What a backend provides.
     def check(self) -> None:
@@ -168,6 +188,9 @@ class Tracker:
     def _reopen(self, folder: Path, saved: dict):
         """This process's handle of a run made before (or None)."""
         raise NotImplementedError
+
+    def _running(self, state: dict) -> None:
+        """A run made before trains again."""
 
     def _send(self, state: dict, step: int, values: dict, final: bool) -> None:
         raise NotImplementedError
@@ -195,7 +218,8 @@ class MlflowTracker(Tracker):
         self._client = None
 
     def where(self) -> str:
-        return f"mlflow at {self.uri} (experiment {self.experiment!r}; mlflow ui --backend-store-uri {self.uri})"
+        uri = _redacted(self.uri)
+        return f"mlflow at {uri} (experiment {self.experiment!r}; mlflow ui --backend-store-uri {uri})"
 
     @property
     def client(self):
@@ -219,24 +243,35 @@ class MlflowTracker(Tracker):
         is made when the first run starts."""
         if importlib.util.find_spec("mlflow") is None:
             raise ValueError("--tracker mlflow: MLflow is not installed (pip install -e '.[mlflow]')")
-        # A tracking server that does not answer is refused in seconds, not after MLflow's retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(SERVER_TIMEOUT_S))
         local = self._local_file()
         if local is not None:
             files.check_writable(local.parent, "--tracker-uri")
             return
+        # A tracking server that does not answer is refused in seconds, not after MLflow's
+        # retries (which the runs keep: a passing error mid-study is retried).
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SERVER_TIMEOUT_S)}
+        before = {k: os.environ.get(k) for k in quick}
+        os.environ.update({k: os.environ.get(k, v) for k, v in quick.items()})
         try:
             self.client.search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 -- MLflow's errors are many; each ends in this one line
             text = " ".join(str(err).split())
-            raise ValueError(f"--tracker-uri {self.uri}: MLflow cannot use it: {type(err).__name__}: {text[:300]}") from None
+            password = urlsplit(self.uri).password
+            text = text.replace(password, "***") if password else text  # MLflow's error names the URI
+            raise ValueError(f"--tracker-uri {_redacted(self.uri)}: MLflow cannot use it: "
+                             f"{type(err).__name__}: {text[:300]}") from None
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def _store(self) -> dict:
-        return {"uri": self.uri}
+        return {"uri": _redacted(self.uri)}  # no password in a run folder
 
     def _same_store(self, saved: dict) -> bool:
-        return saved.get("uri") == self.uri
+        return saved.get("uri") == _redacted(self.uri)
 
     def _experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -258,7 +293,10 @@ class MlflowTracker(Tracker):
         return run_id, None
 
     def _reopen(self, folder: Path, saved: dict):
-        self.client.update_run(saved["run_id"], status="RUNNING")
+        return None
+
+    def _running(self, state: dict) -> None:
+        self.client.update_run(state["run_id"], status="RUNNING")
 
     def _send(self, state: dict, step: int, values: dict, final: bool) -> None:
         from mlflow.entities import Metric
@@ -321,6 +359,12 @@ class WandbTracker(Tracker):
             state["handle"] = run
         return state["handle"]
 
+    def _store(self) -> dict:
+        return {"mode": self.mode}  # an offline run resumed online is another W&B run
+
+    def _same_store(self, saved: dict) -> bool:
+        return saved.get("mode") == self.mode
+
     def _create(self, folder: Path, params: dict, tags: dict):
         return uuid.uuid4().hex[:12], None
 
@@ -339,7 +383,11 @@ class WandbTracker(Tracker):
         self._run(state).log({"train/step": step, "samples": wandb.Image(str(path), caption=f"step {step}")})
 
     def _finish(self, state: dict, status: str) -> None:
-        self._run(state).finish(exit_code=0 if status == "FINISHED" else 1)
+        if state["handle"] is None and status != "FINISHED":
+            # Not opened in this process (`liftplace distill`'s driver, after its controller
+            # failed): opening it only to end it would give the run a second writer.
+            return
+        self._run(state).finish(exit_code=0 if status in ("FINISHED", "KILLED") else 1)
         state["handle"] = None
         if not any(other["handle"] is not None for other in self._runs.values()):
             # This process's W&B service is stopped now, not at exit: Ray ends the process that
@@ -361,6 +409,15 @@ def _tags(folder: Path, config: dict, who: dict | None) -> dict:
     variant = who.get("variant", config.get("objective", {}).get("name"))
     seed = who.get("seed", config.get("train", {}).get("seed"))
     return {"liftplace.run": folder.name, "liftplace.variant": str(variant), "liftplace.seed": str(seed)}
+
+
+def _redacted(uri: str) -> str:
+    """A store's URI without its password (``scheme://user:***@host``), to print and to keep."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _project(name: str) -> str:

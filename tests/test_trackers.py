@@ -55,7 +55,7 @@ def test_a_run_folder_logs_one_mlflow_run_that_a_resume_continues(tmp_path):
     assert run.data.tags["liftplace.variant"] == "place K=4" and run.data.tags["liftplace.seed"] == "3"
     assert run.data.params["train.steps"] == "20" and run.data.params["objective.name"] == "place"
     saved = json.loads((folder.path / trackers.TRACKER_FILE).read_text())
-    assert saved == {"mlflow": {"uri": uri, "run_id": run.info.run_id, "last_step": 10, "last_eval": 10}}
+    assert saved == {"mlflow": {"uri": uri, "run_id": run.info.run_id, "last_step": 10, "last_eval": 10, "ended": False}}
 
     # The driver restarts: a new writer and tracker (unpickled: no memory of the run) resume it,
     # and the run re-reports step 10 from its checkpoint at 5 (not logged again), then ends.
@@ -78,6 +78,48 @@ def test_a_run_folder_logs_one_mlflow_run_that_a_resume_continues(tmp_path):
     assert open(local, "rb").read() == b"\x89PNG fake grid"
     assert not (tmp_path / "mlruns").exists()  # nothing where the store was not named
 
+    # The study resumed again with the tracker (it sends every run folder first): nothing new.
+    trackers.send_runs([folder.path], trackers.make_tracker("mlflow", uri, "my-study", tmp_path / "study"))
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "final_fid")) == 1
+    assert _history(client, run.info.run_id, "loss/total") == [(5, 1.5), (10, 1.25), (20, 1.0)]
+
+
+def test_a_stopped_run_ends_killed_and_its_last_step_gets_its_evaluation_on_resume(tmp_path):
+    """A trial stopped early ends its tracker run KILLED; resumed, the run trains again (RUNNING);
+    its last step, first reported unevaluated (an evaluation that failed), then evaluated,
+    sends its FID once and its final metrics once."""
+    config = resolve("smoke", ["train.steps=10"], check_paths=False).to_dict()
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    folder = results.RunFolder(tmp_path / "run", tracker=trackers.make_tracker("mlflow", uri, "e", tmp_path))
+    folder.start(config)
+    folder.append({"step": 5, "loss": 2.0, "fid": float("nan")})
+    folder.close()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert run.info.status == "KILLED"
+    again = results.RunFolder(tmp_path / "run", tracker=trackers.make_tracker("mlflow", uri, "e", tmp_path))
+    again.start(config)
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    again.append({"step": 10, "loss": 1.0, "fid": float("nan")})  # the evaluation failed
+    again.append({"step": 10, "loss": 1.0, "fid": 12.0})  # the resume evaluated it
+    again.close()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and _history(client, run.info.run_id, "eval/fid") == [(10, 12.0)]
+    assert _history(client, run.info.run_id, "loss/total") == [(5, 2.0), (10, 1.0)]
+    assert _history(client, run.info.run_id, "final_fid") == [(10, 12.0)]
+
+
+def test_a_diverged_cohort_member_has_no_checkpoint_to_keep(tmp_path):
+    """A cohort's checkpoint holds no folder for a member that diverged; its row still names
+    the cohort's checkpoint, and its run folder keeps none (the study goes on)."""
+    folder = results.RunFolder(tmp_path / "run")
+    folder.start(resolve("smoke", check_paths=False).to_dict())
+    folder.append({"step": 10, "loss": float("nan"), "diverged": True}, tmp_path / "cohort-ckpt" / "m1")
+    assert not (tmp_path / "run" / results.CHECKPOINTS).exists()
+    with pytest.raises(FileNotFoundError):  # a missing checkpoint of a run that did not diverge is an error
+        folder.append({"step": 20, "loss": 1.0, "diverged": False}, tmp_path / "cohort-ckpt" / "m0")
+
 
 def test_a_failed_run_ends_its_tracker_run_failed(tmp_path):
     config = resolve("smoke", check_paths=False).to_dict()
@@ -89,7 +131,8 @@ def test_a_failed_run_ends_its_tracker_run_failed(tmp_path):
     folder.fail("Traceback ...\nRuntimeError: boom")
     client = mlflow.MlflowClient(tracking_uri=tracker.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
-    assert run.info.status == "FAILED" and (tmp_path / "mlflow-artifacts").parent == tmp_path
+    experiment = client.get_experiment_by_name("failing")
+    assert run.info.status == "FAILED" and experiment.artifact_location == (tmp_path / "mlflow-artifacts").resolve().as_uri()
 
 
 def test_a_tracker_it_cannot_use_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -105,9 +148,10 @@ def test_a_tracker_it_cannot_use_is_refused_in_one_line(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     began = time.monotonic()
-    with pytest.raises(ValueError, match=rf"--tracker-uri http://127.0.0.1:{port}: MLflow cannot use it: ") as err:
-        trackers.make_tracker("mlflow", f"http://127.0.0.1:{port}", "x", tmp_path)
-    assert "\n" not in str(err.value) and time.monotonic() - began < 30
+    with pytest.raises(ValueError, match=rf"--tracker-uri http://me:\*\*\*@127.0.0.1:{port}: MLflow cannot use it: ") as err:
+        trackers.make_tracker("mlflow", f"http://me:secret@127.0.0.1:{port}", "x", tmp_path)
+    assert "\n" not in str(err.value) and "secret" not in str(err.value) and time.monotonic() - began < 30
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the quick check's settings are not kept
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="--tracker-uri .*cannot be written"):
         trackers.make_tracker("mlflow", f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}", "x", tmp_path)

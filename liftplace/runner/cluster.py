@@ -63,8 +63,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, show_
     if ray.is_initialized():
         return ray
     check_reachable(address or os.environ.get("RAY_ADDRESS"))
+    # The job's own settings go to every worker, a joined cluster's too: liftplace's, Ray Train's,
+    # and the trackers' (MLflow's store and credentials, W&B's mode and key), which `liftplace
+    # distill` uses in Ray Train's controller.
     env = {k: v for k, v in os.environ.items()
-           if k == "HF_HUB_OFFLINE" or k.startswith(("LIFTPLACE_", "RAY_TRAIN_"))}
+           if k == "HF_HUB_OFFLINE" or k.startswith(("LIFTPLACE_", "RAY_TRAIN_", "MLFLOW_", "WANDB_"))}
     env.setdefault("HF_HUB_OFFLINE", "1")
     # Train V2 routes print() through its logger and the console both: every line twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

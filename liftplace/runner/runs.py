@@ -63,6 +63,12 @@ class RunFolders(Callback):
         for run, row in results.trial_rows(name, trial.config, result, folder):
             self.writers[run].append(row, results.row_checkpoint(row, self.folder))
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        """A trial that ended (finished, or stopped early by a search's scheduler): its runs'
+        tracker runs end with it."""
+        for run in self._trial(trial)[2]:
+            self.writers[run].close()
+
     def on_trial_error(self, iteration, trials, trial, **info):
         """A failed trial's error (Tune's error.txt in its folder) goes into each of its runs'
         folders too, so that runs/ alone tells a failed run."""

@@ -22,7 +22,7 @@ from liftplace.config import RunConfig, comparable
 from liftplace.preflight import check_inputs, check_memory, check_resources
 from liftplace.runner.cluster import capacity_now, ensure_ray, node_memory
 from liftplace.runner.train import RunFailed, _row_log_callback, failure_cause, make_trainer
-from liftplace.trackers import make_tracker
+from liftplace.trackers import make_tracker, send_runs
 
 
 def prepare_out_dir(out: Path, resume: bool) -> None:
@@ -74,6 +74,10 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
         if rows and rows[-1]["step"] >= config.train.steps and (
                 rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
             print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")
+            tracking = make_tracker(tracker, tracker_uri, out.name, out)
+            if tracking is not None:  # its rows, to a tracker it was not (wholly) sent to
+                send_runs([out], tracking)
+                print(f"tracker: {tracking.where()}")
             return rows[-1]
     distill._pause_point("checks")
     check_inputs([config])

@@ -30,7 +30,7 @@ from liftplace.runner.train import RunFailed, failure_cause, train_loop
 from liftplace.runner.trials import (EvalOnlyOptuna, _search_tuner, _trainable, _trial_dirname, _trial_name, tune_direct,
                                      tune_train)
 from liftplace.study import Study, Trial, plan
-from liftplace.trackers import make_tracker
+from liftplace.trackers import make_tracker, send_runs
 
 # Ray Tune pickles, by reference, what a study's Tuner holds into the study's folder: the
 # trials' name and folder creators and the callbacks (tuner.pkl, experiment_state-*.json), a
@@ -165,6 +165,10 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                 log(f"memory: {memory_fits} trial{'s' if memory_fits > 1 else ''} at a time fit in memory "
                     f"({max_concurrent} would by CPUs)")
                 max_concurrent = memory_fits
+        if tracking is not None:  # what the study has already, finished runs too
+            have = results.run_folders(folder)
+            send_runs(have, tracking)
+            log(f"tracker: {tracking.where()}" + (f"; sent the {len(have)} run folders the study had" if have else ""))
         part = dict(study=study, chosen=chosen, configs=configs, folder=folder, max_concurrent=max_concurrent,
                     max_failures=max_failures, verbose=verbose, log=log, tune=tune, tracker=tracking)
         start = time.time()
@@ -297,8 +301,6 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
     log(f"study {study.name}: {count}, runner {chosen}, up to {max_concurrent} at a time -> {experiment}{dashboard}")
     log(f"curves: tensorboard --logdir {folder}" if curves else
         "curves: none (pip install -e '.[watch]' for TensorBoard event files)")
-    if tracker is not None:
-        log(f"tracker: {tracker.where()}")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's JSON and CSV rows (result.json: what results.load_study reads in a study begun before run folders); not its own
