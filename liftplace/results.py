@@ -615,10 +615,7 @@ class RunFolder:
             self.tracker = None
 
     def finished(self, row: dict) -> bool:
-        """Whether ``row`` is the run's last: it diverged, or reached train.steps evaluated."""
-        fid = row.get("fid")
-        return bool(row.get("diverged")) or (self.steps is not None and row["step"] >= self.steps
-                                             and isinstance(fid, (int, float)) and math.isfinite(fid))
+        return self.steps is not None and is_last_row(row, self.steps)
 
     def keep_checkpoint(self, step: int, source: str | Path) -> Path:
         """Give the run a checkpoint that Ray has stored (``source``: a run's checkpoint folder,
@@ -650,6 +647,13 @@ class RunFolder:
         end, KILLED if it was stopped before (a search's scheduler stops trials early)."""
         rows = self.metrics.rows() if self.tracker is not None else []
         self._track("end", "FINISHED" if rows and self.finished(rows[-1]) else "KILLED")
+
+
+def is_last_row(row: dict, steps: int) -> bool:
+    """Whether ``row`` ends its run: it diverged, or it reached ``steps`` (train.steps) with
+    its final evaluation (a last step reported before its evaluation failed is not)."""
+    fid = row.get("fid")
+    return bool(row.get("diverged")) or (row["step"] >= steps and isinstance(fid, (int, float)) and math.isfinite(fid))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from liftplace import files
 from liftplace.dotted import flatten
-from liftplace.results import CURVES, EVAL_COLUMNS, RUN_CONFIG, RUN_FILE
+from liftplace.results import CURVES, EVAL_COLUMNS, RUN_CONFIG, RunFolder
 
 TRACKERS = ("mlflow", "wandb")
 TRACKER_FILE = "tracker.json"  # in a run folder: {kind: {"run_id", "last_step", "last_eval", "ended", ...}}
@@ -67,8 +67,6 @@ def send_runs(folders: list[Path], tracker: Tracker) -> None:
     """Send a study's run folders (or a `liftplace distill` folder) to a tracker as they are:
     before a study resumes with one, so that its finished runs are sent too, and what an
     earlier tracker failure left unsent (each run's writer sends the rows its tracker run lacks)."""
-    from liftplace.results import RunFolder
-
     for path in folders:
         writer = RunFolder(path, tracker)
         writer.start(json.loads((Path(path) / RUN_CONFIG).read_text()), writer.who())
@@ -401,11 +399,7 @@ class WandbTracker(Tracker):
 def _tags(folder: Path, config: dict, who: dict | None) -> dict:
     """Who a run is, for the tracker: its folder's name, variant and seed (a study's run.json;
     a `liftplace distill` run: its objective and seed)."""
-    if who is None:
-        try:
-            who = json.loads((folder / RUN_FILE).read_text())
-        except (OSError, ValueError):
-            who = {}
+    who = who if who is not None else RunFolder(folder).who() or {}
     variant = who.get("variant", config.get("objective", {}).get("name"))
     seed = who.get("seed", config.get("train", {}).get("seed"))
     return {"liftplace.run": folder.name, "liftplace.variant": str(variant), "liftplace.seed": str(seed)}

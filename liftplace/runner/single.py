@@ -9,7 +9,6 @@ samples.png under ``--out``, and says a failure (``RunFailed``) or a Ctrl-C / SI
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import shutil
 import signal
@@ -71,8 +70,7 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
             # name the last checkpoint it had registered: the run goes on from that one instead
             # (the record is set aside once the checks below have passed).
             start_from, cut_short = last, True
-        if rows and rows[-1]["step"] >= config.train.steps and (
-                rows[-1].get("diverged") or math.isfinite(rows[-1].get("fid") or math.nan)):
+        if rows and results.is_last_row(rows[-1], config.train.steps):
             print(f"{out}: the run finished at step {rows[-1]['step']}; nothing to resume")
             tracking = make_tracker(tracker, tracker_uri, out.name, out)
             if tracking is not None:  # its rows, to a tracker it was not (wholly) sent to
