@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from liftplace.results import load_study, read_study_info, study_seeds, summarize  # noqa: E402
+from liftplace import storage  # noqa: E402
+from liftplace.results import final_checkpoints, load_study, read_study_info, study_seeds, summarize  # noqa: E402
 
 # This method's objectives. The figures that single out one student beside kd's pick the best of
 # these, not a better baseline (compression also trains task, feat and kd+feat).
@@ -140,10 +141,18 @@ def fid_by_variant(summary: pd.DataFrame) -> pd.DataFrame:
 
 def cli(make, description: str, *, list_paths: bool = True):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("results_dir", help="a finished study's folder (<storage>/<study>)")
+    parser.add_argument("results_dir", help="a finished study's folder (<storage>/<study>), or its URI on a store "
+                                            "(s3://..., gs://...: read from a local copy, the outputs put back there)")
     args = parser.parse_args()
     try:
-        paths = make(args.results_dir)
+        # A study on a store: its rows and each run's final checkpoint (the samples and the
+        # students the figures run) copied here first; what is built goes back under <study>/analysis.
+        folder = storage.local_copy(args.results_dir, checkpoints=final_checkpoints)
+        paths = make(folder)
+        if storage.is_uri(args.results_dir):
+            store = storage.Store(args.results_dir)
+            storage.put_tree(out_dir(folder), store, "analysis")
+            print(f"{Path(sys.argv[0]).name}: put into {storage.shown(store.uri_of('analysis'))}")
     except (ValueError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -159,4 +168,4 @@ def cli(make, description: str, *, list_paths: bool = True):
         figures = sum(p.suffix == ".png" for p in paths)
         tables = sum(p.suffix == ".md" and p.name != "REPORT.md" for p in paths)
         print(f"{Path(sys.argv[0]).name}: {figures} figures (PNG and PDF), {tables} tables (Markdown and LaTeX) "
-              f"in {out_dir(args.results_dir)}")
+              f"in {out_dir(folder)}")

@@ -183,7 +183,10 @@ def load_student(directory: str | Path, config, *, ema: bool = True, device="cpu
     checkpoint's EMA weights (ema=True, what evaluations sample from) or its live weights; the
     frozen teacher; the run's noise process. ``config`` is the run's RunConfig.
     """
-    directory = Path(directory)
+    from liftplace import storage
+
+    # A checkpoint on a store (a URI): copied to this machine's cache once.
+    directory = storage.input_copy(str(directory), "checkpoint") if storage.is_uri(directory) else Path(directory)
     teacher, _ = load_teacher(config.teacher.name, "cpu")
     space = teacher_space(config.teacher.name)  # a latent teacher's denoiser is smaller than the images
     size = space.size or config.data.resolution

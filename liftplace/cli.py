@@ -106,8 +106,11 @@ def cmd_distill(args) -> None:
 
 def status_text(folder: str) -> str:
     """The table `liftplace status` prints: a summary line, then one line per run."""
+    from liftplace import storage
     from liftplace.results import read_study_info, study_status
 
+    where = storage.shown(folder) if storage.is_uri(folder) else Path(folder).resolve()
+    folder = storage.local_copy(folder)  # a study on a store: its rows, copied here
     table, driver = study_status(folder)
     who = "a `liftplace distill` run" if read_study_info(folder).get("kind") == "run" else f"driver {driver}"
     counts = ", ".join(f"{n} {state}" for state, n in table["state"].value_counts().items())
@@ -120,7 +123,7 @@ def status_text(folder: str) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return f"{Path(folder).resolve()}: {who}; {len(table)} runs: {counts}\n" + "\n".join(lines)
+    return f"{where}: {who}; {len(table)} runs: {counts}\n" + "\n".join(lines)
 
 
 def cmd_status(args) -> None:
@@ -149,6 +152,9 @@ def plan_seeds_text(folder: str, effect: float | None = None, ratio: float = 0.2
         raise ValueError(f"--ratio must be a fraction of kd's mean FID in (0, 10), e.g. 0.2, got {ratio}")
     if not 0 < power < 1:
         raise ValueError(f"--power must be in (0, 1), got {power}")
+    from liftplace import storage
+
+    folder = storage.local_copy(folder)  # a study on a store: its rows, copied here
     read_study_info(folder)  # NotAStudy (a ValueError) names what is missing
     summary = finished_runs(folder)
     table = plan_seeds(summary, effect=effect, ratio=ratio, power=power)
@@ -186,12 +192,18 @@ def cmd_plan_seeds(args) -> None:
 
 def export_study(folder: str, fmt: str, out: str | None = None) -> list[Path]:
     """Write a study's rows (one per run and reported step) and runs (one per run: final FID,
-    seed, config) as CSV or Parquet; returns the two paths."""
-    from liftplace import files
+    seed, config) as CSV or Parquet; returns the two paths. A study on a store (a URI) is read
+    from a local copy of its rows; without ``out`` the two files go back to the store, under
+    <study>/export (the paths returned are then their URIs)."""
+    from liftplace import files, storage
     from liftplace.results import load_study, read_study_info, summarize
 
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"--format {fmt!r}: choose csv or parquet")
+    if out is not None and storage.is_uri(out):
+        raise ValueError(f"--out {storage.shown(out)}: a local folder (without --out, a study on a store is "
+                         "exported into it, under <study>/export)")
+    uri, folder = (folder if storage.is_uri(folder) else None), storage.local_copy(folder)
     read_study_info(folder)
     df = load_study(folder, allow_unfinished=True)
     target = Path(out) if out else Path(folder) / "export"
@@ -204,6 +216,10 @@ def export_study(folder: str, fmt: str, out: str | None = None) -> list[Path]:
         else:
             frame.to_parquet(path, index=False)
         paths.append(path)
+    if uri is not None and out is None:
+        store = storage.Store(uri)
+        storage.put_tree(target, store, "export")
+        return [storage.shown(store.uri_of(f"export/{p.name}")) for p in paths]
     return paths
 
 
@@ -344,16 +360,20 @@ def main(argv=None) -> int:
 # The command line every study script shares (studies/*.py call study_main).
 
 
-def build_report(folder: Path) -> Path | None:
-    """Run ``analysis/make_all.py`` on a finished study, as its own process (the library imports
-    nothing from analysis/); returns REPORT.md, or None when the analysis scripts are absent."""
+def build_report(where: str | Path) -> Path | None:
+    """Run ``analysis/make_all.py`` on a finished study (its folder, or its URI on a store), as
+    its own process (the library imports nothing from analysis/); returns REPORT.md (for a
+    study on a store, in the local copy that make_all read), or None when the analysis scripts
+    are absent."""
+    from liftplace import storage
+
     if not MAKE_ALL.is_file():
         print(f"analysis: {MAKE_ALL} not found (the package was installed without its repository); "
-              f"the study's results are in {folder}")
+              f"the study's results are in {storage.shown(str(where))}")
         return None
-    subprocess.run([sys.executable, str(MAKE_ALL), str(folder)], check=True,
+    subprocess.run([sys.executable, str(MAKE_ALL), str(where)], check=True,
                    env={**os.environ, "LIFTPLACE_REPORT_OF_STUDY": "1"})  # a Ctrl-C is said once, by the study
-    return Path(folder) / "analysis" / "REPORT.md"
+    return storage.reader_copy(where) / "analysis" / "REPORT.md" if storage.is_uri(where) else Path(where) / "analysis" / "REPORT.md"
 
 
 def resume_command(argv=None) -> str:
@@ -476,9 +496,12 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
         raise SystemExit(1) from None
     if report:
         stage["report"] = True
-        path = build_report(folder)
+        from liftplace import storage
+
+        store = storage.Store(args.storage).child(study.name)
+        path = build_report(folder if store.local else store.uri)  # a store: from a reader's copy
         if path is not None:
-            print(f"analysis: {Path(folder) / 'analysis'} (open {path})")
+            print(f"analysis: {path.parent} (open {path})")
     return folder
 
 

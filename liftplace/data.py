@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from liftplace import storage
+
 DATASET_CHOICES = ("mnist", "digits", "glyphs", "folder:PATH", "cifar10:PATH")
 BUILT_IN = ("mnist", "digits", "glyphs")
 SPLITS = ("train", "val")
@@ -259,6 +261,8 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
     if sep and kind in ("folder", "cifar10"):
         if not path:
             raise ValueError(f"dataset spec {spec!r} has an empty PATH; expected {kind}:PATH")
+        if storage.is_uri(path):  # a folder on a store: this machine's copy (fetched once, shared)
+            path = str(storage.input_copy(path, f"dataset {spec!r}"))
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"dataset path does not exist: {path} (from spec {spec!r})")

@@ -13,6 +13,22 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+# Local folders that mirror a study on an object store (liftplace.storage.Mirror), by folder:
+# each file written under one is reported to it (``written``), and put into the store at its
+# next flush. Empty unless a driver runs a study on a store.
+MIRRORS: dict[Path, object] = {}
+
+
+def written(path: str | Path) -> None:
+    """Say that ``path`` was written (replaced, or appended to): a mirror holding it puts it
+    into its store at its next flush."""
+    if not MIRRORS:
+        return
+    path = Path(path).absolute()
+    for root, mirror in list(MIRRORS.items()):
+        if root in path.parents:
+            mirror.changed(path)
+
 
 def temp_path(path: Path) -> Path:
     """Where path is written before it is renamed into place (hidden: ``.<name>.tmp``)."""
@@ -37,6 +53,7 @@ def commit(tmp: Path, path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    written(path)
 
 
 def write_all(directory: str | Path, writers: dict[str, Callable[[Path], object]]) -> None:

@@ -89,12 +89,17 @@ class Protocol:
                 f"{INCEPTION} needs a local weights file (extractor_weights=PATH to "
                 "weights-inception-2015-12-05-6726825d.pth); nothing is downloaded"
             )
-        if self.extractor_weights and not Path(self.extractor_weights).is_file():
+        if self.extractor_weights and not Path(self.weights_path()).is_file():
             raise FileNotFoundError(f"feature extractor weights not found: {self.extractor_weights}")
         if self.extractor == INCEPTION:
-            check_tensor_file(self.extractor_weights)
+            check_tensor_file(self.weights_path())
 
     def weights_path(self) -> str:
+        """The weights file on this machine (for weights on a store, a URI: this machine's copy)."""
+        from liftplace import storage
+
+        if self.extractor_weights and storage.is_uri(self.extractor_weights):
+            return str(storage.input_copy(self.extractor_weights, "eval.extractor_weights"))
         return str(self.extractor_weights or SHIPPED_EXTRACTORS.get(self.data, DEFAULT_EXTRACTOR_WEIGHTS))
 
 

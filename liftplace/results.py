@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,7 @@ class MetricsFile:
         if self.last_step is not None and step > self.last_step:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            files.written(self.path)
         else:
             kept = [r for r in self.rows() if r["step"] < step]
             files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in [*kept, row]))
@@ -150,7 +152,13 @@ class Curves:
     <study folder>`` shows every run's curves while the study runs and after it."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        from liftplace import storage
+
+        # A study on a store: the event files are written in a local folder of the worker's,
+        # and put into the store whole at each evaluation and at the end (an object store has
+        # no append).
+        self.store = storage.Store(root) if storage.is_uri(root) else None
+        self.root = Path(tempfile.mkdtemp(prefix="liftplace-curves-")) if self.store else Path(root)
         self.writers: dict = {}
         _quiet_event_writer_threads()
 
@@ -166,10 +174,19 @@ class Curves:
                 writer.add_scalar(tag, value, int(row["step"]))
         if isinstance(row.get("fid"), float) and not math.isnan(row["fid"]):
             writer.flush()  # an evaluation is rare and worth seeing at once
+            self._put(name)
+
+    def _put(self, name: str) -> None:
+        if self.store is not None:
+            for path in (self.root / name).glob("*"):
+                self.store.write_bytes(f"{name}/{path.name}", path.read_bytes())
 
     def close(self) -> None:
-        for writer in self.writers.values():
+        for name, writer in self.writers.items():
             writer.close()
+            self._put(name)
+        if self.store is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _quiet_event_writer_threads() -> None:
@@ -322,30 +339,34 @@ def record(folder: Path, key: str, entry) -> dict:
 
 def claim_study(folder: Path, info: dict, resume: bool) -> None:
     """Write study.json, refusing a folder that holds another study (or this one, without --resume).
-    Only the description may differ on --resume; the file then takes the new one."""
-    info_file = folder / STUDY_FILE
+    Only the description may differ on --resume; the file then takes the new one. A study on a
+    store is claimed in its driver's mirror (liftplace.storage), and named by its URI."""
+    from liftplace import storage
+
+    mirror = storage.mirror_for(folder)
+    info_file, place = folder / STUDY_FILE, mirror.store.shown if mirror else folder
     if info_file.is_file():
         existing = json.loads(info_file.read_text())
         upgraded = _upgrade_space(existing, info)
         if _defining(upgraded) != _defining(info):
             differ = {k for k in set(_defining(upgraded)) | set(_defining(info)) if upgraded.get(k) != info.get(k)}
             if "seeds" in differ and differ <= {"seeds", "trials", "runs"}:
-                raise FileExistsError(f"{folder} holds this study with {upgraded.get('seeds')} seeds, a different study "
+                raise FileExistsError(f"{place} holds this study with {upgraded.get('seeds')} seeds, a different study "
                                       f"from one with {info.get('seeds')}: to grow it, keep --seeds "
                                       f"{upgraded.get('seeds')} and pass --add-seeds N (or choose another --storage)")
-            raise FileExistsError(f"{folder} holds a different study (its {STUDY_FILE} differs); "
+            raise FileExistsError(f"{place} holds a different study (its {STUDY_FILE} differs); "
                                   "choose another --storage")
         if not resume:
-            raise FileExistsError(f"{folder} already holds this study: pass --resume to continue it, "
+            raise FileExistsError(f"{place} already holds this study: pass --resume to continue it, "
                                   "or choose another --storage")
         info = {**info, **{k: existing[k] for k in RECORDS if k in existing}}  # what drivers recorded stays
         if info != existing:
             files.write_text(info_file, json.dumps(info, indent=2) + "\n")
         return
-    if folder.exists() and any(folder.iterdir()):
+    if mirror is None and folder.exists() and any(folder.iterdir()):  # (a store's was checked before its mirror)
         raise FileExistsError(f"{folder} is not empty and holds no study: choose another --storage")
     if resume:
-        raise FileNotFoundError(f"--resume: no study to resume at {folder}")
+        raise FileNotFoundError(f"--resume: no study to resume at {place}")
     files.make_folder(folder, "the study folder")
     # A study begun now keeps a folder per run (runs/); one begun before them is read from
     # its trial folders, and stays so when it is resumed (a record, kept from the first claim).
@@ -525,6 +546,22 @@ def run_folders(path: str | Path) -> list[Path]:
     return sorted(p.parent for p in (Path(path) / RUNS).glob(f"*/{RUN_CONFIG}"))
 
 
+def final_checkpoints(study: Path) -> set[tuple[str, str]]:
+    """{(run, step-<k>)}: each run folder's last checkpoint, as its rows name it (what a reader
+    of a study on a store copies for the figures: liftplace.storage.local_copy)."""
+    wanted = set()
+    for folder in sorted(Path(study, RUNS).glob("*/")):
+        step = _last_checkpoint_step(read_jsonl(folder / RUN_METRICS) if (folder / RUN_METRICS).is_file() else [])
+        if step is not None:
+            wanted.add((folder.name, checkpoint_name(step)))
+    return wanted
+
+
+def _last_checkpoint_step(rows: list[dict]) -> int | None:
+    """The step of the last row that came with a checkpoint (None: none did)."""
+    return next((r["step"] for r in reversed(rows) if r.get("checkpoint_path") or r.get("checkpoint_dir_name")), None)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{int(step):07d}"
 
@@ -533,7 +570,7 @@ def _own_checkpoint(folder: Path, rows: list[dict], elsewhere: str | None) -> st
     """A run folder's last checkpoint: its own copy (checkpoints/step-<k>/) of the last one its
     rows name; where Ray keeps it (``elsewhere``) for a folder written before run folders kept
     copies."""
-    step = next((r["step"] for r in reversed(rows) if r.get("checkpoint_path") or r.get("checkpoint_dir_name")), None)
+    step = _last_checkpoint_step(rows)
     own = folder / CHECKPOINTS / checkpoint_name(step) if step is not None else None
     return str(own) if own is not None and own.is_dir() else elsewhere
 
@@ -594,10 +631,15 @@ class RunFolder:
         """Add a reported row; with ``checkpoint`` (the folder where Ray stored the checkpoint
         the row came with), the checkpoint first (``keep_checkpoint``), so that a row never
         names a checkpoint its folder lacks."""
-        if checkpoint and row.get("diverged") and not Path(checkpoint).is_dir():
+        from liftplace import storage
+
+        mirror = storage.mirror_for(self.path)
+        if checkpoint and row.get("diverged") and not (mirror.holds(checkpoint) if mirror else Path(checkpoint).is_dir()):
             checkpoint = None  # a cohort member that diverged: the cohort's checkpoint holds no folder of it
         kept = self.keep_checkpoint(row["step"], checkpoint) if checkpoint else None
         self.metrics.append(row)
+        if mirror is not None and kept is not None:
+            mirror.flush()  # on a store: a kept checkpoint's row is there before the run goes on
         self._track("log", row, kept, self.finished(row))
 
     def _track(self, method: str, *args) -> None:
@@ -624,7 +666,13 @@ class RunFolder:
         complete or not at all (written under a hidden name, then renamed). A step kept again
         (a resumed run re-reaches it) is replaced. Ray's copy stays what a resumed trial starts
         from; this one is what readers of the run use (``final_checkpoint``, load_student)."""
+        from liftplace import storage
+
         source, target = Path(source), self.path / CHECKPOINTS / checkpoint_name(step)
+        mirror = storage.mirror_for(self.path)
+        if mirror is not None:  # a study on a store: copied there, inside the store (none kept here)
+            mirror.keep(str(source), target.relative_to(mirror.local).as_posix())
+            return target
         tmp = files.temp_path(target)
         if tmp.exists():
             shutil.rmtree(tmp)  # a kept checkpoint cut short by a crash
@@ -759,6 +807,11 @@ def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
 
     if is_run_folder(path):  # a run folder: its one config
         return from_dict(json.loads((Path(path) / RUN_CONFIG).read_text()))
+    if read_study_info(path).get("layout") == RUNS:  # the run's folder keeps it (a study on a store: Ray's trials are not copied)
+        for folder in run_folders(path):
+            who = json.loads((folder / RUN_FILE).read_text())
+            if who.get("trial_dir") == trial_dir and variant in (None, who.get("variant")):
+                return from_dict(json.loads((folder / RUN_CONFIG).read_text()))
     params_file = Path(path) / trial_dir / "params.json"
     if not params_file.is_file():
         raise NotAStudy(f"half-written study: {params_file} is missing")
@@ -794,15 +847,15 @@ def write_heartbeat(folder: str | Path, state: str) -> None:
     import socket
     import time
 
+    from liftplace import storage
+
     files.write_text(Path(folder) / DRIVER_FILE, json.dumps(
         {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(), "state": state}) + "\n")
+    storage.sync(folder)  # a study on a store: the heartbeat and the rows since the last one reach it
 
 
 def driver_state(folder: str | Path, now: float | None = None) -> str:
     """running | finished | interrupted | unknown (no heartbeat: a study from before it existed)."""
-    import socket
-    import time
-
     path = Path(folder) / DRIVER_FILE
     if not path.is_file():
         path = Path(folder) / LEGACY_DRIVER_FILE  # a study from before the heartbeat's rename
@@ -810,6 +863,15 @@ def driver_state(folder: str | Path, now: float | None = None) -> str:
         beat = json.loads(path.read_text())
     except (OSError, ValueError):
         return "unknown"
+    return beat_state(beat, now)
+
+
+def beat_state(beat: dict, now: float | None = None) -> str:
+    """What a heartbeat says (see driver_state): a "running" one that is stale, or whose driver
+    on this machine is gone, says "interrupted"."""
+    import socket
+    import time
+
     if beat.get("state") == "running":
         if (now or time.time()) - beat.get("updated", 0) > STALE_S:
             return "interrupted"

@@ -82,8 +82,9 @@ class Plan:
     trials: list[Trial]  # one per Tune trial
     configs: list[RunConfig]  # every run's, cohort members included
     runner: str  # direct | train
-    folder: Path  # <storage>/<study name>
+    folder: Path  # <storage>/<study name>; for a study on a store, the local folder its driver writes
     info: dict  # what study.json records
+    store: object = None  # liftplace.storage.Store of <storage>/<study name>
 
 
 def expand(study: Study, preset: str, overrides: list[str], seeds: int, seed_list: list[int] | None = None) -> list[Trial]:
@@ -163,14 +164,13 @@ def plan(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | None =
     if len(runners) != 1:
         raise ValueError(f"a study runs its trials one way; these variants need {sorted(runners)}: set --runner")
     chosen = runners.pop()
-    if "://" in str(storage):
-        # study.json, --resume and the analysis read the study folder with local file I/O.
-        raise ValueError(f"--storage {storage}: URIs are not supported; give a folder (on a multi-node "
-                         "cluster, a shared file system mounted at the same path on every node, e.g. EFS)")
-    folder = Path(storage).expanduser().resolve() / study.name
+    from liftplace import storage as stores
+
+    store = stores.Store(storage).child(study.name)  # a URI is parsed here, read only after the checks
+    folder = Path(store.root) if store.local else stores.driver_mirror(store)
     info = _info(study, preset, overrides, seeds, chosen, len(trials))
     info.update(cohort="off" if study.space else cohort, runs=len(runs))
-    return Plan(study, preset, trials, configs, chosen, folder, info)
+    return Plan(study, preset, trials, configs, chosen, folder, info, store)
 
 
 def describe_domain(domain) -> str:

@@ -57,11 +57,22 @@ def shipped_teachers() -> list[str]:
                   if (p / "config.json").is_file() or (p / "model_index.json").is_file())
 
 
+def _local(name: str) -> Path:
+    """Where a teacher's files are on this machine: a shipped teacher's folder, a local
+    directory, or for a URI on a store (s3://..., gs://...), this machine's copy of it
+    (liftplace.storage.input_copy: fetched once, shared by every trial here)."""
+    from liftplace import storage
+
+    if name in shipped_teachers():
+        return TEACHERS_DIR / name
+    return storage.input_copy(name, "teacher") if storage.is_uri(name) else Path(name).expanduser()
+
+
 def teacher_path(name_or_path: str | Path) -> Path:
-    """Resolve a shipped name or a local directory; refuse anything else before it reaches
-    diffusers (which would take a missing path for a hub id and try the network)."""
+    """Resolve a shipped name, a local directory or a URI; refuse anything else before it
+    reaches diffusers (which would take a missing path for a hub id and try the network)."""
     name = str(name_or_path)
-    path = TEACHERS_DIR / name if name in shipped_teachers() else Path(name).expanduser()
+    path = _local(name)
     if not path.is_dir():
         shipped = ", ".join(shipped_teachers()) or "none"
         raise FileNotFoundError(f"teacher not found: {name} is neither a directory nor a shipped teacher ({shipped})")
@@ -88,8 +99,7 @@ def pipeline_dir(name_or_path: str | Path) -> Path | None:
 
 def _pipeline(name_or_path: str | Path) -> tuple[Path, str] | None:
     """(pipeline directory, the component that holds its denoiser), or None: see pipeline_dir."""
-    name = str(name_or_path)
-    path = TEACHERS_DIR / name if name in shipped_teachers() else Path(name).expanduser()
+    path = _local(str(name_or_path))
     index = path / "model_index.json"
     if not index.is_file():
         return None

@@ -286,15 +286,6 @@ def test_the_local_script_runs_the_projects_interpreter_here_and_over_ssh():
     assert re.search(r'exec "\$CFG" "\$REMOTE_RAY stop"\n.*\n.*\n.*down -y "\$CFG"', text)
 
 
-def test_a_uri_storage_is_refused_before_ray_starts():
-    from liftplace.study import Study
-    from liftplace.runner.study import run_study
-
-    study = Study(name="uri", variants={"kd": {"objective.name": "kd"}}, seeds=1)
-    with pytest.raises(ValueError, match="URIs are not supported.*shared file system"):
-        run_study(study, preset="smoke", storage="s3://YOUR-BUCKET/liftplace", log=lambda *_: None)
-
-
 def test_a_study_on_an_autoscaling_cluster_is_checked_against_its_ceiling(ray_session, tmp_path, monkeypatch):
     """On the head of a `ray up` cluster GPU workers start from zero: a run that fits the
     node types' ceiling is let through (the autoscaler adds the GPUs), a bigger one is refused."""

@@ -69,8 +69,9 @@ def test_the_runner_and_the_storage_are_checked_before_ray():
     assert pick_runner(config, "auto") == "direct"
     with pytest.raises(ValueError, match="unknown runner 'fast'"):
         pick_runner(config, "fast")
-    with pytest.raises(ValueError, match="--storage s3://bucket/x: URIs are not supported"):
-        plan(small(seeds=1), preset="smoke", storage="s3://bucket/x")
+    on_store = plan(small(seeds=1), preset="smoke", storage="s3://bucket/x?region=eu-west-1")  # read nothing yet
+    assert on_store.store.uri == "s3://bucket/x/small?region=eu-west-1" and on_store.store._fs is None
+    assert on_store.folder.name == "small" and on_store.folder.parent.name == "driver"  # its driver's local mirror
     with pytest.raises(ValueError, match="--cohort 'on'"):
         plan(small(seeds=1), preset="smoke", cohort="on")
 

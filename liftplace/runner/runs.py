@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from liftplace import results
+from liftplace import results, storage
 
 
 class RunFolders(Callback):
@@ -37,8 +37,13 @@ class RunFolders(Callback):
             folder = path.resolve().relative_to(self.folder.resolve())
         except ValueError:  # not under the study folder as this driver names it: the trial's own name
             folder = Path(path.name)
-        twin = re.fullmatch(r"(.+)_[0-9a-f]{4}", folder.name)
-        name = twin.group(1) if twin and (self.folder / folder.parent / twin.group(1)).is_dir() else folder.name
+        mirror = storage.mirror_for(self.folder)
+        if mirror is not None:  # a study on a store: Ray's trial folders are there, not in the driver's mirror
+            inside = mirror.store.rel(str(trial.path))
+            folder = Path(inside) if inside is not None else Path(path.name)
+        sibling = (folder.parent / twin.group(1)).as_posix() if (twin := re.fullmatch(r"(.+)_[0-9a-f]{4}", folder.name)) else None
+        name = twin.group(1) if sibling and (mirror.store.is_dir(sibling) if mirror else (self.folder / sibling).is_dir()) \
+            else folder.name
         runs = []
         for run, who, config in results.trial_runs(name, trial.config, str(folder.parent / name)):
             writer = self.writers.setdefault(run, results.RunFolder(self.folder / results.RUNS / run, self.tracker))
@@ -60,19 +65,36 @@ class RunFolders(Callback):
         (a trial's report returns once its checkpoint is in the study's folder), and the run
         folder keeps it as checkpoints/step-<k>/ (hard links to Ray's files)."""
         name, folder, _ = self._trial(trial)
+        mirror = storage.mirror_for(self.folder)
+        study = Path(mirror.store.root) if mirror else self.folder  # where Ray stored the checkpoints
         for run, row in results.trial_rows(name, trial.config, result, folder):
-            self.writers[run].append(row, results.row_checkpoint(row, self.folder))
+            self.writers[run].append(row, results.row_checkpoint(row, study))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         """A trial that ended (finished, or stopped early by a search's scheduler): its runs'
         tracker runs end with it."""
         for run in self._trial(trial)[2]:
             self.writers[run].close()
+        storage.sync(self.folder)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         """A failed trial's error (Tune's error.txt in its folder) goes into each of its runs'
         folders too, so that runs/ alone tells a failed run."""
-        error = Path(trial.path) / "error.txt"
-        text = error.read_text() if error.is_file() else f"trial {Path(trial.path).name} failed (no error.txt)"
+        text = _error_text(trial, storage.mirror_for(self.folder))
         for run in self._trial(trial)[2]:
             self.writers[run].fail(text)
+        storage.sync(self.folder)
+
+
+def _error_text(trial, mirror) -> str:
+    """A failed trial's error.txt, where Ray wrote it: its folder (on a store: the store's copy,
+    else the driver's staging copy of the trial's folder)."""
+    places = [lambda: (Path(trial.path) / "error.txt").read_text()] if mirror is None else [
+        lambda: mirror.store.read_bytes(f"{mirror.store.rel(str(trial.path))}/error.txt").decode(),
+        lambda: (Path(trial.local_path) / "error.txt").read_text()]
+    for read in places:
+        try:
+            return read()
+        except (OSError, TypeError, ValueError, AttributeError):
+            continue
+    return f"trial {Path(trial.path).name} failed (no error.txt)"

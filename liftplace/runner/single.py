@@ -42,6 +42,10 @@ def run_single(config: RunConfig, out: str | Path, *, address: str | None = None
     ``tracker``/``tracker_uri``: also log the run to an experiment tracker (``liftplace.trackers``;
     its experiment is named after ``out``).
     """
+    from liftplace import storage
+
+    if storage.is_uri(out):
+        raise ValueError(f"--out {storage.shown(str(out))}: a local folder (a study's --storage takes a URI)")
     out = Path(out).resolve()
     prepare_out_dir(out, resume)
     start_from, cut_short = None, False

@@ -19,7 +19,7 @@ import types
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from liftplace import distill, results
+from liftplace import distill, results, storage
 from liftplace.config import RunConfig, from_dict, set_value, validate
 from liftplace.preflight import check_inputs, check_memory, check_resources
 from liftplace.runner.cluster import (RAY_SESSION, _Swallow, capacity_now, check_reachable, cluster_capacity,
@@ -56,6 +56,9 @@ def _sweep_stand_in():
         yield stand_in
     finally:
         sys.modules.pop("liftplace.sweep", None)
+
+
+STATE_SYNC_S = 30  # a study on a store: how often Tune puts its experiment state there
 
 
 def _check_space(study: Study, base: dict) -> None:
@@ -100,7 +103,8 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
     if (add_seeds or sequential) and study.space:
         raise ValueError("a search samples its trials: --add-seeds and --seeds auto are for grid studies")
     p = plan(study, preset=preset, overrides=overrides, seeds=seeds, storage=storage, runner=runner, cohort=cohort)
-    trials, configs, chosen, folder = p.trials, p.configs, p.runner, p.folder
+    trials, configs, chosen, folder, store = p.trials, p.configs, p.runner, p.folder, p.store
+    store.check()  # a store: its bucket there and readable with the credentials at hand, before any other check
     if margin is not None and not 0 < margin < 10:
         raise ValueError(f"--margin must be a fraction of kd's mean FID in (0, 10), e.g. 0.2, got {margin}")
     if sequential:
@@ -108,9 +112,8 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
 
         sequential = {"margin": margin if margin is not None else MARGIN, "alpha": ALPHA, **sequential}
         _check_sequential(sequential, p.info["seeds"])
-    if add_seeds and not (folder / results.STUDY_FILE).is_file():
-        raise FileNotFoundError(f"--add-seeds: no study to grow at {folder}; run it first")
-    storage = folder.parent
+    if add_seeds and not ((folder / results.STUDY_FILE).is_file() if store.local else store.exists(results.STUDY_FILE)):
+        raise FileNotFoundError(f"--add-seeds: no study to grow at {store.shown}; run it first")
     if study.space:
         _check_space(study, trials[0].runs[0][1].to_dict())
     distill._pause_point("study checks")
@@ -123,22 +126,11 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                                max_concurrent=None if max_concurrent is None else min(max_concurrent, len(trials)))
     check_reachable(address or os.environ.get("RAY_ADDRESS"))  # before anything is written: a dead cluster is refused in seconds
     tracking = make_tracker(tracker, tracker_uri, study.name, folder)
-    if tracking is not None and (folder / results.STUDY_FILE).is_file() \
+    if tracking is not None and store.local and (folder / results.STUDY_FILE).is_file() \
             and results.read_study_info(folder).get("layout") != results.RUNS:
         raise ValueError(f"--tracker: {folder} was begun before studies kept run folders, which the tracker is "
                          "fed from; resume it without --tracker")
-    had_lock_file = (folder / "driver.lock").exists()
-    lock = _driver_lock(folder) if (folder / results.STUDY_FILE).is_file() else None
-    try:
-        results.claim_study(folder, p.info, resume or bool(add_seeds))
-    except BaseException:
-        if lock is not None:
-            lock.release()
-            if not had_lock_file:  # a refused study leaves its folder as it was, byte for byte
-                (folder / "driver.lock").unlink(missing_ok=True)
-        raise
-    lock = lock or _driver_lock(folder)
-    try:
+    with _claimed(store, folder, p.info, resume or bool(add_seeds)):
         action = "start" if not (resume or add_seeds) else "resume"
         if add_seeds:
             action += f", add {add_seeds} seed{'s' if add_seeds > 1 else ''}"
@@ -169,7 +161,7 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
             have = results.run_folders(folder)
             send_runs(have, tracking)
             log(f"tracker: {tracking.where()}" + (f"; sent the {len(have)} run folders the study had" if have else ""))
-        part = dict(study=study, chosen=chosen, configs=configs, folder=folder, max_concurrent=max_concurrent,
+        part = dict(study=study, chosen=chosen, configs=configs, folder=folder, store=store, max_concurrent=max_concurrent,
                     max_failures=max_failures, verbose=verbose, log=log, tune=tune, tracker=tracking)
         start = time.time()
         finished = 0
@@ -204,10 +196,63 @@ def run_study(study: Study, *, preset: str = "cpu", overrides=(), seeds: int | N
                 break
             grow(min(sequential["round"], sequential["max_seeds"] - len(results.study_seeds(info))))
             run_parts()
-        log(f"study {study.name}: {finished} trials finished in {_duration(time.time() - start)}\nresults: {folder}")
+        log(f"study {study.name}: {finished} trials finished in {_duration(time.time() - start)}\nresults: "
+            + (str(folder) if store.local else store.shown))
         return folder
+
+
+@contextmanager
+def _claimed(store, folder: Path, info: dict, resume: bool):
+    """Within: this driver holds the study (``results.claim_study``; one driver per study).
+
+    A local study: its folder's lock (``_driver_lock``); a refused study leaves its folder as
+    it was, byte for byte. A study on a store: the lock of its local mirror (one driver per
+    machine), the store's heartbeat (no other machine's driver at work on it), then the mirror
+    made to hold what the store holds of the study, and kept open (``storage.Mirror``) while
+    the driver runs: what it writes reaches the store."""
+    if store.local:
+        had_lock_file = (folder / "driver.lock").exists()
+        lock = _driver_lock(folder) if (folder / results.STUDY_FILE).is_file() else None
+        try:
+            results.claim_study(folder, info, resume)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+                if not had_lock_file:
+                    (folder / "driver.lock").unlink(missing_ok=True)
+            raise
+        lock = lock or _driver_lock(folder)
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    if not store.exists(results.STUDY_FILE) and store.listing():
+        raise FileExistsError(f"{store.shown} is not empty and holds no study: choose another --storage")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = _driver_lock(folder)
+    try:
+        _no_other_driver(store)
+        mirror = storage.Mirror(store, folder)
+        mirror.pull()
+        with mirror:
+            results.claim_study(folder, info, resume)
+            mirror.flush()
+            yield
     finally:
         lock.release()
+
+
+def _no_other_driver(store) -> None:
+    """Refuse a study on a store whose heartbeat says a driver elsewhere is at work on it."""
+    try:
+        beat = json.loads(store.read_bytes(results.DRIVER_FILE))
+    except (OSError, ValueError):
+        return
+    if results.beat_state(beat) == "running":
+        raise FileExistsError(f"{store.shown} is being run by another driver (pid {beat.get('pid')} on "
+                              f"{beat.get('host')}, heartbeat {time.time() - beat.get('updated', 0):.0f} s ago): wait "
+                              "for it to end, or stop it (Ctrl-C) and continue with --resume")
 
 
 def _driver_lock(folder: Path):
@@ -273,22 +318,25 @@ def _look(folder: Path, info: dict, rule: dict, log) -> bool:
     return stop is None
 
 
-def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: str, configs, folder: Path,
+def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: str, configs, folder: Path, store,
               max_concurrent: int, max_failures: int, verbose: bool, log, tune, tracker=None) -> int:
     """Run (or resume) one part of a study as its own Tune experiment: the study's first seeds
-    in ``folder`` itself (name None), an addition in ``folder/<name>``. A part whose every run
-    ended is skipped. Returns how many trials this call finished."""
-    experiment = folder if name is None else folder / name
+    in the study's folder itself (name None), an addition in ``<study>/<name>``. A part whose
+    every run ended is skipped. Returns how many trials this call finished. ``folder``: where
+    the driver writes the study's own files; ``store``: where the study is (the same folder,
+    or the store that folder mirrors), handed to Ray as a URI (``storage.Store.uri_of``)."""
+    where, tune_parent = (store.uri, store.parent_uri()) if name is None else (store.uri_of(name), store.uri)
+    experiment = store.shown if name is None else storage.shown(where)
     table, _ = results.study_status(folder)
     seeds = {t.seed for t in trials}
     mine = table[table["seed"].isin(seeds)] if not study.space else table
-    if not study.space and len(mine) and mine["state"].isin(["done", "diverged"]).all() and experiment.exists():
+    if not study.space and len(mine) and mine["state"].isin(["done", "diverged"]).all() and store.exists(name or ""):
         return 0
     curves = results.tensorboard_available()
     # The trials as Tune gets them (the configs as dicts from here on), with where a trial
     # writes, how often its Ray Train run may fail, and whether it prints its progress lines.
-    payloads = [{**t.payload(), "train_storage": str(folder / "_train"), "worker_failures": max_failures,
-                 "verbose": verbose, **({"curves": str(folder / results.TENSORBOARD)} if curves else {})}
+    payloads = [{**t.payload(), "train_storage": store.uri_of("_train"), "worker_failures": max_failures,
+                 "verbose": verbose, **({"curves": store.uri_of(results.TENSORBOARD)} if curves else {})}
                 for t in trials]
     trainable = _trainable(chosen, configs[0])
     runs = f"{len(trials) if study.space else sum(len(t.runs) for t in trials)} runs " \
@@ -299,7 +347,9 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
     count = f"{study.num_samples} sampled trials" if study.space else runs
     dashboard = f"; dashboard {RAY_SESSION['dashboard']}" if RAY_SESSION["dashboard"] else ""
     log(f"study {study.name}: {count}, runner {chosen}, up to {max_concurrent} at a time -> {experiment}{dashboard}")
-    log(f"curves: tensorboard --logdir {folder}" if curves else
+    log((f"curves: tensorboard --logdir {folder}" if store.local else
+         f"curves: TensorBoard event files in {storage.shown(store.uri_of(results.TENSORBOARD))}, put there at each "
+         "evaluation") if curves else
         "curves: none (pip install -e '.[watch]' for TensorBoard event files)")
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -329,25 +379,29 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
         # A search's rows without FID are expected (FID comes at evaluations only), in a resumed
         # search too (its first row after the restore has none).
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    restoring = tune.Tuner.can_restore(str(experiment))
+    # On a store, Tune puts its experiment state there every sync_period (300 s by default):
+    # what a resume after a killed driver restores. A study keeps it within STATE_SYNC_S.
+    sync = tune.SyncConfig(sync_period=STATE_SYNC_S if not store.local else 300)
+    restoring = tune.Tuner.can_restore(where)
     if restoring:
         with _sweep_stand_in():
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
         # The restored tuner brings back the console of the first attempt (Tune pickles its
         # RunConfig, callbacks included); this attempt's console and verbosity replace it.
         # Tuner.restore takes no RunConfig in Ray 2.60, hence the private attribute.
         restored = tuner._local_tuner.get_run_config()
-        restored.callbacks, restored.verbose = console, tune_verbose
+        restored.callbacks, restored.verbose, restored.sync_config = console, tune_verbose, sync
     elif study.space:
-        tuner = _search_tuner(study, payloads, configs[0], trainable, folder.parent, max_concurrent, max_failures,
-                              console, tune_verbose)
+        tuner = _search_tuner(study, payloads, configs[0], trainable, tune_parent, max_concurrent, max_failures,
+                              console, tune_verbose, sync)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"run": tune.grid_search(payloads)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=chosen == "direct",
                                         trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent), verbose=tune_verbose,
+            run_config=tune.RunConfig(name=name or store.name, storage_path=tune_parent,
+                                      verbose=tune_verbose, sync_config=sync,
                                       callbacks=console, failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
     results.write_heartbeat(folder, "running")

@@ -119,7 +119,7 @@ class EvalOnlyOptuna(OptunaSearch):
 
 
 def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, storage, max_concurrent, max_failures,
-                  callbacks, verbose: int):
+                  callbacks, verbose: int, sync=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -137,6 +137,7 @@ def _search_tuner(study: Study, trials: list[dict], base: RunConfig, trainable, 
                                     reduction_factor=2 if evals > 1 else 4),
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_name),
         run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=verbose, callbacks=callbacks,
+                                  sync_config=sync,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
 
