@@ -70,6 +70,9 @@ class Store:
         where, self.what = str(where), what
         if is_uri(where) and where.split("://", 1)[0].lower() == "file":
             where = urllib.parse.unquote(urllib.parse.urlsplit(where).path)
+        if is_uri(where) and "/" in urllib.parse.urlsplit(where).query:
+            raise ValueError(f"{what} {shown(where)}: a path after the query options; the path goes before "
+                             "the '?' (s3://bucket/results/study?endpoint_override=...)")
         if is_uri(where):
             # Opened on first use (pyarrow asks S3 for a bucket's region then): a plan reads nothing.
             self.uri, self.local, self._fs, self._root = where, False, None, None
@@ -235,11 +238,20 @@ def _digest(uri: str) -> str:
 class Mirror:
     """A study's files as its driver writes them: a local folder (``local``), each file put
     into the study's store (``store``) when ``flush`` is called; ``files`` reports every write
-    under ``local`` (``files.on_write``). Registered while open."""
+    under ``local`` (``files.written``). Registered while open.
+
+    The store is written by one thread of its own, in the order asked (a checkpoint's copy
+    before the flush that puts the row naming it; a flush takes the files' content when it is
+    asked for), so that Tune's callbacks, where the driver asks, never wait on the store. An
+    error there is raised by the next call, and by the end of the ``with``."""
 
     def __init__(self, store: Store, local: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.store, self.local = store, Path(local).resolve()
         self.dirty: set[Path] = set()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="liftplace-store")
+        self.pending: list = []
 
     def __enter__(self) -> Mirror:
         files.MIRRORS[self.local] = self
@@ -248,34 +260,53 @@ class Mirror:
     def __exit__(self, kind, error, trace) -> None:
         try:
             self.flush()
+            self.wait()
         except Exception as err:  # noqa: BLE001 -- the store gone while the driver ends
             if kind is None:
                 raise
             # the driver is ending on an error already (that one is said): this one in a line
-            print(f"storage: {len(self.dirty) + 1} files not put into {self.store.shown} ({_one_line(err)}); "
-                  f"they are in {self.local}, and --resume puts the rows again from the runs' checkpoints",
-                  file=sys.stderr)
+            print(f"storage: files not put into {self.store.shown} ({_one_line(err)}); they are in {self.local}, "
+                  "and --resume puts the rows again from the runs' checkpoints", file=sys.stderr)
         finally:
             files.MIRRORS.pop(self.local, None)
+            self.pool.shutdown(wait=True)
 
     def changed(self, path: Path) -> None:
         self.dirty.add(Path(path))
 
+    def _submit(self, job, *args) -> None:
+        done = [f for f in self.pending if f.done()]
+        self.pending = [f for f in self.pending if not f.done()]
+        for future in done:
+            future.result()  # a failed put: raised here, in the driver
+        self.pending.append(self.pool.submit(job, *args))
+
+    def wait(self) -> None:
+        """Until everything asked for is in the store (an error there raised)."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+
     def flush(self) -> None:
-        """Put every file written since the last flush into the store, whole."""
+        """Put every file written since the last flush into the store, whole, as it is now."""
+        batch = {}
         while self.dirty:
             path = self.dirty.pop()
             if path.is_file():
-                try:
-                    self.store.write_bytes(path.relative_to(self.local).as_posix(), path.read_bytes())
-                except BaseException:
-                    self.dirty.add(path)
-                    raise
+                batch[path.relative_to(self.local).as_posix()] = path.read_bytes()
+        if batch:
+            self._submit(self._put, batch)
+
+    def _put(self, batch: dict[str, bytes]) -> None:
+        for rel, data in batch.items():
+            self.store.write_bytes(rel, data)
 
     def keep(self, source: str, rel: str) -> None:
         """A checkpoint Ray stored (``source``: its path in the store's file system, or in the
         local mirror for one staged here) copied to ``rel``; a step kept again replaces it."""
-        inside = self._store_path(source)
+        self._submit(self._copy, self._store_path(source), rel)
+
+    def _copy(self, inside: str, rel: str) -> None:
         self.store.delete_tree(rel)
         self.store.copy_tree(inside, rel)
 

@@ -81,6 +81,7 @@ def test_a_mirror_puts_what_the_driver_wrote_into_the_store_whole(s3, tmp_path):
         assert storage.mirror_for(local / "runs" / "r") is mirror
         assert keys(s3, prefix="mirror/") == {}  # nothing until a flush
         results.write_heartbeat(local, "running")  # a heartbeat flushes
+        mirror.wait()
         got = keys(s3, prefix="mirror/study/")
         assert set(got) == {"mirror/study/study.json", "mirror/study/runs/r/metrics.jsonl", f"mirror/study/{results.DRIVER_FILE}"}
         assert [json.loads(line)["step"] for line in got["mirror/study/runs/r/metrics.jsonl"].decode().splitlines()] == [1, 2]
