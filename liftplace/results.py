@@ -807,7 +807,7 @@ def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
 
     if is_run_folder(path):  # a run folder: its one config
         return from_dict(json.loads((Path(path) / RUN_CONFIG).read_text()))
-    if read_study_info(path).get("layout") == RUNS:  # the run's folder keeps it (a study on a store: Ray's trials are not copied)
+    if (Path(path) / STUDY_FILE).is_file() and read_study_info(path).get("layout") == RUNS:  # the run's folder keeps it (a study on a store: Ray's trials are not copied)
         for folder in run_folders(path):
             who = json.loads((folder / RUN_FILE).read_text())
             if who.get("trial_dir") == trial_dir and variant in (None, who.get("variant")):

@@ -18,8 +18,12 @@ read a study on a store from a local copy of its rows (``local_copy``), refreshe
 a file unchanged in the store (same size and time) is not fetched again. Checkpoints are fetched
 only where asked for (the report's figures need the final ones).
 
-The local copies live under ``$LIFTPLACE_CACHE`` (default ``~/.cache/liftplace``), in
-``stores/<digest of the URI>/``: ``driver/<study>`` for a driver, ``read/<study>`` for readers.
+Inputs on a store (``teacher.name``, ``data.spec=folder:URI``, ``eval.extractor_weights``, a
+checkpoint for ``load_student``) are copied once per machine (``input_copy``).
+
+The local copies live under ``$LIFTPLACE_CACHE`` (default ``~/.cache/liftplace``): in
+``stores/<digest of the URI>/``, ``driver/<study>`` for a driver and ``read/<study>`` for
+readers; inputs in ``inputs/<key>/``.
 """
 
 from __future__ import annotations
@@ -397,21 +401,24 @@ def local_copy(where: str | Path, *, checkpoints=None, what: str = "study") -> P
     current = reader_copy(store.uri)
     base, manifest = current.parent, current.parent / f".{store.name}.listing.json"
     base.mkdir(parents=True, exist_ok=True)
-    try:
-        old = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        old = {}
+    from filelock import FileLock
+
     fresh = base / f".{store.name}.{os.getpid()}.{time.monotonic_ns()}"
     try:
-        listing = _fetch(store, fresh, None, current, old)
-        if checkpoints is not None:
-            listing.update(_fetch(store, fresh, checkpoints(fresh), current, old))
-        stale = base / f".{store.name}.old.{os.getpid()}"
-        if current.exists():
-            current.rename(stale)
-        fresh.rename(current)
-        shutil.rmtree(stale, ignore_errors=True)
-        files.write_text(manifest, json.dumps({k: list(v) for k, v in listing.items()}))
+        with FileLock(str(base / f".{store.name}.lock")):  # two readers at once (status --watch, make_all)
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                old = {}
+            listing = _fetch(store, fresh, None, current, old)
+            if checkpoints is not None:
+                listing.update(_fetch(store, fresh, checkpoints(fresh), current, old))
+            stale = base / f".{store.name}.old.{os.getpid()}"
+            if current.exists():
+                current.rename(stale)
+            fresh.rename(current)
+            shutil.rmtree(stale, ignore_errors=True)
+            files.write_text(manifest, json.dumps({k: list(v) for k, v in listing.items()}))
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
     return current

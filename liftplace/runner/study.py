@@ -384,7 +384,7 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
     sync = tune.SyncConfig(sync_period=STATE_SYNC_S if not store.local else 300)
     restoring = tune.Tuner.can_restore(where)
     if restoring:
-        with _sweep_stand_in():
+        with _sweep_stand_in(), _unfetched_trials_unsaid():
             tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
         # The restored tuner brings back the console of the first attempt (Tune pickles its
         # RunConfig, callbacks included); this attempt's console and verbosity replace it.
@@ -468,14 +468,10 @@ def _sigterm_as_sigint():
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(notices)
     tune_logger.addFilter(incomplete)
-    # (And, of a trial stopped before its first row, "Failed to fetch metrics ...: both
-    # result.json and progress.csv were not found": the study's own line says what finished.)
-    unfetched = _Swallow("Failed to fetch metrics")
-    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    analysis_logger.addFilter(unfetched)
     previous = signal.signal(signal.SIGTERM, on_term), signal.getsignal(signal.SIGINT)
     try:
-        yield received
+        with _unfetched_trials_unsaid():
+            yield received
     finally:
         if notices.seen:
             received.setdefault("signal", signal.SIGINT)
@@ -483,4 +479,18 @@ def _sigterm_as_sigint():
         signal.signal(signal.SIGINT, previous[1])
         tune_logger.removeFilter(notices)
         tune_logger.removeFilter(incomplete)
+
+
+@contextmanager
+def _unfetched_trials_unsaid():
+    """Within: Tune's warning about a trial folder without rows ("Failed to fetch metrics ...:
+    both result.json and progress.csv were not found") is dropped: a trial stopped before its
+    first row, or on a store one whose rows Tune had not put there when its driver was killed.
+    The study's own lines say what finished, from the run folders."""
+    unfetched = _Swallow("Failed to fetch metrics")
+    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_logger.addFilter(unfetched)
+    try:
+        yield
+    finally:
         analysis_logger.removeFilter(unfetched)
