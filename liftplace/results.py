@@ -808,10 +808,12 @@ def trial_config(path: str | Path, trial_dir: str, variant: str | None = None):
     if is_run_folder(path):  # a run folder: its one config
         return from_dict(json.loads((Path(path) / RUN_CONFIG).read_text()))
     if (Path(path) / STUDY_FILE).is_file() and read_study_info(path).get("layout") == RUNS:  # the run's folder keeps it (a study on a store: Ray's trials are not copied)
-        for folder in run_folders(path):
-            who = json.loads((folder / RUN_FILE).read_text())
-            if who.get("trial_dir") == trial_dir and variant in (None, who.get("variant")):
-                return from_dict(json.loads((folder / RUN_CONFIG).read_text()))
+        runs = [(json.loads((f / RUN_FILE).read_text()), f) for f in run_folders(path)]
+        runs = [(who, f) for who, f in runs if who.get("trial_dir") == trial_dir]
+        # a cohort trial's runs: the variant's (a search trial has one run, its variant named with its values)
+        mine = [f for who, f in runs if len(runs) == 1 or who.get("variant") == variant]
+        if mine:
+            return from_dict(json.loads((mine[0] / RUN_CONFIG).read_text()))
     params_file = Path(path) / trial_dir / "params.json"
     if not params_file.is_file():
         raise NotAStudy(f"half-written study: {params_file} is missing")

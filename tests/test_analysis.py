@@ -515,3 +515,26 @@ def test_make_all_opens_the_report_with_the_gate_and_maps_the_settings(tmp_path,
     numbers = (out / "regime_map.md").read_text()
     assert numbers.count("| 50% ") == numbers.count("| 90% ") == 1  # one row per setting
     assert numbers.index("| 50% ") < numbers.index("| 90% ")  # in the study's order
+
+
+def test_a_runs_config_comes_from_its_run_folder_where_ray_s_trial_folders_are_absent(tmp_path):
+    """A study read from a store's copy holds its run folders, not Ray's trial folders: the
+    analysis finds a run's config (a search trial's sampled values, a cohort member's) there."""
+    from liftplace.config import resolve
+    from liftplace.results import RUNS, STUDY_FILE, trial_config
+
+    (tmp_path / STUDY_FILE).write_text(json.dumps({"name": "s", "layout": RUNS}))
+    searched = resolve("smoke", {"objective.name": "place", "objective.group_size": 64, "train.lr": 3e-4}).to_dict()
+    runs = {"t1": [("place", searched)],
+            "t2": [("kd", resolve("smoke", {"objective.name": "kd"}).to_dict()),
+                   ("place", resolve("smoke", {"objective.name": "place", "objective.group_size": 4}).to_dict())]}
+    for trial, members in runs.items():
+        for variant, config in members:
+            folder = tmp_path / RUNS / f"{trial}-{variant}"
+            folder.mkdir(parents=True)
+            (folder / "run.json").write_text(json.dumps({"variant": variant, "seed": 0, "trial_dir": trial}))
+            (folder / "config.json").write_text(json.dumps(config))
+    got = trial_config(tmp_path, "t1", "place coarse=l2 group_size=64 lr=0.0003")  # a search's variant names its values
+    assert (got.objective.group_size, got.train.lr) == (64, 3e-4)
+    assert trial_config(tmp_path, "t2", "place").objective.group_size == 4
+    assert trial_config(tmp_path, "t2", "kd").objective.name == "kd"

@@ -87,11 +87,12 @@ class RunFolders(Callback):
 
 
 def _error_text(trial, mirror) -> str:
-    """A failed trial's error.txt, where Ray wrote it: its folder (on a store: the store's copy,
-    else the driver's staging copy of the trial's folder)."""
-    places = [lambda: (Path(trial.path) / "error.txt").read_text()] if mirror is None else [
-        lambda: mirror.store.read_bytes(f"{mirror.store.rel(str(trial.path))}/error.txt").decode(),
-        lambda: (Path(trial.local_path) / "error.txt").read_text()]
+    """A failed trial's error.txt: Tune writes it into the driver's staging copy of the trial's
+    folder (``trial.error_file``) and puts it in the trial's folder (on a store too) later, so
+    the first is read first."""
+    places = [lambda: Path(trial.error_file).read_text(),
+              (lambda: (Path(trial.path) / "error.txt").read_text()) if mirror is None else
+              (lambda: mirror.store.read_bytes(f"{mirror.store.rel(str(trial.path))}/error.txt").decode())]
     for read in places:
         try:
             return read()
