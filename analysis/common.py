@@ -147,7 +147,7 @@ def cli(make, description: str, *, list_paths: bool = True):
     try:
         # A study on a store: its rows and each run's final checkpoint (the samples and the
         # students the figures run) copied here first; what is built goes back under <study>/analysis.
-        folder = storage.local_copy(args.results_dir, checkpoints=final_checkpoints)
+        folder = storage.local_copy(args.results_dir, checkpoints=final_checkpoints, purpose="analysis")
         paths = make(folder)
         if storage.is_uri(args.results_dir):
             store = storage.Store(args.results_dir)
@@ -155,6 +155,9 @@ def cli(make, description: str, *, list_paths: bool = True):
             print(f"{Path(sys.argv[0]).name}: put into {storage.shown(store.uri_of('analysis'))}")
     except (ValueError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:  # a store that stopped answering, a disk that filled
+        print(f"{Path(sys.argv[0]).name}: error: {storage.shown(' '.join(str(err).split()))}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         # Run by a study's driver (which says it in its own line), quietly; alone, in one line.

@@ -373,7 +373,7 @@ def build_report(where: str | Path) -> Path | None:
         return None
     subprocess.run([sys.executable, str(MAKE_ALL), str(where)], check=True,
                    env={**os.environ, "LIFTPLACE_REPORT_OF_STUDY": "1"})  # a Ctrl-C is said once, by the study
-    return storage.reader_copy(where) / "analysis" / "REPORT.md" if storage.is_uri(where) else Path(where) / "analysis" / "REPORT.md"
+    return (storage.reader_copy(where, "analysis") if storage.is_uri(where) else Path(where)) / "analysis" / "REPORT.md"
 
 
 def resume_command(argv=None) -> str:
@@ -390,7 +390,9 @@ def resume_command(argv=None) -> str:
         kept.append(word)
     args = kept
     script = sys.argv[0] if Path(sys.argv[0]).suffix == ".py" else "<study script>"
-    words = ["python", script, *args, *([] if "--resume" in args else ["--resume"])]
+    from liftplace.storage import shown
+
+    words = ["python", script, *map(shown, args), *([] if "--resume" in args else ["--resume"])]  # no secret of a URI
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -412,17 +414,25 @@ def study_main(study: Study, argv=None, *, report: bool = True) -> Path:
 
 
 def _where_stopped(stage: dict, argv) -> str:
+    from liftplace import storage
+
     folder = stage.get("folder")
     if folder is None:
         return "interrupted before the study started; nothing was written"
+    on_store = isinstance(folder, storage.Store)
     if stage.get("report"):
         return (f"interrupted while its report was built (the study is finished); build it with: "
-                f"python {MAKE_ALL.relative_to(Path.cwd()) if MAKE_ALL.is_relative_to(Path.cwd()) else MAKE_ALL} {folder}")
+                f"python {MAKE_ALL.relative_to(Path.cwd()) if MAKE_ALL.is_relative_to(Path.cwd()) else MAKE_ALL} "
+                + (shlex.quote(folder.shown) if on_store else str(folder)))
     from liftplace.results import STUDY_FILE
 
-    if (folder / STUDY_FILE).is_file():
+    try:
+        claimed = folder.exists(STUDY_FILE) if on_store else (folder / STUDY_FILE).is_file()
+    except (OSError, ValueError):
+        claimed = on_store  # a store it could not read: say what would continue it
+    if claimed:
         return f"interrupted before its trials started; continue it with: {resume_command(argv)}"
-    return f"interrupted before the study started; nothing was written to {folder}"
+    return f"interrupted before the study started; nothing was written to {folder.shown if on_store else folder}"
 
 
 def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
@@ -473,7 +483,10 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
             parser.exit(2, f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}\n")
     if study.space:
         study = dataclasses.replace(study, num_samples=args.samples)
-    stage["folder"] = Path(args.storage).expanduser().resolve() / study.name
+    from liftplace import storage
+
+    stage["folder"] = Path(args.storage).expanduser().resolve() / study.name if not storage.is_uri(args.storage) \
+        else storage.Store(args.storage).child(study.name)
     # Ray's import (~1 s) after the command line is read: a bad one is refused without it.
     from liftplace.runner.study import StudyInterrupted, run_study
     from liftplace.runner.train import RunFailed
@@ -491,6 +504,9 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
     except StudyInterrupted as stop:  # no report on a partial study
         print(f"{Path(sys.argv[0]).name}: {stop}; continue it with: {resume_command(argv)}", file=sys.stderr)
         raise SystemExit(128 + stop.signal) from None
+    except storage.StoreError as err:  # the store stopped taking the study's files: no report
+        print(f"{Path(sys.argv[0]).name}: error: storage: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except RunFailed as err:  # a trial failed inside a worker: no report either
         print(f"{Path(sys.argv[0]).name}: error: {err}; continue it with: {resume_command(argv)}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -262,7 +262,7 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
         if not path:
             raise ValueError(f"dataset spec {spec!r} has an empty PATH; expected {kind}:PATH")
         if storage.is_uri(path):  # a folder on a store: this machine's copy (fetched once, shared)
-            path = str(storage.input_copy(path, f"dataset {spec!r}"))
+            path = str(storage.input_copy(path, "dataset folder:"))
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"dataset path does not exist: {path} (from spec {spec!r})")

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from liftplace.storage import shown
+
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_EXTRACTOR = "digits-cnn"
 DEFAULT_EXTRACTOR_WEIGHTS = ASSETS / "extractor-mnist16.safetensors"
@@ -90,7 +92,7 @@ class Protocol:
                 "weights-inception-2015-12-05-6726825d.pth); nothing is downloaded"
             )
         if self.extractor_weights and not Path(self.weights_path()).is_file():
-            raise FileNotFoundError(f"feature extractor weights not found: {self.extractor_weights}")
+            raise FileNotFoundError(f"feature extractor weights not found: {shown(self.extractor_weights)}")
         if self.extractor == INCEPTION:
             check_tensor_file(self.weights_path())
 

@@ -43,8 +43,13 @@ from liftplace import files
 # The files of a study that are the driver's own (Ray's trial folders and experiment state are
 # Ray's): what a driver or a reader copies from a store. checkpoints/ only where asked for.
 OWN_TOP = ("study.json", "driver.heartbeat", "driver.json")
+UNSENT = ".unsent"  # in a driver's mirror: what it wrote could not all be put into the store
 RUNS = "runs"
 CHECKPOINTS = "checkpoints"
+
+
+class StoreError(OSError):
+    """The store could not be written while a study ran (said in one line)."""
 
 
 def is_uri(where) -> bool:
@@ -52,16 +57,19 @@ def is_uri(where) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LIFTPLACE_CACHE") or Path.home() / ".cache" / "liftplace").expanduser()
+    # resolved: the mirror's folder is compared with the paths written under it (a symlink in
+    # the way would hide every write from the mirror)
+    return Path(os.environ.get("LIFTPLACE_CACHE") or Path.home() / ".cache" / "liftplace").expanduser().resolve()
+
+
+# A URI's credentials, KEY:SECRET@ (a secret may hold '/' or '+'): up to the last '@' before
+# the query.
+_SECRET = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]+:)[^?#\s]*@")
 
 
 def shown(uri: str) -> str:
-    """A URI as printed and kept: a password (``s3://KEY:SECRET@bucket``) is never shown."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """A URI (or a text holding one) as printed: a password (``s3://KEY:SECRET@bucket``) as ***."""
+    return _SECRET.sub(r"\1***@", str(uri))
 
 
 class Store:
@@ -223,9 +231,7 @@ class Store:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    text = re.sub(r"(//[^:/@\s]+:)[^@\s]+@", r"\1***@", text)  # no secret from a URI in an error
-    return text[:300]
+    return shown(" ".join(str(err).split()))[:300]  # no secret from a URI in an error
 
 
 def open_store(where: str | Path, what: str = "--storage") -> Store:
@@ -256,6 +262,7 @@ class Mirror:
         self.dirty: set[Path] = set()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="liftplace-store")
         self.pending: list = []
+        self.failed: Exception | None = None
 
     def __enter__(self) -> Mirror:
         files.MIRRORS[self.local] = self
@@ -265,12 +272,10 @@ class Mirror:
         try:
             self.flush()
             self.wait()
-        except Exception as err:  # noqa: BLE001 -- the store gone while the driver ends
+        except StoreError as err:
             if kind is None:
                 raise
-            # the driver is ending on an error already (that one is said): this one in a line
-            print(f"storage: files not put into {self.store.shown} ({_one_line(err)}); they are in {self.local}, "
-                  "and --resume puts the rows again from the runs' checkpoints", file=sys.stderr)
+            print(f"storage: {err}", file=sys.stderr)  # the driver is ending on an error already, said
         finally:
             files.MIRRORS.pop(self.local, None)
             self.pool.shutdown(wait=True)
@@ -279,17 +284,33 @@ class Mirror:
         self.dirty.add(Path(path))
 
     def _submit(self, job, *args) -> None:
-        done = [f for f in self.pending if f.done()]
         self.pending = [f for f in self.pending if not f.done()]
-        for future in done:
-            future.result()  # a failed put: raised here, in the driver
-        self.pending.append(self.pool.submit(job, *args))
+        self.pending.append(self.pool.submit(self._run, job, *args))
+
+    def _run(self, job, *args) -> None:
+        """One job of the store's thread. After a failure nothing more is put (a row must not
+        reach the store after a checkpoint it names failed to): said once, in one line; the
+        files stay in the local folder, marked, and the next driver's ``pull`` puts them first."""
+        if self.failed is not None:
+            return
+        try:
+            job(*args)
+        except Exception as err:  # noqa: BLE001 -- the store's errors: OSError, pyarrow's
+            self.failed = err
+            (self.local / UNSENT).write_text(_one_line(err) + "\n")
+            print(f"storage: {self._failure()}; the study goes on, its files kept here", file=sys.stderr)
+
+    def _failure(self) -> str:
+        return (f"putting files into {self.store.shown} failed ({_one_line(self.failed)}); they are in {self.local}, "
+                "and --resume on this machine puts them there first")
 
     def wait(self) -> None:
-        """Until everything asked for is in the store (an error there raised)."""
+        """Until everything asked for is in the store; StoreError if something could not be."""
         pending, self.pending = self.pending, []
         for future in pending:
             future.result()
+        if self.failed is not None:
+            raise StoreError(self._failure())
 
     def flush(self) -> None:
         """Put every file written since the last flush into the store, whole, as it is now."""
@@ -328,7 +349,14 @@ class Mirror:
 
     def pull(self) -> None:
         """Make the local folder hold what the store holds of the study's own files (its rows,
-        not its checkpoints), for a driver that resumes it (here or on another machine)."""
+        not its checkpoints), for a driver that resumes it (here or on another machine). Files
+        an earlier driver here could not put there (marked UNSENT) are put there first."""
+        if (self.local / UNSENT).is_file():
+            for path in sorted(self.local.rglob("*")):
+                rel = path.relative_to(self.local).as_posix()
+                if path.is_file() and _wanted(rel, None):
+                    self.store.write_bytes(rel, path.read_bytes())
+            (self.local / UNSENT).unlink()
         for name in (*OWN_TOP, RUNS):
             target = self.local / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -347,6 +375,14 @@ def mirror_for(path: str | Path) -> Mirror | None:
         if path == root or root in path.parents:
             return mirror
     return None
+
+
+def settle(path: str | Path) -> None:
+    """Put what was written under ``path``'s mirror into the store, and wait until it is there."""
+    mirror = mirror_for(path)
+    if mirror is not None:
+        mirror.flush()
+        mirror.wait()
 
 
 def sync(path: str | Path) -> None:
@@ -382,13 +418,14 @@ def _fetch(store: Store, local: Path, checkpoints, previous: Path | None = None,
     return listing
 
 
-def reader_copy(uri: str) -> Path:
-    """Where ``local_copy`` keeps its copy of a study on a store."""
+def reader_copy(uri: str, purpose: str = "read") -> Path:
+    """Where ``local_copy`` keeps its copy of a study on a store (one per purpose: `liftplace
+    status --watch` refreshing its copy never pulls the analysis's from under it)."""
     store = Store(uri)
-    return cache_root() / "stores" / _digest(store.uri) / "read" / store.name
+    return cache_root() / "stores" / _digest(store.uri) / purpose / store.name
 
 
-def local_copy(where: str | Path, *, checkpoints=None, what: str = "study") -> Path:
+def local_copy(where: str | Path, *, checkpoints=None, what: str = "study", purpose: str = "read") -> Path:
     """A folder to read a study (or a run folder) from: ``where`` itself when local; for a URI,
     a local copy of its rows (and the checkpoints that ``checkpoints(copy)`` names,
     {(run, step-<k>)}: ``results.final_checkpoints`` for each run's last), made anew on each
@@ -398,12 +435,13 @@ def local_copy(where: str | Path, *, checkpoints=None, what: str = "study") -> P
     store = open_store(where, what)
     if not store.exists():
         raise FileNotFoundError(f"{what} {store.shown}: nothing there")
-    current = reader_copy(store.uri)
+    current = reader_copy(store.uri, purpose)
     base, manifest = current.parent, current.parent / f".{store.name}.listing.json"
     base.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
     fresh = base / f".{store.name}.{os.getpid()}.{time.monotonic_ns()}"
+    fresh.mkdir()
     try:
         with FileLock(str(base / f".{store.name}.lock")):  # two readers at once (status --watch, make_all)
             try:

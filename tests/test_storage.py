@@ -61,6 +61,9 @@ def test_a_store_names_its_folders_by_uri_and_never_shows_a_secret(s3, tmp_path)
     assert storage.Store(store.uri_of("runs")).root == "bucket/results/study/runs"
     assert store.parent_uri() == s3("results") and store.rel("bucket/results/study/x/y") == "x/y"
     assert "secret" not in store.shown and "key:***@bucket" in store.shown
+    for secret in ("secret", "ab/cd+ef", "a@b"):  # a secret may hold '/', '+', '@'
+        line = f"error: s3://AKIA:{secret}@bucket/x?endpoint_override=h:1 failed"
+        assert storage.shown(line) == "error: s3://AKIA:***@bucket/x?endpoint_override=h:1 failed"
     local = storage.Store(tmp_path / "x").child("study")
     assert local.local and local.uri == str(tmp_path / "x" / "study") and local.parent_uri() == str(tmp_path / "x")
     store.write_bytes("a/b.json", b"{}")
@@ -89,6 +92,35 @@ def test_a_mirror_puts_what_the_driver_wrote_into_the_store_whole(s3, tmp_path):
     # closed: what was left is flushed, and nothing is reported to it any more
     assert keys(s3, prefix="mirror/study/runs/")["mirror/study/runs/r/metrics.jsonl"] == b'{"step": 1, "loss": 2.0}\n'
     assert storage.mirror_for(local) is None and not files.MIRRORS
+
+
+def test_a_store_that_fails_mid_study_gets_nothing_more_and_the_next_driver_puts_it_first(s3, tmp_path, capsys):
+    """After a put fails, nothing later is put (no row after a checkpoint it names that failed
+    to be copied); one line says so; the files stay marked in the mirror, and the next
+    driver's pull puts them into the store before it reads it."""
+    store = storage.Store(s3("study", bucket="gone"))
+    local = tmp_path / "mirror"
+    local.mkdir()
+    mirror = storage.Mirror(store, local)
+    with pytest.raises(storage.StoreError, match="failed"):
+        with mirror:
+            files.write_text(local / "study.json", "{}")
+            mirror.flush()
+            mirror.wait()
+            s3.client.delete_object(Bucket="gone", Key="study/study.json")
+            s3.client.delete_bucket(Bucket="gone")  # the store goes away mid-study
+            metrics = results.MetricsFile(local / "runs" / "r" / "metrics.jsonl")
+            (local / "runs" / "r").mkdir(parents=True)
+            metrics.append({"step": 10})
+            mirror.keep("gone/study/trial/checkpoint_000000", "runs/r/checkpoints/step-0000010")
+            mirror.flush()  # the row naming it: not put after the failed copy
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "putting files into" in said[0] and "secret" not in said[0], said
+    assert (local / storage.UNSENT).is_file() and not files.MIRRORS
+    s3.client.create_bucket(Bucket="gone")  # back: the next driver here puts what was left first
+    storage.Mirror(store, local).pull()
+    assert set(keys(s3, "gone")) == {"study/study.json", "study/runs/r/metrics.jsonl"}
+    assert not (local / storage.UNSENT).exists() and (local / "runs" / "r" / "metrics.jsonl").is_file()
 
 
 def test_a_kept_checkpoint_is_copied_inside_the_store(s3, tmp_path):
@@ -235,6 +267,11 @@ def test_a_study_on_s3_is_killed_resumed_and_read_from_its_uri_as_from_a_folder(
     local = study_main(study, [*args, "--storage", str(tmp_path / "local")], report=False)
     status = status_text(study_uri)
     assert "driver finished; 4 runs: 4 done" in status, status
+    # study.json in the store is this driver's, not the copy Tune's restore took and put back
+    info = json.loads(keys(s3, prefix="studies/roundtrip/study.json")["studies/roundtrip/study.json"])
+    assert [h["action"] for h in info["history"]] == ["start", "resume"]
+    with pytest.raises(ValueError, match="no study"):  # the storage root given for a study: one line
+        status_text(uri)
 
     copy = storage.local_copy(study_uri)
     columns = ["variant", "config/train/seed", "step", "loss", "loss_task", "loss_distill", "fid", "kid"]
@@ -260,7 +297,7 @@ def test_a_study_on_s3_is_killed_resumed_and_read_from_its_uri_as_from_a_folder(
         made = subprocess.run([sys.executable, str(ROOT / "analysis" / "make_all.py"), where], capture_output=True, text=True,
                               env={**os.environ, "LIFTPLACE_CACHE": str(tmp_path / "cache")}, timeout=400)
         assert made.returncode == 0 and "secret" not in made.stdout + made.stderr, made.stderr
-        folder = (storage.reader_copy(where) if where == study_uri else Path(where)) / "analysis"
+        folder = (storage.reader_copy(where, "analysis") if where == study_uri else Path(where)) / "analysis"
         built[where] = {p.name: p.read_text() for p in folder.iterdir() if p.suffix in (".md", ".tex", ".txt", ".csv")}
     stored = keys(s3, prefix="studies/roundtrip/analysis/")
     assert stored["studies/roundtrip/analysis/REPORT.md"].decode() == built[study_uri]["REPORT.md"]

@@ -19,7 +19,7 @@ import types
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from liftplace import distill, results, storage
+from liftplace import distill, files, results, storage
 from liftplace.config import RunConfig, from_dict, set_value, validate
 from liftplace.preflight import check_inputs, check_memory, check_resources
 from liftplace.runner.cluster import (RAY_SESSION, _Swallow, capacity_now, check_reachable, cluster_capacity,
@@ -382,6 +382,9 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
     # On a store, Tune puts its experiment state there every sync_period (300 s by default):
     # what a resume after a killed driver restores. A study keeps it within STATE_SYNC_S.
     sync = tune.SyncConfig(sync_period=STATE_SYNC_S if not store.local else 300)
+    # A restore copies the study folder's top-level .json files (study.json) and puts that copy
+    # back while it runs: the store must hold this driver's study.json first.
+    storage.settle(folder)
     restoring = tune.Tuner.can_restore(where)
     if restoring:
         with _sweep_stand_in(), _unfetched_trials_unsaid():
@@ -417,6 +420,8 @@ def _run_part(trials: list[Trial], name: str | None, *, study: Study, chosen: st
             grid = tuner.fit()  # Ctrl-C (or SIGTERM, made one): Tune saves its state and returns
         except KeyboardInterrupt:  # a second Ctrl-C while Tune was stopping
             raise interrupted(received.get("signal", signal.SIGINT)) from None
+        finally:
+            files.written(folder / results.STUDY_FILE)  # on a store: put again, over Tune's copy of it
     failed = [r for r in grid if r.error]
     results.write_heartbeat(folder, "finished")
     table = _part_status(folder, seeds, study)
