@@ -485,8 +485,8 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
         study = dataclasses.replace(study, num_samples=args.samples)
     from liftplace import storage
 
-    stage["folder"] = Path(args.storage).expanduser().resolve() / study.name if not storage.is_uri(args.storage) \
-        else storage.Store(args.storage).child(study.name)
+    store = storage.Store(args.storage).child(study.name)  # read nothing yet (a URI is opened by the study)
+    stage["folder"] = Path(store.root) if store.local else store
     # Ray's import (~1 s) after the command line is read: a bad one is refused without it.
     from liftplace.runner.study import StudyInterrupted, run_study
     from liftplace.runner.train import RunFailed
@@ -512,9 +512,6 @@ def _study_main(study: Study, argv, *, report: bool, stage: dict) -> Path:
         raise SystemExit(1) from None
     if report:
         stage["report"] = True
-        from liftplace import storage
-
-        store = storage.Store(args.storage).child(study.name)
         path = build_report(folder if store.local else store.uri)  # a store: from a reader's copy
         if path is not None:
             print(f"analysis: {path.parent} (open {path})")

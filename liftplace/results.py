@@ -639,7 +639,7 @@ class RunFolder:
         kept = self.keep_checkpoint(row["step"], checkpoint) if checkpoint else None
         self.metrics.append(row)
         if mirror is not None and kept is not None:
-            mirror.flush()  # on a store: a kept checkpoint's row is there before the run goes on
+            mirror.flush()  # on a store: the row is put right after its checkpoint's copy, in that order
         self._track("log", row, kept, self.finished(row))
 
     def _track(self, method: str, *args) -> None:

@@ -32,15 +32,15 @@ class RunFolders(Callback):
         <name>_<4 hex digits>, beside its first. Its runs' folders are claimed then."""
         if trial.trial_id in self.trials:
             return self.trials[trial.trial_id]
-        path = Path(trial.path)
-        try:
-            folder = path.resolve().relative_to(self.folder.resolve())
-        except ValueError:  # not under the study folder as this driver names it: the trial's own name
-            folder = Path(path.name)
-        mirror = storage.mirror_for(self.folder)
+        path, mirror = Path(trial.path), storage.mirror_for(self.folder)
         if mirror is not None:  # a study on a store: Ray's trial folders are there, not in the driver's mirror
-            inside = mirror.store.rel(str(trial.path))
-            folder = Path(inside) if inside is not None else Path(path.name)
+            inside = mirror.store.rel(str(path))
+        else:
+            try:
+                inside = path.resolve().relative_to(self.folder.resolve())
+            except ValueError:
+                inside = None
+        folder = Path(path.name) if inside is None else Path(inside)  # elsewhere: the trial's own name
         sibling = (folder.parent / twin.group(1)).as_posix() if (twin := re.fullmatch(r"(.+)_[0-9a-f]{4}", folder.name)) else None
         name = twin.group(1) if sibling and (mirror.store.is_dir(sibling) if mirror else (self.folder / sibling).is_dir()) \
             else folder.name
