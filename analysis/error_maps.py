@@ -98,8 +98,7 @@ def make(folder):
         student, teacher, process = load_student(row["final_checkpoint"], config)
         space = teacher_space(config.teacher.name)  # a latent teacher's maps are over its latents
         val = load_split(config, "val", space, load_vae(space))
-        images, labels = val.x0, val.labels
-        y = labels[:1] if val.num_classes else None
+        images, y = val.x0, val.condition(torch.arange(1))  # class labels, or a caption's embedding
         n = images[0, 0].numel()
         for col, (t, x_t, s, tt) in enumerate(maps(student, teacher, process, images[:1], y, seed=config.eval.seed)):
             err = (tt - s)[0, 0].square()

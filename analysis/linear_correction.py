@@ -101,9 +101,10 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
         n = min(protocol.num_images, num_images or DEFAULT_FID_IMAGES)
         space = teacher_space(config.teacher.name)  # a latent teacher: probed on latents, sampled images decoded
         val = load_split(config, "val", space, load_vae(space, device))
-        images, labels = val.x0, val.labels
+        images = val.x0
         k = min(PROBE_IMAGES, len(images))
-        y = labels[:k].to(device) if val.num_classes else None
+        y = val.condition(torch.arange(k))  # class labels, or captions' embeddings
+        y = y.to(device) if y is not None else None
         share = error_shares(student, teacher, process, images[:k].to(device), y, seed=protocol.seed)
         shares.append(share.assign(variant=row["variant"]))
         if row["variant"] not in sampled:
@@ -112,7 +113,8 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
 
         def fid(**kwargs):
             fake = generate(student, process, n, steps=protocol.sampler_steps, seed=protocol.seed,
-                            num_classes=val.num_classes, device=device, **kwargs)
+                            num_classes=val.num_classes, device=device, captions=val.captions,
+                            guidance=protocol.guidance_scale, **kwargs)
             return compute_metrics(val.to_images(fake), real, protocol, real_cache_key=val.name)
 
         log(f"linear_correction: {row['variant']}: sampling {n} images as trained and corrected")
@@ -120,7 +122,8 @@ def measure(folder, *, num_images: int | None = None, all_variants: bool = False
         key = config.teacher.name
         if key not in teacher_metrics:
             fake = generate(teacher, process, n, steps=protocol.sampler_steps, seed=protocol.seed,
-                            num_classes=val.num_classes, device=device)
+                            num_classes=val.num_classes, device=device, captions=val.captions,
+                            guidance=protocol.guidance_scale)
             teacher_metrics[key] = compute_metrics(val.to_images(fake), real, protocol, real_cache_key=val.name)
         t_fid = teacher_metrics[key]["fid"]
         gap = plain["fid"] - t_fid

@@ -134,6 +134,18 @@ def make(folder):
         lines += [f"**Latent space.** The teacher and students denoise a frozen VAE's latents; their parameters and "
                   f"MACs count the denoiser only. The VAE ({int(vae['vae_params']):,} parameters) decodes each sample "
                   f"in {vae['vae_decode_macs'] / 1e6:,.1f} M MACs, once per image, before FID.", ""]
+    if "eval_guidance_scale" in summary or "final_text_alignment" in summary:
+        first = summary.iloc[0]
+        blocks = first.get("config/student/blocks")
+        scale = first.get("eval_guidance_scale", 1.0)
+        lines += ["**Text-to-image.** The teacher is conditioned on captions through its pipeline's frozen text "
+                  f"encoder (the embeddings computed once); {'students are BK-SDM `' + blocks + '` block removals of its U-Net' if isinstance(blocks, str) else 'students are pruned from its U-Net'}"
+                  f", trained with {first.get('config/data/caption_dropout', 0.1):.0%} of captions dropped. Samples for "
+                  f"FID are drawn for the validation captions with classifier-free guidance at scale "
+                  f"{float(scale) if scale == scale else 1.0:g} (the empty caption unconditional), the same for teacher "
+                  "and students"
+                  + ("; `text_alignment` is the share of samples the digit classifier reads as the digit their caption "
+                     "names." if "final_text_alignment" in summary else "."), ""]
     headline_text = out_dir(folder) / "headline.txt"
     if headline_text.is_file():
         lines += ["## Result", "", headline_text.read_text().strip(), ""]

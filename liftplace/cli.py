@@ -48,7 +48,7 @@ def cmd_teacher_train(args) -> None:
         args.out, arch=args.arch, size=args.size, data=args.data, resolution=args.resolution,
         prediction=args.prediction, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         protocol=protocol, command="liftplace " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line,
-        vae=args.vae,
+        vae=args.vae, guidance=args.guidance,
     )
     print(f"saved {args.out}: {card['params']:,} params, FID {card['fid']:.2f} ({card['eval_extractor']}, "
           f"{card['eval_num_images']} images, {card['eval_sampler_steps']} steps), {card['train_wall_time_s']:.0f} s")
@@ -278,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="train teachers").add_subparsers(dest="action", required=True)
     train = teacher.add_parser("train", help="train a teacher and save it as a diffusers directory with a card")
     train.add_argument("--preset", choices=["cpu"], default="cpu", help="the built-in MNIST recipe")
-    train.add_argument("--arch", choices=["unet", "dit"], default="unet")
-    train.add_argument("--size", default="m", help="a named size (models.UNET_SIZES / DIT_SIZES)")
+    train.add_argument("--arch", choices=["unet", "dit", "sd"], default="unet",
+                       help="sd: text-to-image (a StableDiffusionPipeline; needs --vae and captioned --data, e.g. "
+                            "mnist-captions)")
+    train.add_argument("--size", default="m", help="a named size (models.UNET_SIZES / DIT_SIZES / SD_SIZES)")
     train.add_argument("--out", required=True, help="a new directory")
     train.add_argument("--data", default="mnist")
     train.add_argument("--resolution", type=int, default=16)
@@ -292,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-steps", type=int, default=50)
     train.add_argument("--vae", default=None, help="a saved AutoencoderKL directory: train a latent DiT on its "
                                                     "latents, saved as a DiTPipeline directory")
+    train.add_argument("--guidance", type=float, default=1.0, help="--arch sd: the classifier-free guidance scale "
+                                                                    "its card's FID is measured at")
     train.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_teacher_train)
     vae = teacher.add_parser("vae", help="train a small AutoencoderKL for latent teachers (with a card)")

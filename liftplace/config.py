@@ -41,7 +41,7 @@ from liftplace.data import check_dataset_spec
 from liftplace.diffusion import PREDICTIONS
 from liftplace.dotted import flatten
 from liftplace.metrics import Protocol
-from liftplace.models import GROUPINGS, IMPORTANCES
+from liftplace.models import BLOCK_REMOVALS, GROUPINGS, IMPORTANCES
 from liftplace.objectives import (FEAT_INITS, REDUCTIONS, make_objective, objective_class, objective_defaults,
                                   objective_names, objective_options)
 
@@ -61,6 +61,10 @@ class DataConfig:
     # data such as digits). FID's reference images are never flipped. A latent teacher's
     # stream mirrors the latents (close to, not exactly, the mirrored images' latents).
     flip: bool = False
+    # a text-to-image teacher: the share of each batch whose captions are replaced by the empty
+    # caption (drawn from the stream's generator), so that students learn the unconditional
+    # prediction that classifier-free guidance needs, as text-to-image training drops captions
+    caption_dropout: float = 0.1
 
 
 @dataclass
@@ -84,6 +88,11 @@ class StudentConfig:
     # diffusion loss accumulates the gradients
     taylor_batches: int = 4
     dropout: float = 0.0  # a UNet student's ResNet blocks' dropout, in [0, 1) (the authors' students: 0.1)
+    # a text-to-image teacher's U-Net: BK-SDM's block removal, keeping the teacher's weights in the
+    # blocks left: bk-base (one ResNet/attention block fewer per stage) | bk-small (also no mid
+    # block) | bk-tiny (also no innermost stage) | none; then channel pruning at student.prune_ratio
+    # (0 keeps every channel)
+    blocks: str | None = None
 
 
 @dataclass
@@ -140,6 +149,9 @@ class EvalConfig:
     extractor: str = "digits-cnn"  # or inception-v3-compat with extractor_weights
     extractor_weights: str | None = None
     prc: bool = True
+    # a text-to-image teacher's samples: classifier-free guidance scale, the empty caption as the
+    # unconditional input, the same for teacher and students (1: unguided)
+    guidance_scale: float = 1.0
 
     def protocol(self, data: str = "mnist") -> Protocol:
         """The metrics protocol for images of the data set ``data`` (a data.spec): it picks the
@@ -250,7 +262,8 @@ ADDED_KEYS = {("student", "min_group_channels"): 1, ("student", "depth"): None,
               ("student", "groups"): "gcd", ("student", "taylor_batches"): 4, ("student", "dropout"): 0.0,
               ("train", "ema_warmup"): True, ("train", "antithetic"): False, ("data", "flip"): False,
               ("objective", "feat_reduction"): None, ("objective", "feat_bias"): None,
-              ("objective", "feat_init"): None, ("objective", "feat_init_scale"): 0.005}
+              ("objective", "feat_init"): None, ("objective", "feat_init_scale"): 0.005,
+              ("student", "blocks"): None, ("data", "caption_dropout"): 0.1, ("eval", "guidance_scale"): 1.0}
 # Objective keys whose default became None ("the objective's own default") after configs were
 # saved holding a value, with that value. ``comparable`` reads a None as the old value wherever
 # the two run alike (the objective's own default is that value, or it ignores the key), so a
@@ -394,6 +407,13 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
         _refuse("student.taylor_batches", f"must be an integer >= 1, got {s.taylor_batches!r}")
     if not 0.0 <= s.dropout < 1.0:
         _refuse("student.dropout", f"must be in [0, 1), got {s.dropout}")
+    if s.blocks is not None and s.blocks not in BLOCK_REMOVALS:
+        _refuse("student.blocks", f"unknown block removal {s.blocks!r}; choose one of {', '.join(BLOCK_REMOVALS)} or none")
+    if s.blocks is not None and s.prune_ratio is None:
+        _refuse("student.blocks", "block removal keeps the teacher's weights: use it with student.prune_ratio (0 keeps "
+                                  "every channel), not param_ratio")
+    if not 0.0 <= d.caption_dropout < 1.0:
+        _refuse("data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
     if o.name not in objective_names():
         _refuse("objective.name", f"unknown objective {o.name!r}; choose one of {', '.join(objective_names())}")
     for key, value, low in (("train.steps", tr.steps, 1), ("train.batch", tr.batch, 1), ("train.log_every", tr.log_every, 1),
@@ -493,7 +513,36 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             if objective_class(o.name).needs_features:
                 _refuse("student.depth", f"objective {o.name} matches the student's blocks with the teacher's one by "
                                          "one, and a depth-pruned student has fewer: use kd, lift or place")
-        if s.prune_ratio is not None and net.get("_class_name") not in ("UNet2DModel", "DiTTransformer2DModel"):
+        text_teacher = space.text is not None
+        if s.blocks is not None and not text_teacher:
+            _refuse("student.blocks", f"BK-SDM block removal needs a text-to-image U-Net teacher (a "
+                                      f"StableDiffusionPipeline), {teacher.name} is a {net.get('_class_name')}")
+        if s.blocks is not None:
+            from liftplace.models import block_plan
+
+            try:
+                block_plan(net, s.blocks)
+            except ValueError as err:
+                _refuse("student.blocks", str(err))
+        if text_teacher and s.param_ratio is not None:
+            _refuse("student.param_ratio", f"{teacher.name} is a text-to-image U-Net: its students are pruned "
+                                           "(student.prune_ratio) and block-removed (student.blocks), not built fresh")
+        if e.guidance_scale != 1.0 and not text_teacher:
+            _refuse("eval.guidance_scale", f"classifier-free guidance needs a text-to-image teacher; {teacher.name} "
+                                           "is not one (leave it at 1)")
+        if text_teacher:
+            from liftplace.data import load_dataset
+
+            try:  # a folder's metadata.jsonl is read whole: a missing column or image is said here
+                captions = [getattr(load_dataset(d.spec, d.resolution, split, space.image_channels), "captions", None)
+                            for split in ("train", "val")]
+            except (ValueError, FileNotFoundError) as err:
+                _refuse("data.spec", str(err), type(err))
+            if None in captions:
+                _refuse("data.spec", f"{d.spec} has no captions; a text-to-image teacher needs them (mnist-captions, "
+                                     "or folder:PATH with a metadata.jsonl of file_name and text per image)")
+        if s.prune_ratio is not None and net.get("_class_name") not in ("UNet2DModel", "DiTTransformer2DModel",
+                                                                        "UNet2DConditionModel"):
             _refuse("student.prune_ratio", f"pruning needs a UNet2DModel or DiT teacher, {teacher.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
     try:

@@ -1,8 +1,11 @@
-"""Datasets by name: the bundled MNIST subset, sklearn's digits, glyphs rendered from the fonts
-that matplotlib ships, an image folder, CIFAR-10.
+"""Datasets by name: the bundled MNIST subset (also with captions), sklearn's digits, glyphs
+rendered from the fonts that matplotlib ships, an image folder (with captions when it holds a
+``metadata.jsonl``), CIFAR-10.
 
 Every dataset yields ``(image, label)`` with ``image`` a float32 tensor [C, R, R] in [-1, 1]
-and ``label`` an int (-1 where the data has no labels). Splits are fixed: the same spec,
+and ``label`` an int (-1 where the data has no labels). A captioned data set (for a
+text-to-image teacher) also has ``captions``, a caption per item in item order; the others'
+``captions`` is None. Splits are fixed: the same spec,
 resolution and split always give the same images in the same order, and train and val never
 share an image. Nothing is ever downloaded.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import numbers
 import os
 import re
@@ -23,8 +27,17 @@ from torch.utils.data import Dataset
 
 from liftplace import storage
 
-DATASET_CHOICES = ("mnist", "digits", "glyphs", "folder:PATH", "cifar10:PATH")
-BUILT_IN = ("mnist", "digits", "glyphs")
+DATASET_CHOICES = ("mnist", "mnist-captions", "digits", "glyphs", "folder:PATH", "cifar10:PATH")
+BUILT_IN = ("mnist", "mnist-captions", "digits", "glyphs")
+# A captions folder's file, as diffusers' text-to-image training scripts read it: one JSON
+# object per line with the image's path relative to the folder and its caption.
+METADATA = "metadata.jsonl"
+CAPTION_COLUMN, FILE_COLUMN = "text", "file_name"
+# The built-in captioned set: each MNIST digit with one of these captions, picked per image by a
+# generator seeded _SPLIT_SEED (so the same image always has the same caption).
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = ("a handwritten {word}", "the digit {digit}", "a {word} written by hand", "number {word}",
+                     "{word}")
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # PIL modes of images with one channel of intensity (anything else loads as RGB).
@@ -103,6 +116,8 @@ def load_dataset(spec: str, resolution: int, split: str = "train", channels: int
         raise ValueError(f"the data {spec} has {own} channel{'s' if own > 1 else ''}, the model takes {channels}")
     if kind == "mnist":
         return _load_mnist(resolution, split)
+    if kind == "mnist-captions":
+        return _load_mnist_captions(resolution, split)
     if kind == "digits":
         return _load_digits(resolution, split)
     if kind == "glyphs":
@@ -140,9 +155,11 @@ class TensorImageDataset(Dataset):
         labels: int64 [N].
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str,
+                 captions: list[str] | None = None):
         self.images = images
         self.labels = labels
+        self.captions = captions
         self.channels = images.shape[1]
         self.num_classes = num_classes
         self.name = name
@@ -197,6 +214,7 @@ class ImageFolderDataset(Dataset):
         self.mode = "RGB" if self.channels == 3 else "L"
         num_val = min(_FOLDER_VAL_MAX, max(1, int(len(paths) * _FOLDER_VAL_FRACTION)))
         self.paths = paths[:-num_val] if split == "train" else paths[-num_val:]
+        self.captions = _folder_captions(root, self.paths) if os.path.isfile(os.path.join(root, METADATA)) else None
         self.transform = transforms.Compose(
             [
                 transforms.Resize(resolution, antialias=True),
@@ -241,6 +259,7 @@ class Cifar10Dataset(Dataset):
         self.resolution = resolution
         self.channels = 3
         self.num_classes = 10
+        self.captions = None
         self.name = f"cifar10-{split}-{resolution}px-{len(pixels)}"
 
     def __len__(self) -> int:
@@ -339,6 +358,48 @@ def _load_mnist(resolution: int, split: str) -> TensorImageDataset:
         images = _resize(images, resolution)
     name = f"mnist-{split}-{resolution}px-{len(index)}"
     return TensorImageDataset(images.contiguous(), labels[index], 10, name)
+
+
+def _load_mnist_captions(resolution: int, split: str) -> TensorImageDataset:
+    """The MNIST subset, each digit with a caption naming it (``CAPTION_TEMPLATES``)."""
+    plain = _load_mnist(resolution, split)
+    raw, labels = _mnist_raw()
+    picks = np.random.default_rng(_SPLIT_SEED).integers(0, len(CAPTION_TEMPLATES), len(raw))
+    index = _fixed_split(len(raw), _MNIST_VAL, split)
+    captions = [CAPTION_TEMPLATES[picks[i]].format(word=DIGIT_WORDS[labels[i]], digit=int(labels[i]))
+                for i in index.tolist()]
+    name = f"mnist-captions-{split}-{resolution}px-{len(index)}"
+    return TensorImageDataset(plain.images, plain.labels, 10, name, captions)
+
+
+def _folder_captions(root: str, paths: list[str]) -> list[str]:
+    """Each image's caption from the folder's metadata.jsonl (``file_name`` relative to the
+    folder, ``text``). A line that is not a JSON object, a missing column, or an image without
+    a line is refused in one line naming the file."""
+    file = os.path.join(root, METADATA)
+    found = {}
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file} line {number}: not JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{file} line {number}: not a JSON object")
+            for column in (FILE_COLUMN, CAPTION_COLUMN):
+                if not isinstance(row.get(column), str):
+                    raise ValueError(f"{file} line {number}: no {column!r} column (a string); each line needs "
+                                     f"{FILE_COLUMN!r} and {CAPTION_COLUMN!r}, as diffusers' training scripts read it")
+            found[os.path.normpath(row[FILE_COLUMN])] = row[CAPTION_COLUMN]
+    captions, missing = [], []
+    for path in paths:
+        caption = found.get(os.path.normpath(os.path.relpath(path, root)))
+        (missing.append(path) if caption is None else captions.append(caption))
+    if missing:
+        raise ValueError(f"{file}: {len(missing)} of the {len(paths)} images have no line; the first: {missing[0]}")
+    return captions
 
 
 def _load_digits(resolution: int, split: str) -> TensorImageDataset:

@@ -56,11 +56,14 @@ Report = Callable[[dict, "Path | None"], None]
 # stream of batches and the teacher's output, or when rows are written, and must be shared.
 PER_STUDENT = ("student.", "objective.", "train.lr", "train.ema_decay", "train.ema_warmup", "train.grad_clip",
                "train.loss_bound")
+# ... but for these: the stage outputs the teacher's feature taps collect follow a BK-SDM
+# student's blocks, and a cohort has one set of teacher taps.
+SHARED_STUDENT = ("student.blocks",)
 
 
 def shared_settings(config: RunConfig) -> dict:
     """The settings a cohort's students must share (dotted key -> value)."""
-    return {k: v for k, v in flatten(config.to_dict()) if not k.startswith(PER_STUDENT)}
+    return {k: v for k, v in flatten(config.to_dict()) if not k.startswith(PER_STUDENT) or k in SHARED_STUDENT}
 
 
 def cohort_key(config: RunConfig) -> str:
@@ -109,6 +112,8 @@ class Stream:
     generator: torch.Generator
     antithetic: bool = False  # train.antithetic
     flip: bool = False  # data.flip
+    captions: object = None  # a text-to-image split's text.Captions: the batch's conditions
+    caption_dropout: float = 0.0  # data.caption_dropout
 
     def next(self) -> Batch:
         idx = torch.randint(0, len(self.images), (self.batch,), generator=self.generator)
@@ -119,6 +124,14 @@ class Stream:
             x0 = torch.where(flipped, x0.flip(-1), x0)
         x_t, timesteps, target = self.process.training_pair(x0, generator=self.generator, antithetic=self.antithetic)
         labels = self.labels[idx].to(self.device) if self.num_classes else None
+        if self.captions is not None:
+            # The captions' embeddings [B, L, D] in place of labels; after the noise, the captions
+            # dropped to the empty one (so a stream without captions draws what it drew before).
+            context = self.captions.embeddings(idx)
+            if self.caption_dropout:
+                dropped = torch.rand(self.batch, generator=self.generator, device=self.generator.device) < self.caption_dropout
+                context = torch.where(dropped.view(-1, 1, 1).to(context.device), self.captions.null, context)
+            labels = context.to(self.device)
         return Batch(x_t.to(self.device), timesteps.to(self.device), target.to(self.device), labels)
 
 
@@ -185,6 +198,7 @@ class Run:
     autocast: Callable
     vae: torch.nn.Module | None  # a latent teacher's frozen VAE: decodes samples for metrics and grids
     teacher_key: str  # teachers.teacher_fingerprint: kept in checkpoints, checked on resume
+    text: Path | None = None  # a text-to-image teacher's pipeline: its validation captions' embeddings
     teacher_samples: torch.Tensor | None = None  # for samples.png, drawn once
 
 
@@ -221,13 +235,19 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     process = teacher_process(config.teacher.name, config.teacher.prediction)
     stream = Stream(images, labels, train_set.num_classes, process, tr.batch, device,
                     torch.Generator().manual_seed(tr.seed * 1000 + rank), antithetic=tr.antithetic,
-                    flip=config.data.flip)
+                    flip=config.data.flip, captions=train_set.captions,
+                    caption_dropout=config.data.caption_dropout if train_set.captions is not None else 0.0)
     needs_features = any(objective_class(c.objective.name).needs_features for c in members.values())
-    teacher_taps = models.FeatureTaps(teacher) if needs_features else None
+    # The stage outputs a feature objective matches: a BK-SDM student has fewer (student.blocks is
+    # shared by a cohort's students, so one set of teacher taps serves them all).
+    teacher_names, _ = models.block_tap_names(teacher, config.student.blocks) if needs_features else (None, None)
+    teacher_taps = models.FeatureTaps(teacher, teacher_names) if needs_features else None
     example_shape = (2, *images.shape[1:])
+    # MACs are counted with a whole caption's context (the tokenizer's length), as sampling runs
+    context = train_set.captions.table[:1] if train_set.captions is not None else None
     static = {
         "teacher_params": models.count_params(teacher),
-        "teacher_macs": models.count_macs(teacher, example_shape),
+        "teacher_macs": models.count_macs(teacher, example_shape, context),
         "world_size": world,
         "teacher_fid": card.get("fid", float("nan")),
         "denoiser_size": int(images.shape[-1]),  # the side the denoisers see: a latent teacher's is smaller
@@ -247,21 +267,21 @@ def build(members: dict[str | None, RunConfig]) -> Run:
         folder = "" if len(members) == 1 else f"m{i}"
         trainee = _trainee(variant, folder, member, student, teacher_taps, tuple(images.shape[1:]), device, world)
         trainee.static = {"student_params": models.count_params(student),
-                          "student_macs": models.count_macs(student, example_shape), **static}
+                          "student_macs": models.count_macs(student, example_shape, context), **static}
         trainee.static["compression"] = trainee.static["student_params"] / trainee.static["teacher_params"]
         trainee.rng = _global_rng()
         trainees.append(trainee)
     bf16 = device.type == "cuda" and tr.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
     return Run(config, rank, world, device, teacher, teacher_taps, stream, trainees, autocast, vae,
-               teacher_fingerprint(config.teacher.name))
+               teacher_fingerprint(config.teacher.name), space.text)
 
 
 def _trainee(variant, folder, config: RunConfig, student, teacher_taps, shape, device, world) -> Trainee:
     options = config.objective_options()
     taps = None
     if objective_class(config.objective.name).needs_features:
-        taps = models.FeatureTaps(student)
+        taps = models.FeatureTaps(student, models.block_tap_names(teacher_taps.model, config.student.blocks)[1])
         options.update(student_channels=taps.channels(), teacher_channels=teacher_taps.channels())
     objective = make_objective(config.objective.name, **options, shape=shape).to(device)
     net = student
@@ -384,7 +404,7 @@ def finish_report(run: Run, rows: dict, report: Callable, *, evaluate: bool, sav
                 if run.rank == 0 and evaluate and not row["diverged"]:
                     with trainee.own_rng():
                         row.update(evaluate_student(trainee.student, trainee.ema, run.stream.process, trainee.config,
-                                                    run.stream.num_classes, run.device, vae=run.vae))
+                                                    run.stream.num_classes, run.device, vae=run.vae, text=run.text))
         except Exception:
             unevaluated = {v: {**r, **{k: float("nan") for k in EVAL_COLUMNS}} for v, r in rows.items()}
             if ckpt_dir is not None:
@@ -575,18 +595,21 @@ def ema_weights(student, ema: EMAModel):
         ema.restore(student.parameters())
 
 
-def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device, *, vae=None) -> dict:
+def evaluate_student(student, ema: EMAModel, process, config: RunConfig, num_classes: int, device, *, vae=None,
+                     text=None) -> dict:
     """FID/KID/precision/recall of the EMA student (``evaluate.evaluate``: a latent student's
-    samples are decoded by ``vae`` first, the metrics compare images)."""
+    samples are decoded by ``vae`` first, the metrics compare images; a text-to-image student,
+    ``text`` its teacher's pipeline, samples the validation captions at the guidance scale)."""
     with ema_weights(student, ema):
         return evaluate(student, process, config.data.spec, config.data.resolution, config.eval.protocol(config.data.spec),
-                        num_classes=num_classes, device=device, vae=vae)
+                        num_classes=num_classes, device=device, vae=vae, text=text)
 
 
 def save_samples(run: Run, trainee: Trainee, directory: Path) -> None:
     """samples.png: 32 EMA-student samples (left) beside the teacher's from the same noise."""
     steps, seed = run.config.eval.sampler_steps, run.config.eval.seed
-    kwargs = dict(steps=steps, seed=seed, num_classes=run.stream.num_classes, device=run.device)
+    kwargs = dict(steps=steps, seed=seed, num_classes=run.stream.num_classes, device=run.device,
+                  captions=run.stream.captions, guidance=run.config.eval.guidance_scale)
     with ema_weights(trainee.student, trainee.ema):
         s = generate(trainee.student, run.stream.process, 32, **kwargs)
     if run.teacher_samples is None:

@@ -87,6 +87,14 @@ class Split:
     num_classes: int
     name: str  # the data set's name (the key of its cached FID statistics)
     vae: object = None  # a latent teacher's VAE
+    captions: object = None  # a text-to-image teacher's: the captions' embeddings (a text.Captions)
+
+    def condition(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """What a denoiser is conditioned on for images ``idx``: their captions' embeddings [B, L, D]
+        (a text-to-image teacher), their class labels [B] (a data set with classes), or None."""
+        if self.captions is not None:
+            return self.captions.embeddings(idx)
+        return self.labels[idx] if self.num_classes else None
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """A denoiser's samples as images: decoded by the VAE in latent space."""
@@ -104,7 +112,15 @@ def load_split(config, split: str, space, vae, *, log: Callable[[str], object] =
     dataset = load_dataset(config.data.spec, config.data.resolution, split, space.image_channels)
     images, labels = stack_dataset(dataset)
     x0 = cached_encode(vae, space.vae, images, labels, cache_root(), log=log) if space.latent else images
-    return Split(images, x0, labels, dataset.num_classes, dataset.name, vae if space.latent else None)
+    captions = None
+    if space.text is not None:
+        from liftplace import text
+
+        if getattr(dataset, "captions", None) is None:
+            raise ValueError(f"data {config.data.spec} has no captions; a text-to-image teacher needs them (mnist-captions, "
+                             "or folder:PATH with a metadata.jsonl of file_name and text)")
+        captions = text.captions_of(space.text, dataset.captions, log=log)
+    return Split(images, x0, labels, dataset.num_classes, dataset.name, vae if space.latent else None, captions)
 
 
 def vae_fingerprint(vae_dir: str | Path) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,14 @@ class Protocol:
     extractor_weights: str | None = None  # None: the shipped digits-cnn weights
     prc: bool = True  # precision and recall (k = 3 nearest neighbours)
     data: str = "mnist"  # the data set measured: picks the shipped digits-cnn weights (SHIPPED_EXTRACTORS)
+    # a text-to-image model's classifier-free guidance scale (1: unguided, the only value of every
+    # other model; recorded as eval_guidance_scale only where it is not 1)
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) or not (
+                math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"eval guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         if not (isinstance(self.num_images, int) and self.num_images >= 2):
             raise ValueError(f"eval num_images must be an integer >= 2, got {self.num_images!r}")
         if self.prc and self.num_images < PRC_NEIGHBOURS + 1:
@@ -294,7 +301,7 @@ def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cach
 
 def protocol_record(protocol: Protocol) -> dict:
     """The protocol as flat `eval_*` fields, stored beside every metric."""
-    return {f"eval_{k}": v for k, v in dataclasses.asdict(protocol).items()}
+    return {f"eval_{k}": v for k, v in dataclasses.asdict(protocol).items() if not (k == "guidance_scale" and v == 1.0)}
 
 
 def stack_dataset(dataset) -> tuple[Tensor, Tensor]:

@@ -93,7 +93,7 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
@@ -119,6 +119,15 @@ UNET_ATTENTION_HEAD_DIM = 8
 DIT_SIZES: dict[str, dict] = {
     "tiny": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2},
     "s": {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16, "patch_size": 2},
+}
+
+# Text-to-image U-Nets (UNet2DConditionModel) laid out as Stable Diffusion's: cross-attention in
+# every stage but the innermost, two ResNet blocks per stage (so that BK-SDM's removals apply),
+# the innermost stage as wide as the one before it (so that bk-tiny keeps its weights).
+# ``attention_head_dim`` is diffusers' name for the number of heads here.
+SD_SIZES: dict[str, dict] = {
+    "tiny": {"block_out_channels": (8, 16, 16), "layers_per_block": 2, "norm_num_groups": 4, "attention_head_dim": 2},
+    "s": {"block_out_channels": (32, 64, 64), "layers_per_block": 2, "norm_num_groups": 8, "attention_head_dim": 4},
 }
 
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -154,12 +163,20 @@ class Calibration:
     images: torch.Tensor
     process: object
     labels: torch.Tensor | None = None
+    captions: object = None  # a text-to-image split's text.Captions: the conditions, in place of labels
 
     @classmethod
     def of(cls, split, process) -> Calibration:
         """A run's calibration: its training split as the denoisers see it (a ``latents.Split``:
-        x0, and its labels where the data set has classes) and its noise process."""
+        x0, its labels where the data set has classes, its captions' embeddings for a
+        text-to-image teacher) and its noise process."""
+        if split.captions is not None:
+            return cls(split.x0, process, split.labels, split.captions)
         return cls(split.x0, process, split.labels if split.num_classes else None)
+
+    def condition(self, idx: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is conditioned on for images ``idx``: class labels, or caption embeddings."""
+        return self.captions.embeddings(idx) if self.captions is not None else self.labels[idx]
 
 
 def _choice(kind: str, value, choices) -> None:
@@ -249,15 +266,33 @@ def build_dit(
     )
 
 
+def build_sd_unet(size: str = "s", *, in_channels: int = 4, resolution: int = 8,
+                  cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    """A freshly initialised text-to-image U-Net of a named size (``SD_SIZES``) for latents
+    [B, in_channels, resolution, resolution] and caption embeddings [B, L, cross_attention_dim]."""
+    _choice("text-to-image U-Net size", size, SD_SIZES)
+    spec = SD_SIZES[size]
+    levels = len(spec["block_out_channels"])
+    if not isinstance(resolution, int) or resolution < 2 ** (levels - 1) or resolution % 2 ** (levels - 1):
+        raise ValueError(f"resolution must be a positive multiple of {2 ** (levels - 1)}, got {resolution!r}")
+    return UNet2DConditionModel(
+        sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=cross_attention_dim, **spec)
+
+
 def predict(
     model: nn.Module, x_t: torch.Tensor, t: torch.Tensor | int | float, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The model's prediction for x_t [B, C, H, W] at timesteps t (a number or [B]): [B, C, H, W].
 
-    One interface for both backbones. The call goes through ``model`` itself, so a
+    One interface for every backbone. The call goes through ``model`` itself, so a
     DistributedDataParallel wrapper still synchronises gradients. A DiT gets ``labels``
     (class 0 for every sample when None) and its learned-sigma channels are dropped; a UNet
-    uses labels only if it has class embeddings (again class 0 when None).
+    uses labels only if it has class embeddings (again class 0 when None). A text-conditioned
+    UNet2DConditionModel takes caption embeddings [B, L, D] as ``labels`` (its
+    ``encoder_hidden_states``; one token of zeros when None, for probes of sizes and MACs).
     """
     if x_t.ndim != 4:
         raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
@@ -275,7 +310,11 @@ def predict(
         return out[:, : x_t.shape[1]] if net.out_channels == 2 * x_t.shape[1] else out
     if isinstance(net, UNet2DModel):
         return model(x_t, t, class_labels=labels if needs_labels else None).sample
-    raise ValueError(f"model must be a UNet2DModel or DiTTransformer2DModel, got {type(net).__name__}")
+    if isinstance(net, UNet2DConditionModel):
+        if labels is None:  # a probe's stand-in (sizes, MACs): one token of zeros
+            labels = torch.zeros(batch, 1, net.config.cross_attention_dim, device=x_t.device, dtype=x_t.dtype)
+        return model(x_t, t, encoder_hidden_states=labels).sample
+    raise ValueError(f"model must be a UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel, got {type(net).__name__}")
 
 
 def count_params(model: nn.Module) -> int:
@@ -387,10 +426,10 @@ def prune_student(
         if groups != "gcd":
             raise ValueError(f"groups={groups!r} keeps a UNet's GroupNorm groups; a DiT has none (use 'gcd')")
         return _prune_dit(net, ratio, example_shape, importance, calibration, taylor_batches)
-    if not isinstance(net, UNet2DModel):
+    if not isinstance(net, (UNet2DModel, UNet2DConditionModel)):
         raise ValueError(
-            f"prune_student supports UNet2DModel and DiTTransformer2DModel teachers, got {type(net).__name__}; "
-            "use fresh_student instead"
+            f"prune_student supports UNet2DModel, UNet2DConditionModel and DiTTransformer2DModel teachers, got "
+            f"{type(net).__name__}; use fresh_student instead"
         )
     student = copy.deepcopy(net)
     # torch-pruning traces its dependency graph through autograd: a frozen teacher (as
@@ -407,9 +446,14 @@ def prune_student(
     )
     # The output conv's outputs are the image channels. The input conv's inputs and the time
     # embedding's first linear layer (fed by the parameter-free sinusoidal projection) have no
-    # producer to prune, so they stay whole without being listed.
+    # producer to prune, so they stay whole without being listed; so do cross-attention's key and
+    # value inputs (the text encoder's width).
     ignored = [student.conv_out]
     forward = lambda model, inputs: model(*inputs).sample  # noqa: E731
+    if isinstance(net, UNet2DConditionModel):
+        context = torch.randn(example_shape[0], 2, net.config.cross_attention_dim, device=param.device, dtype=param.dtype)
+        example = (*example, context)
+        forward = lambda model, inputs: model(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample  # noqa: E731
     norms = {norm: norm.num_groups for norm in student.modules() if isinstance(norm, nn.GroupNorm)}
     if groups == "gcd":
         # torch-pruning removes whole GroupNorm groups only, which at high ratios prunes almost
@@ -465,7 +509,8 @@ def _taylor_gradients(model: nn.Module, calibration: Calibration, batches: int) 
         idx = order[(b * size + torch.arange(size)) % len(images)]
         x0 = images[idx].to(device=param.device, dtype=param.dtype)
         x_t, t, target = calibration.process.training_pair(x0, generator=generator)
-        y = labels[idx].to(param.device) if labels is not None else None
+        conditioned = labels is not None or calibration.captions is not None
+        y = calibration.condition(idx).to(param.device) if conditioned else None
         loss = nn.functional.mse_loss(predict(model, x_t, t.to(param.device), y).float(), target.float())
         loss.backward()
 
@@ -560,6 +605,106 @@ def keep_blocks(model: DiTTransformer2DModel, depth: int) -> DiTTransformer2DMod
     return student
 
 
+# BK-SDM's block-removed students (Kim et al. 2023), each removing more of a text-to-image U-Net:
+# "bk-base" one ResNet (+ attention) block fewer per stage, "bk-small" also no mid block,
+# "bk-tiny" also no innermost stage (the last down stage and the first up stage).
+BLOCK_REMOVALS = ("bk-base", "bk-small", "bk-tiny")
+
+
+def block_plan(config, kind: str) -> tuple[dict, dict[str, str]]:
+    """(the student's config, {student block prefix: teacher block prefix}) of a BK-SDM
+    removal ``kind`` from a UNet2DConditionModel's config; ValueError naming what the layout
+    cannot take. A down stage keeps its first L - 1 ResNet/attention pairs (L: the teacher's
+    layers_per_block), an up stage its first L - 1 and its last (whose skip input comes from the
+    stage above and has other widths); the innermost stage goes only where it is as wide as the
+    stage beside it (so that every kept block keeps its weights' shapes)."""
+    _choice("block removal", kind, BLOCK_REMOVALS)
+    # diffusers would set the keys it lists in _use_default_values back to their defaults
+    config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+    layers = config.get("layers_per_block", 2)
+    if not isinstance(layers, int) or layers < 2:
+        raise ValueError(f"student.blocks={kind} removes one of each stage's layers_per_block blocks; the teacher has "
+                         f"layers_per_block {layers!r} (needs an integer >= 2)")
+    widths = list(config.get("block_out_channels", ()))
+    down, up = list(config.get("down_block_types", ())), list(config.get("up_block_types", ()))
+    config["layers_per_block"] = layers - 1
+    keep_down = list(range(layers - 1))
+    keep_up = list(range(layers - 1)) + [layers]
+    removed = 0
+    if kind in ("bk-small", "bk-tiny"):
+        config["mid_block_type"] = None
+    if kind == "bk-tiny":
+        if len(widths) < 3:
+            raise ValueError(f"student.blocks=bk-tiny removes the innermost of the teacher's stages; it has "
+                             f"{len(widths)} (needs 3 or more)")
+        if widths[-1] != widths[-2]:
+            raise ValueError(f"student.blocks=bk-tiny removes the innermost stage, which keeps the weights only where "
+                             f"it is as wide as the stage beside it; the teacher's block_out_channels are {widths}")
+        for key in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "cross_attention_dim",
+                    "only_cross_attention", "reverse_transformer_layers_per_block"):
+            if isinstance(config.get(key), (list, tuple)):
+                raise ValueError(f"student.blocks=bk-tiny: the teacher's {key} is set per stage, which this removal "
+                                 "does not rewrite; use bk-small")
+        widths, down, up, removed = widths[:-1], down[:-1], up[1:], 1
+    config.update(block_out_channels=tuple(widths), down_block_types=tuple(down), up_block_types=tuple(up))
+    plan = {}
+    for i in range(len(down)):
+        plan.update({f"down_blocks.{i}.{part}.{j}": f"down_blocks.{i}.{part}.{k}"
+                     for part in ("resnets", "attentions") for j, k in enumerate(keep_down)})
+        plan[f"down_blocks.{i}.downsamplers"] = f"down_blocks.{i}.downsamplers"
+    for i in range(len(up)):
+        plan.update({f"up_blocks.{i}.{part}.{j}": f"up_blocks.{i + removed}.{part}.{k}"
+                     for part in ("resnets", "attentions") for j, k in enumerate(keep_up)})
+        plan[f"up_blocks.{i}.upsamplers"] = f"up_blocks.{i + removed}.upsamplers"
+    return config, plan
+
+
+def remove_blocks(model: nn.Module, kind: str) -> UNet2DConditionModel:
+    """A BK-SDM student (``BLOCK_REMOVALS``) of a UNet2DConditionModel teacher: a U-Net of fewer
+    blocks (``block_plan``) holding the teacher's weights in every block it keeps (the teacher
+    untouched). Any tensor whose shape differs from its teacher block's is refused."""
+    net = _unwrap(model)
+    if not isinstance(net, UNet2DConditionModel):
+        raise ValueError(f"student.blocks removes a text-to-image U-Net's blocks; got a {type(net).__name__}")
+    config, plan = block_plan(net.config, kind)
+    with torch.device("meta"):
+        student = UNet2DConditionModel.from_config(config)
+    weights = net.state_dict()
+    state = {}
+    for name, tensor in student.state_dict().items():
+        source = name
+        for prefix, origin in plan.items():
+            if name.startswith(prefix + "."):
+                source = origin + name[len(prefix):]
+                break
+        if source not in weights or weights[source].shape != tensor.shape:
+            have = tuple(weights[source].shape) if source in weights else "nothing"
+            raise ValueError(f"student.blocks={kind}: the student's {name} {tuple(tensor.shape)} has no teacher tensor "
+                             f"of its shape ({source}: {have}); the teacher's layout cannot take this removal")
+        state[name] = weights[source].detach().clone()
+    student.load_state_dict(state, assign=True)
+    return student.to(_first_param(net).device).train(net.training)
+
+
+def block_tap_names(teacher: nn.Module, blocks: str | None) -> tuple[list[str], list[str]]:
+    """(teacher's, student's) names of the stage outputs that feature objectives match, pair by
+    pair: every stage for a student of the teacher's blocks; for a BK-SDM student the stages
+    both have at the same resolution (a bk-tiny student's last down stage no longer
+    downsamples, and its mid block and innermost stage are gone)."""
+    names = default_tap_names(teacher)
+    if blocks is None:
+        return names, names
+    net = _unwrap(teacher)
+    config, _ = block_plan(net.config, blocks)
+    stages = len(config["block_out_channels"])
+    removed = len(net.down_blocks) - stages
+    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(stages - removed)]
+    if config.get("mid_block_type") is not None:
+        pairs.append(("mid_block", "mid_block"))
+    pairs += [(f"up_blocks.{i + removed}", f"up_blocks.{i}") for i in range(stages)]
+    return [t for t, _ in pairs], [s for _, s in pairs]
+
+
 def student_groups(channels: int, teacher_groups: int, min_channels: int = 1) -> int:
     """The group count of a pruned GroupNorm with ``channels`` channels whose teacher had
     ``teacher_groups``: the largest count not above gcd(channels, teacher_groups) that divides
@@ -639,8 +784,9 @@ def build_student(teacher: nn.Module, student, *, seed: int, example_shape: Sequ
     Taylor importance prunes by: needed then, unused otherwise."""
     dropout = getattr(student, "dropout", 0.0)
     if student.prune_ratio is not None:
-        depth = getattr(student, "depth", None)
+        depth, blocks = getattr(student, "depth", None), getattr(student, "blocks", None)
         source = keep_blocks(teacher, depth) if depth is not None else teacher
+        source = remove_blocks(source, blocks) if blocks is not None else source
         built = prune_student(source, student.prune_ratio, example_shape=example_shape, importance=student.importance,
                               min_group_channels=student.min_group_channels,
                               groups=getattr(student, "groups", "gcd"), calibration=calibration,
@@ -743,7 +889,7 @@ def default_tap_names(model: nn.Module) -> list[str]:
     UNet: each down block, the mid block and each up block. DiT: each transformer block.
     """
     net = _unwrap(model)
-    if isinstance(net, UNet2DModel):
+    if isinstance(net, (UNet2DModel, UNet2DConditionModel)):
         names = [f"down_blocks.{i}" for i in range(len(net.down_blocks))]
         names += ["mid_block"] if net.mid_block is not None else []
         return names + [f"up_blocks.{i}" for i in range(len(net.up_blocks))]

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,17 @@ def build_teacher(arch: str, size: str, *, channels: int, resolution: int, num_c
         return models.build_unet(size, in_channels=channels, resolution=resolution)
     if arch == "dit":
         return models.build_dit(size, in_channels=channels, resolution=resolution, num_classes=max(1, num_classes))
-    raise ValueError(f"unknown teacher architecture {arch!r}; choose unet or dit")
+    if arch == "sd":
+        return models.build_sd_unet(size, in_channels=channels, resolution=resolution, cross_attention_dim=TEXT_HIDDEN)
+    raise ValueError(f"unknown teacher architecture {arch!r}; choose unet, dit or sd")
+
+
+# A text-to-image teacher's text side (arch "sd"): a character-level tokenizer of this many tokens
+# per caption and a randomly initialised, frozen CLIPTextModel of this width (no pretrained CLIP
+# is at hand offline: its embeddings tell captions apart, and the U-Net learns what they mean).
+TEXT_TOKENS = 32
+TEXT_HIDDEN = 32
+CAPTION_DROPOUT = 0.1  # captions dropped to the empty one while training, for classifier-free guidance
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -74,6 +85,7 @@ def train_teacher(
     command: str | None = None,
     progress: bool = True,
     vae: str | Path | None = None,
+    guidance: float = 1.0,
 ) -> dict:
     """Train a teacher from scratch, save it (EMA weights) with its card and sample grid.
 
@@ -84,13 +96,23 @@ def train_teacher(
     is latent: a DiT trained on the VAE's latents of the data, saved as a ``DiTPipeline``
     directory (``transformer/``, ``vae/``, ``scheduler/`` with ``clip_sample`` false; a flow
     teacher gets a ``FlowMatchEulerDiscreteScheduler``) with card.json and decoded samples.
+    With ``arch="sd"`` (and ``vae``, and captioned ``data`` such as "mnist-captions") it is a
+    text-to-image U-Net (``models.SD_SIZES``) trained on the captions' embeddings by a frozen
+    text encoder (``TEXT_HIDDEN`` wide, randomly initialised: nothing pretrained is at hand
+    offline), ``CAPTION_DROPOUT`` of them dropped to the empty caption, saved as a
+    ``StableDiffusionPipeline`` directory and measured with classifier-free guidance at
+    ``guidance`` (its card also has ``text_alignment``).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new --out (teachers are never overwritten)")
-    if vae is not None and arch != "dit":
-        raise ValueError(f"a latent teacher is a DiT (a DiTPipeline), not {arch!r}: use --arch dit")
-    protocol = dataclasses.replace(protocol or Protocol(), data=data)  # the data's own extractor, where one ships
+    if vae is not None and arch not in ("dit", "sd"):
+        raise ValueError(f"a latent teacher is a DiT (a DiTPipeline) or text-to-image (sd), not {arch!r}: use --arch dit")
+    if arch == "sd" and vae is None:
+        raise ValueError("a text-to-image teacher (--arch sd) is latent: give --vae DIR")
+    if guidance != 1.0 and arch != "sd":
+        raise ValueError("--guidance is classifier-free guidance of a text-to-image teacher (--arch sd)")
+    protocol = dataclasses.replace(protocol or Protocol(), data=data, guidance_scale=guidance)  # the data's own extractor, where one ships
     torch.manual_seed(seed)
     autoencoder = None
     if vae is not None:
@@ -99,6 +121,23 @@ def train_teacher(
     images, labels = stack_dataset(train)
     if autoencoder is not None:
         images = latents.encode(autoencoder, images)
+    context = null = tokens = None
+    if arch == "sd":
+        import tempfile
+
+        from liftplace import text
+
+        if getattr(train, "captions", None) is None:
+            raise ValueError(f"data {data} has no captions; a text-to-image teacher needs them (mnist-captions, or "
+                             "folder:PATH with a metadata.jsonl)")
+        tokens = Path(tempfile.mkdtemp(prefix="liftplace-tokenizer-"))
+        tokenizer = text.build_tokenizer(tokens, max_length=TEXT_TOKENS)
+        encoder = text.build_encoder(tokenizer, hidden=TEXT_HIDDEN, seed=seed)
+        distinct = sorted(set(train.captions) | {text.EMPTY})
+        table = text.encode(tokenizer, encoder, distinct)
+        row = {c: i for i, c in enumerate(distinct)}
+        context = table[torch.tensor([row[c] for c in train.captions])]
+        null = table[row[text.EMPTY]]
     model = build_teacher(arch, size, channels=images.shape[1], resolution=images.shape[-1], num_classes=train.num_classes)
     process = make_process(prediction, clip=None if autoencoder is not None else 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -112,6 +151,9 @@ def train_teacher(
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x_t, t, target = process.training_pair(images[idx], generator=gen)
         y = labels[idx] if arch == "dit" else None
+        if context is not None:
+            dropped = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+            y = torch.where(dropped.view(-1, 1, 1), null, context[idx])
         loss = F.mse_loss(models.predict(model, x_t, t, y), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,11 +167,15 @@ def train_teacher(
     model.eval()
     # Weights first: an evaluation that fails must not cost the training.
     out.mkdir(parents=True, exist_ok=True)
-    if autoencoder is None:
+    if arch == "sd":
+        save_text_pipeline(out, model, vae, tokenizer_dir=tokens, encoder=encoder, prediction=prediction)
+        shutil.rmtree(tokens, ignore_errors=True)
+    elif autoencoder is None:
         model.save_pretrained(str(out), safe_serialization=True)
     else:
         _save_latent_pipeline(out, model, autoencoder, prediction, Path(vae))
-    metrics = evaluate(model, process, data, resolution, protocol, num_classes=train.num_classes, vae=autoencoder)
+    metrics = evaluate(model, process, data, resolution, protocol, num_classes=train.num_classes, vae=autoencoder,
+                       text=out if arch == "sd" else None)
     example = (1, *images.shape[1:])
     card = {
         "name": out.name,
@@ -149,7 +195,9 @@ def train_teacher(
         "train_wall_time_s": round(train_time, 1),
         "final_loss": round(loss.item(), 5),
         "params": models.count_params(model),
-        "macs": models.count_macs(model, example),
+        "macs": models.count_macs(model, example, None if context is None else context[:1]),
+        **({} if context is None else {"text_encoder_params": models.count_params(encoder), "caption_tokens": TEXT_TOKENS,
+                                       "caption_dropout": CAPTION_DROPOUT}),
         **({} if autoencoder is None else {
             "vae": Path(vae).name, "latent_shape": list(images.shape[1:]), "vae_params": models.count_params(autoencoder),
             "vae_decode_macs": models.count_decode_macs(autoencoder, example)}),
@@ -159,7 +207,14 @@ def train_teacher(
         "torch": torch.__version__,
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    grid = generate(model, process, 64, steps=protocol.sampler_steps, seed=protocol.seed, num_classes=train.num_classes)
+    captions = None
+    if arch == "sd":  # a row per digit: "a handwritten zero" ... "a handwritten nine", 8 samples each
+        from liftplace import text
+        from liftplace.data import DIGIT_WORDS
+
+        captions = text.captions_of(out, [f"a handwritten {word}" for word in DIGIT_WORDS for _ in range(8)])
+    grid = generate(model, process, 80 if captions is not None else 64, steps=protocol.sampler_steps, seed=protocol.seed,
+                    num_classes=train.num_classes, captions=captions, guidance=guidance)
     if autoencoder is not None:
         grid = latents.decode(autoencoder, grid)
     save_image((grid + 1) / 2, str(out / "samples.png"), nrow=8, padding=1)
@@ -182,6 +237,41 @@ def _save_latent_pipeline(out: Path, model, vae, prediction: str, vae_dir: Path)
     DiTPipeline(transformer=model, vae=vae, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
     if (vae_dir / "card.json").is_file():
         shutil.copy(vae_dir / "card.json", out / "vae" / "card.json")
+
+
+def save_text_pipeline(out: str | Path, unet, vae_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                       encoder=None, prediction: str = "epsilon", max_length: int = 32, hidden: int | None = None,
+                       seed: int = 0) -> Path:
+    """A text-to-image teacher saved as diffusers saves a ``StableDiffusionPipeline``: ``unet``,
+    the VAE of ``vae_dir``, a tokenizer (``tokenizer_dir``'s, or a character-level one,
+    ``text.build_tokenizer``), a text encoder (``encoder``, or a small randomly initialised
+    ``CLIPTextModel`` of the U-Net's cross-attention width: no pretrained CLIP is at hand
+    offline) and a DDIM scheduler of the default linear schedule (``clip_sample`` false)."""
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from liftplace import text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        tokenizer = text.build_tokenizer(out / "tokenizer", max_length=max_length)
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if encoder is None:
+        encoder = text.build_encoder(tokenizer, hidden=hidden or unet.config.cross_attention_dim, seed=seed)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              prediction_type={v: k for k, v in PREDICTION_TYPES.items()}[prediction], clip_sample=False,
+                              steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=load_vae_dir(vae_dir), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(str(out), safe_serialization=True)
+    if (Path(vae_dir) / "card.json").is_file():
+        shutil.copy(Path(vae_dir) / "card.json", out / "vae" / "card.json")
+    return out
 
 
 # --- VAEs -----------------------------------------------------------------------------------

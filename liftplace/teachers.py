@@ -11,7 +11,10 @@ or a diffusers pipeline directory, whose scheduler config then sets the noise pr
 (``teacher_process``): pixel space (``DDPMPipeline`` / ``DDIMPipeline``: ``model_index.json``,
 ``unet/``, ``scheduler/``) or latent space (``DiTPipeline``: ``transformer/``, ``vae/``,
 ``scheduler/``; its frozen ``AutoencoderKL`` encodes the data and decodes samples, see
-``teacher_space`` and ``liftplace.latents``). Other pipelines are refused, naming the file.
+``teacher_space`` and ``liftplace.latents``), or text-to-image (``StableDiffusionPipeline``:
+``unet/`` a UNet2DConditionModel, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``;
+captions embedded once by its frozen text encoder, ``liftplace.text``). Other pipelines are
+refused, naming the file.
 """
 from __future__ import annotations
 
@@ -21,21 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from liftplace import files, latents
 from liftplace.diffusion import SCHEDULE_FIELDS, NoiseProcess, make_process
 
 TEACHERS_DIR = Path(__file__).parent / "assets" / "teachers"
-MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel,
+                 "UNet2DConditionModel": UNet2DConditionModel}
 # Pipelines (model_index.json's _class_name) whose denoiser works on pixels: the component
 # that holds it. Their scheduler config decides the noise process.
 PIXEL_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet"}
 # Pipelines whose denoiser works on a VAE's latents: (the denoiser's component, the VAE's).
-LATENT_PIPELINES = {"DiTPipeline": ("transformer", "vae")}
+LATENT_PIPELINES = {"DiTPipeline": ("transformer", "vae"), "StableDiffusionPipeline": ("unet", "vae")}
+# Latent pipelines whose denoiser is conditioned on captions, through the pipeline's frozen text
+# encoder (text_encoder/, tokenizer/: liftplace.text).
+TEXT_PIPELINES = ("StableDiffusionPipeline",)
 NOT_YET = {"LDMPipeline": "a latent pipeline with a VQ autoencoder (vqvae/), which is not supported yet"}
 VAE_CLASSES = ("AutoencoderKL",)
-DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+# Schedulers that define a DDPM noise process by their betas (the sampler is DDIM whatever the
+# pipeline's own scheduler: Stable Diffusion pipelines ship PNDM, Euler or DPM-Solver configs).
+DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                   "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)  # rectified flow: the model predicts noise - x0
 # FlowMatchEulerDiscreteScheduler settings that move its sigmas in ways the sampler does not
 # follow (a fixed ``shift`` it does follow): refused when set.
@@ -122,7 +132,8 @@ def teacher_fingerprint(name_or_path: str | Path) -> str:
     found = _pipeline(name_or_path)
     root = found[0] if found is not None else teacher_path(name_or_path)
     deep = "**/" if found is not None else ""  # a model directory: its own files, not its subfolders'
-    paths = [p for pattern in (f"{deep}*.json", f"{deep}*.safetensors") for p in root.glob(pattern)
+    patterns = (f"{deep}*.json", f"{deep}*.safetensors") + (("**/*.txt",) if found is not None else ())  # merges.txt
+    paths = [p for pattern in patterns for p in root.glob(pattern)
              if p.is_file() and p.name != "card.json"]
     return files.digest_files(root, paths)
 
@@ -134,7 +145,9 @@ class Space:
     ``channels`` x ``size`` x ``size`` is the denoiser's input (and prediction); the data is
     loaded as ``image_channels`` x ``size * factor`` pixels. In pixel space ``factor`` is 1,
     ``image_channels == channels`` and ``vae`` is None; a latent teacher names its VAE's
-    directory, which maps images to latents ``factor`` times smaller per side.
+    directory, which maps images to latents ``factor`` times smaller per side. A
+    text-to-image teacher names its pipeline directory in ``text`` (its captions are embedded
+    by the pipeline's text encoder, ``liftplace.text``).
     """
 
     channels: int
@@ -142,6 +155,7 @@ class Space:
     image_channels: int
     factor: int = 1
     vae: Path | None = None
+    text: Path | None = None
 
     @property
     def latent(self) -> bool:
@@ -161,6 +175,10 @@ def teacher_space(name_or_path: str | Path) -> Space:
     size = int(size) if isinstance(size, int) else None
     found = _pipeline(name_or_path)
     if found is None:
+        if net.get("_class_name") == "UNet2DConditionModel":
+            raise ValueError(f"teacher {teacher_path(name_or_path)}: a UNet2DConditionModel is conditioned on a text "
+                             "encoder's embeddings; give its StableDiffusionPipeline directory (unet/, text_encoder/, "
+                             "tokenizer/, vae/, scheduler/)")
         return Space(channels, size, channels)
     pipeline = found[0]
     kind = _read_json(pipeline / "model_index.json").get("_class_name")
@@ -178,7 +196,13 @@ def teacher_space(name_or_path: str | Path) -> Space:
     latent = int(vae.get("latent_channels", 4))
     if latent != channels:
         raise ValueError(f"teacher {file}: latent_channels {latent} differs from the denoiser's in_channels {channels}")
-    return Space(channels, size, int(vae.get("in_channels", 3)), latents.vae_factor(vae), vae_dir)
+    text = None
+    if kind in TEXT_PIPELINES:
+        from liftplace import text as captions
+
+        captions.check_encoder(pipeline, net.get("cross_attention_dim"))
+        text = pipeline
+    return Space(channels, size, int(vae.get("in_channels", 3)), latents.vae_factor(vae), vae_dir, text)
 
 
 def load_vae(space: Space, device: str | torch.device = "cpu"):

@@ -141,7 +141,7 @@ def test_bad_prune_ratios_are_refused(unet, ratio):
 
 
 def test_prune_refuses_other_models_and_unknown_importance(unet, dit):
-    with pytest.raises(ValueError, match="supports UNet2DModel and DiTTransformer2DModel teachers, got Linear"):
+    with pytest.raises(ValueError, match="supports UNet2DModel, UNet2DConditionModel and DiTTransformer2DModel teachers, got Linear"):
         prune_student(torch.nn.Linear(2, 2), 0.5)
     with pytest.raises(ValueError, match="unknown importance 'hessian'"):
         prune_student(unet, 0.5, importance="hessian")

@@ -1,0 +1,210 @@
+"""Captions as a text-to-image teacher sees them: a frozen text encoder's embeddings, computed
+once and cached on disk, so that training workers never hold the encoder.
+
+A Stable Diffusion pipeline directory (``teachers.TEXT_PIPELINES``) holds a ``tokenizer/``
+(``CLIPTokenizer``: ``vocab.json``, ``merges.txt``) and a ``text_encoder/``
+(``CLIPTextModel``). A caption is tokenized as the pipeline does it (padded to the tokenizer's
+``model_max_length``, longer captions truncated: diffusers warns and cuts them, and so does this
+module, with one line saying how many were cut) and embedded as the encoder's last hidden
+state, [L, D], the U-Net's ``encoder_hidden_states``. The empty caption's embedding is the
+unconditional input of classifier-free guidance.
+
+A data set's captions repeat (the built-in captioned set has a few templates per digit), so
+the cache holds one embedding per distinct caption (``Captions.table`` [U, L, D]) and each
+image the index of its caption (``Captions.index`` [N]); row 0 of the table is always the
+empty caption. The cache is a safetensors file under ``$LIFTPLACE_CACHE/text`` named by the
+SHA-256 of the encoder's and tokenizer's files and of the captions: other files or other
+captions give another name, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from liftplace import files
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+EMPTY = ""  # the unconditional caption of classifier-free guidance
+
+
+@dataclass
+class Captions:
+    """A split's captions as the denoisers see them: one embedding per distinct caption and
+    each image's row of that table. ``table[0]`` is the empty caption's (``null``)."""
+
+    table: torch.Tensor  # [U, L, D] float32
+    index: torch.Tensor  # [N] int64, rows of table
+    texts: list[str]  # the distinct captions, table's rows in order ("" first)
+
+    @property
+    def null(self) -> torch.Tensor:
+        """The empty caption's embedding [L, D]: the unconditional input."""
+        return self.table[0]
+
+    def embeddings(self, rows: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, L, D] of images ``rows`` ([B] indices into the split)."""
+        return self.table[self.index[rows]]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def cache_root() -> Path:
+    """Where caption embeddings are cached (under LIFTPLACE_CACHE, beside the latents)."""
+    return Path(os.environ.get("LIFTPLACE_CACHE", Path.home() / ".cache" / "liftplace")) / "text"
+
+
+def check_encoder(pipeline: str | Path, cross_attention_dim: int | None) -> dict:
+    """The text encoder's config, after checking what a pipeline's text side needs (from its
+    files only): a tokenizer folder with its files, an encoder config, and a hidden size equal
+    to the U-Net's ``cross_attention_dim``. Refused in one line naming the file otherwise."""
+    pipeline = Path(pipeline)
+    tokenizer = pipeline / "tokenizer"
+    missing = [name for name in TOKENIZER_FILES if not (tokenizer / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"teacher {pipeline}: its tokenizer folder {tokenizer} lacks {', '.join(missing)} "
+                                "(a CLIPTokenizer saves vocab.json and merges.txt)")
+    file = pipeline / "text_encoder" / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"teacher {pipeline}: no text_encoder/config.json (a StableDiffusionPipeline has one)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"teacher {file}: not valid JSON ({err})") from None
+    hidden = config.get("hidden_size")
+    if cross_attention_dim is not None and hidden != cross_attention_dim:
+        raise ValueError(f"teacher {file}: the text encoder's hidden_size {hidden} differs from the U-Net's "
+                         f"cross_attention_dim {cross_attention_dim}: they are not one pipeline")
+    return config
+
+
+def encoder_fingerprint(pipeline: str | Path) -> str:
+    """SHA-256 over the text encoder's config and weights and the tokenizer's files."""
+    pipeline = Path(pipeline)
+    paths = [p for folder in ("text_encoder", "tokenizer") for p in sorted((pipeline / folder).glob("*"))
+             if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")]
+    return files.digest_files(pipeline, paths)
+
+
+def load_encoder(pipeline: str | Path, device: str | torch.device = "cpu"):
+    """(tokenizer, frozen text encoder) of a pipeline directory, from its files only."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    pipeline = Path(pipeline)
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(pipeline / "tokenizer"), local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(str(pipeline / "text_encoder"), local_files_only=True,
+                                                use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"teacher {pipeline}: its tokenizer or text encoder does not load: {first}") from None
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(tokenizer, encoder, captions: Sequence[str], *, batch: int = 256,
+           log: Callable[[str], object] = print) -> torch.Tensor:
+    """Embeddings [N, L, D] (float32, CPU) of ``captions``: padded to the tokenizer's
+    model_max_length, longer ones truncated (one line says how many), the encoder's last
+    hidden state."""
+    limit = tokenizer.model_max_length
+    long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
+    if long:
+        log(f"captions: {len(long)} of {len(captions)} are longer than the tokenizer's {limit} tokens and are "
+            f"truncated, as diffusers truncates them (e.g. {long[0][:60]!r})")
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, len(captions), batch):
+        ids = tokenizer(list(captions[start:start + batch]), padding="max_length", max_length=limit, truncation=True,
+                        return_tensors="pt").input_ids
+        out.append(encoder(ids.to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+def captions_of(pipeline: str | Path, captions: Sequence[str], *, log: Callable[[str], object] = print,
+                cache_dir: str | Path | None = None) -> Captions:
+    """``Captions`` of a split's captions under a pipeline's text encoder: read from the cache
+    when these captions were embedded by these files before, else computed (the encoder is
+    loaded only then) and written there. Processes that start together wait on a lock file
+    while the first one encodes."""
+    pipeline = Path(pipeline)
+    texts = [EMPTY, *sorted(set(captions) - {EMPTY})]
+    row = {text: i for i, text in enumerate(texts)}
+    index = torch.tensor([row[c] for c in captions], dtype=torch.long)
+    encoder_key = encoder_fingerprint(pipeline)
+    text_key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    key = hashlib.sha256(f"{encoder_key}|{text_key}".encode()).hexdigest()
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"captions-{key[:20]}.safetensors"
+    with FileLock(str(path) + ".lock"):
+        table = _read(path, encoder_key, text_key, len(texts)) if path.is_file() else None
+        if table is None:
+            tokenizer, encoder = load_encoder(pipeline)
+            table = encode(tokenizer, encoder, texts, log=log)
+            metadata = {"encoder": encoder_key, "texts": text_key, "count": str(len(texts)),
+                        "pipeline": str(pipeline.resolve())}
+            files.atomic_write(path, lambda tmp: save_file({"table": table.contiguous()}, str(tmp), metadata=metadata))
+            log(f"captions: embedded {len(texts):,} distinct captions to {tuple(table.shape[1:])} with "
+                f"{pipeline / 'text_encoder'}; cached in {path}")
+    return Captions(table, index, texts)
+
+
+def _read(path: Path, encoder_key: str, text_key: str, count: int) -> torch.Tensor | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            table = handle.get_tensor("table") if "table" in handle.keys() else None
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if metadata.get("encoder") != encoder_key or metadata.get("texts") != text_key:
+        return None
+    if table is None or table.ndim != 3 or len(table) != count or not bool(torch.isfinite(table).all()):
+        return None
+    return table
+
+
+def build_tokenizer(folder: str | Path, *, max_length: int = 32):
+    """A character-level ``CLIPTokenizer`` saved to ``folder`` (for tests and the shipped
+    text-to-image teacher, where no pretrained vocabulary is at hand offline): every lower-case
+    letter, digit and a few marks as a token of its own, and as a word's last token (CLIP's
+    ``</w>``), with no merges; ``max_length`` tokens per caption, start and end included."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = "abcdefghijklmnopqrstuvwxyz0123456789-',."
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def build_encoder(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
+    """A small ``CLIPTextModel`` for ``tokenizer``'s vocabulary, initialised from ``seed``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = tokenizer.get_vocab()
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()

@@ -1,0 +1,292 @@
+"""Text-to-image: a Stable Diffusion pipeline as teacher, captions and their cached embeddings,
+BK-SDM block-removed students, classifier-free guidance, and a study on a tiny pipeline.
+
+Every pipeline here is built in the test by diffusers' and transformers' own classes (a
+character-level CLIPTokenizer, a small CLIPTextModel, a UNet2DConditionModel, the shipped VAE):
+nothing is downloaded."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from liftplace import models, recipes, text
+from liftplace.config import resolve
+from liftplace.data import CAPTION_TEMPLATES, DIGIT_WORDS, load_dataset
+from liftplace.teachers import TEACHERS_DIR
+
+VAE = TEACHERS_DIR / "dit-latent" / "vae"  # the shipped 1-channel VAE: 16x16 digits -> 4 x 8 x 8
+
+
+def make_pipeline(out: Path, *, size: str = "tiny", hidden: int = 32, layers_per_block: int | None = None,
+                  widths=None) -> Path:
+    torch.manual_seed(0)
+    unet = models.build_sd_unet(size, in_channels=4, resolution=8, cross_attention_dim=hidden)
+    if layers_per_block is not None or widths is not None:
+        config = {k: v for k, v in dict(unet.config).items() if k != "_use_default_values"}
+        config.update({k: v for k, v in (("layers_per_block", layers_per_block), ("block_out_channels", widths))
+                       if v is not None})
+        unet = type(unet).from_config(config)
+    return recipes.save_text_pipeline(out, unet, VAE, max_length=24)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory):
+    return make_pipeline(tmp_path_factory.mktemp("sd") / "sd-tiny")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFTPLACE_CACHE", str(tmp_path / "cache"))
+
+
+def sd_config(pipe, **overrides):
+    return resolve("smoke", {"teacher.name": str(pipe), "data.spec": "mnist-captions", "student.prune_ratio": 0.0,
+                             **overrides})
+
+
+# --- captions ------------------------------------------------------------------------------
+
+def test_the_builtin_captioned_set_names_each_image_digit():
+    train, val = (load_dataset("mnist-captions", 16, split) for split in ("train", "val"))
+    plain = load_dataset("mnist", 16, "val")
+    assert torch.equal(val.images, plain.images) and torch.equal(val.labels, plain.labels)
+    assert len(train.captions) == len(train) and len(val.captions) == len(val)
+    templates = {t.format(word=DIGIT_WORDS[d], digit=d): d for t in CAPTION_TEMPLATES for d in range(10)}
+    assert all(templates[c] == int(y) for c, y in zip(val.captions, val.labels))
+    assert len(set(val.captions)) == len(templates)  # every template is used
+    assert load_dataset("mnist-captions", 16, "val").captions == val.captions  # fixed per image
+    assert load_dataset("mnist", 16, "val").captions is None
+
+
+def folder_with_captions(root: Path, lines) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        Image.new("L", (16, 16), color=40 * i).save(root / f"img{i}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def test_a_folder_reads_captions_from_metadata_jsonl_and_refuses_a_missing_column(tmp_path):
+    good = folder_with_captions(tmp_path / "good", [{"file_name": f"img{i}.png", "text": f"shade {i}"} for i in range(4)])
+    train, val = (load_dataset(f"folder:{good}", 16, split) for split in ("train", "val"))
+    assert train.captions == ["shade 0", "shade 1", "shade 2"] and val.captions == ["shade 3"]
+    bad = folder_with_captions(tmp_path / "bad", [{"file_name": f"img{i}.png", "caption": "x"} for i in range(4)])
+    with pytest.raises(ValueError, match=r"metadata.jsonl line 1: no 'text' column \(a string\)"):
+        load_dataset(f"folder:{bad}", 16, "train")
+    short = folder_with_captions(tmp_path / "short", [{"file_name": "img0.png", "text": "x"}])
+    with pytest.raises(ValueError, match=r"metadata.jsonl: 2 of the 3 images have no line; the first: .*img1.png$"):
+        load_dataset(f"folder:{short}", 16, "train")
+
+
+def test_cached_embeddings_equal_the_encoders_output_and_are_read_back(sd_pipe, tmp_path, monkeypatch):
+    captions = ["a handwritten seven", "number one", "a handwritten seven", "", "nine"]
+    got = text.captions_of(sd_pipe, captions, log=lambda *_: None)
+    tokenizer, encoder = text.load_encoder(sd_pipe)
+    ids = tokenizer(captions, padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = encoder(ids).last_hidden_state
+    assert torch.allclose(got.embeddings(torch.arange(5)), expected, atol=1e-6)
+    assert got.texts[0] == "" and torch.allclose(got.null, expected[3], atol=1e-6)
+    assert got.table.shape[0] == 4  # distinct captions only
+    # A second call reads the cache: the encoder is never loaded.
+    def loaded(*args, **kwargs):
+        raise RuntimeError("the encoder was loaded")
+
+    monkeypatch.setattr(text, "load_encoder", loaded)
+    again = text.captions_of(sd_pipe, captions, log=lambda *_: None)
+    assert torch.equal(again.table, got.table) and torch.equal(again.index, got.index)
+    cached = list((tmp_path / "cache" / "text").glob("captions-*.safetensors"))
+    assert len(cached) == 1
+    with pytest.raises(RuntimeError, match="the encoder was loaded"):  # other captions: another key
+        text.captions_of(sd_pipe, ["number two"], log=lambda *_: None)
+
+
+def test_captions_longer_than_the_tokenizer_are_truncated_and_said(sd_pipe):
+    said = []
+    long = "a handwritten seven written very carefully"  # 40 characters: more than 24 tokens
+    got = text.captions_of(sd_pipe, [long, "seven"], log=said.append)
+    assert any("1 of 3 are longer than the tokenizer's 24 tokens and are truncated" in line for line in said)
+    tokenizer, encoder = text.load_encoder(sd_pipe)
+    ids = tokenizer([long], padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
+    assert ids.shape == (1, 24)
+    with torch.no_grad():
+        assert torch.allclose(got.embeddings(torch.tensor([0]))[0], encoder(ids).last_hidden_state[0], atol=1e-6)
+
+
+# --- the teacher ---------------------------------------------------------------------------
+
+def test_a_stable_diffusion_pipeline_is_a_latent_text_teacher(sd_pipe):
+    from liftplace.teachers import load_teacher, teacher_process, teacher_space
+
+    space = teacher_space(sd_pipe)
+    assert space.latent and space.text == sd_pipe and space.channels == 4 and space.resolution() == 16
+    model, _ = load_teacher(sd_pipe)
+    assert type(model).__name__ == "UNet2DConditionModel"
+    assert teacher_process(sd_pipe, "epsilon").clip is None  # latents are not clipped
+    sd_config(sd_pipe)  # validates
+
+
+def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_path):
+    wide = tmp_path / "wide"
+    shutil.copytree(sd_pipe, wide)
+    file = wide / "text_encoder" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "hidden_size": 48}))
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*text_encoder/config.json: the text encoder's "
+                                         r"hidden_size 48 differs from the U-Net's cross_attention_dim 32"):
+        sd_config(wide)
+    bare = tmp_path / "bare"
+    shutil.copytree(sd_pipe, bare)
+    (bare / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"^teacher.name: teacher .*: its tokenizer folder .*tokenizer lacks "
+                                                r"merges.txt"):
+        sd_config(bare)
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*unet: a UNet2DConditionModel is conditioned on a "
+                                         r"text encoder's embeddings; give its StableDiffusionPipeline directory"):
+        sd_config(sd_pipe / "unet")
+    with pytest.raises(ValueError, match=r"^data.spec: mnist has no captions; a text-to-image teacher needs them"):
+        sd_config(sd_pipe, **{"data.spec": "mnist"})
+    with pytest.raises(ValueError, match=r"^eval.guidance_scale: classifier-free guidance needs a text-to-image "
+                                         r"teacher; unet-xs is not one"):
+        resolve("smoke", {"eval.guidance_scale": 3.0})
+    with pytest.raises(ValueError, match=r"^student.blocks: BK-SDM block removal needs a text-to-image U-Net teacher"):
+        resolve("smoke", {"student.blocks": "bk-base"})
+    with pytest.raises(ValueError, match=r"^student.blocks: unknown block removal 'bk-huge'"):
+        sd_config(sd_pipe, **{"student.blocks": "bk-huge"})
+    with pytest.raises(ValueError, match=r"^student.param_ratio: .* is a text-to-image U-Net"):
+        sd_config(sd_pipe, **{"student.prune_ratio": None, "student.param_ratio": 0.5})
+
+
+# --- BK-SDM students -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", models.BLOCK_REMOVALS)
+def test_a_block_removed_student_holds_its_teachers_weights_in_the_kept_blocks(sd_pipe, kind):
+    from liftplace.teachers import load_teacher
+
+    teacher, _ = load_teacher(sd_pipe)
+    student = models.remove_blocks(teacher, kind)
+    t = teacher.state_dict()
+    _, plan = models.block_plan(teacher.config, kind)
+    checked = 0
+    for name, tensor in student.state_dict().items():
+        source = next((origin + name[len(prefix):] for prefix, origin in plan.items() if name.startswith(prefix + ".")),
+                      name)
+        assert torch.equal(tensor, t[source]), name
+        checked += "resnets" in name
+    assert checked > 0
+    assert all(len(block.resnets) == 1 for block in student.down_blocks)  # teacher: 2
+    assert all(len(block.resnets) == 2 for block in student.up_blocks)  # teacher: 3
+    # the up stages keep their first and last ResNet blocks (the last reads the skip from above)
+    assert plan["up_blocks.0.resnets.1"].endswith("resnets.2")
+    assert (student.mid_block is None) == (kind != "bk-base")
+    assert len(student.down_blocks) == len(teacher.down_blocks) - (kind == "bk-tiny")
+    assert models.count_params(student) < models.count_params(teacher)
+    x, t_ = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    context = torch.randn(2, 5, 32)
+    assert models.predict(student, x, t_, context).shape == x.shape
+    # the feature objectives' stage outputs pair up at equal shapes
+    teacher_names, student_names = models.block_tap_names(teacher, kind)
+    with models.FeatureTaps(teacher, teacher_names) as tt, models.FeatureTaps(student, student_names) as st:
+        models.predict(teacher, x, t_, context)
+        models.predict(student, x, t_, context)
+        assert [f.shape[-2:] for f in tt.features] == [f.shape[-2:] for f in st.features]
+
+
+def test_a_layout_that_cannot_take_a_removal_is_refused(tmp_path):
+    one = make_pipeline(tmp_path / "one", layers_per_block=1)
+    with pytest.raises(ValueError, match=r"^student.blocks: student.blocks=bk-base removes one of each stage's "
+                                         r"layers_per_block blocks; the teacher has layers_per_block 1"):
+        sd_config(one, **{"student.blocks": "bk-base"})
+    uneven = make_pipeline(tmp_path / "uneven", widths=(8, 16, 32))
+    with pytest.raises(ValueError, match=r"^student.blocks: student.blocks=bk-tiny removes the innermost stage, which "
+                                         r"keeps the weights only where it is as wide as the stage beside it"):
+        sd_config(uneven, **{"student.blocks": "bk-tiny"})
+    sd_config(uneven, **{"student.blocks": "bk-small"})  # takes the others
+
+
+def test_a_text_to_image_u_net_prunes_by_channels_too(sd_pipe):
+    from liftplace.teachers import load_teacher
+
+    teacher, _ = load_teacher(sd_pipe)
+    same = models.prune_student(teacher, 0.0, example_shape=(2, 4, 8, 8))
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 24, 32)
+    with torch.no_grad():
+        assert torch.allclose(models.predict(same, x, t, context), models.predict(teacher, x, t, context), atol=1e-5)
+    small = models.prune_student(models.remove_blocks(teacher, "bk-small"), 0.5, example_shape=(2, 4, 8, 8))
+    assert models.count_params(small) < 0.4 * models.count_params(teacher)
+    assert models.predict(small, x, t, context).shape == x.shape
+
+
+# --- guidance ------------------------------------------------------------------------------
+
+def test_guidance_one_is_unguided_and_zero_is_the_empty_caption(sd_pipe):
+    from liftplace.evaluate import generate
+    from liftplace.teachers import load_teacher, teacher_process
+
+    teacher, _ = load_teacher(sd_pipe)
+    process = teacher_process(sd_pipe, "epsilon")
+    captions = text.captions_of(sd_pipe, ["seven", "number one", "a handwritten two"], log=lambda *_: None)
+    kwargs = dict(steps=4, seed=3, captions=captions)
+    plain = process.sample(lambda x, t, c: models.predict(teacher, x, t, c), (3, 4, 8, 8), steps=4, seed=3,
+                           labels=captions.embeddings(torch.arange(3)))
+    assert torch.equal(generate(teacher, process, 3, guidance=1.0, **kwargs), plain)
+    empty = process.sample(lambda x, t, c: models.predict(teacher, x, t, c), (3, 4, 8, 8), steps=4, seed=3,
+                           labels=captions.null.expand(3, -1, -1))
+    assert torch.allclose(generate(teacher, process, 3, guidance=0.0, **kwargs), empty, atol=1e-5)
+    strong = generate(teacher, process, 3, guidance=4.0, **kwargs)
+    assert not torch.allclose(strong, plain, atol=1e-3)
+
+
+def test_the_stream_drops_captions_to_the_empty_one(sd_pipe):
+    from liftplace.distill import Stream
+    from liftplace.teachers import teacher_process
+
+    captions = text.captions_of(sd_pipe, ["one", "two", "three", "four"] * 8, log=lambda *_: None)
+    x0 = torch.randn(32, 4, 8, 8)
+    process = teacher_process(sd_pipe, "epsilon")
+
+    def stream(dropout):
+        return Stream(x0, torch.zeros(32, dtype=torch.long), 10, process, 64, torch.device("cpu"),
+                      torch.Generator().manual_seed(0), captions=captions, caption_dropout=dropout)
+
+    kept, dropped = stream(0.0).next(), stream(0.5).next()
+    assert torch.equal(kept.x_t, dropped.x_t) and torch.equal(kept.target, dropped.target)  # drawn after the noise
+    empty = (dropped.labels == captions.null).flatten(1).all(1)
+    assert 16 <= int(empty.sum()) <= 48  # about half of 64
+    assert torch.equal(dropped.labels[~empty], kept.labels[~empty])
+    assert not (kept.labels == captions.null).flatten(1).all(1).any()
+
+
+# --- a study -------------------------------------------------------------------------------
+
+def test_a_study_on_a_tiny_stable_diffusion_pipeline_runs_to_its_report(ray_session, sd_pipe, tmp_path):
+    """ablate_k with bk-small students of a tiny SD pipeline on the built-in captions (Ray
+    Tune, cohorts), guided sampling, then its whole report."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("study_ablate_k_text", root / "studies" / "ablate_k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = module.study_main(module.STUDY, [
+        "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path / "studies"), "--set", f"teacher.name={sd_pipe}",
+        "--set", "data.spec=mnist-captions", "--set", "student.blocks=bk-small", "--set", "student.prune_ratio=0",
+        "--set", "train.steps=10", "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2",
+        "--set", "eval.guidance_scale=2"])
+    from liftplace.results import load_study, summarize
+
+    summary = summarize(load_study(folder))
+    assert len(summary) == len(module.STUDY.variants) and summary["final_fid"].notna().all()
+    rows = load_study(folder)
+    final = rows[rows["fid"].notna()]
+    assert final["text_alignment"].between(0, 1).all() and (final["eval_guidance_scale"] == 2.0).all()
+    report = (folder / "analysis" / "REPORT.md").read_text()
+    assert "Not built" not in report
+    for figure in ("fid_vs_k.png", "headline.png"):
+        assert (folder / "analysis" / figure).is_file()
+    sys.modules.pop("study_ablate_k_text", None)
