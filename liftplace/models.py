@@ -451,6 +451,11 @@ def prune_student(
     ignored = [student.conv_out]
     forward = lambda model, inputs: model(*inputs).sample  # noqa: E731
     if isinstance(net, UNet2DConditionModel):
+        # A transformer block's GEGLU feed-forward splits its first layer's outputs into a value
+        # half and a gate half paired channel by channel; torch-pruning sees one layer and would
+        # remove channels from either half unpaired (the halves no longer meeting as the teacher's
+        # did), so its hidden units stay whole (its input and output widths follow the block's).
+        ignored += [m for m in student.modules() if type(m).__name__ == "GEGLU"]
         context = torch.randn(example_shape[0], 2, net.config.cross_attention_dim, device=param.device, dtype=param.dtype)
         example = (*example, context)
         forward = lambda model, inputs: model(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample  # noqa: E731

@@ -169,7 +169,7 @@ _STEPS: dict = {}  # (teacher, shape, student settings or None) -> (step bytes x
 def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
     """A step's bytes (times STEP_MARGIN) and the student's weight bytes: with the teacher as
     its own student (a bound, nothing built), or, ``exact``, with the config's student."""
-    from liftplace import latents, models
+    from liftplace import latents, models, text
     from liftplace.teachers import load_teacher, load_vae, teacher_space
 
     name, d = config.teacher.name, config.data
@@ -189,7 +189,8 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
                 sized = dataclasses.replace(sized, importance="magnitude")
             student = models.build_student(teacher, sized, seed=config.train.seed, example_shape=(2, *shape[1:]))
         weights = models.weight_bytes(student)
-        step = step_memory(teacher, shape, student if exact else None)
+        tokens = text.context_length(space.text) if space.text is not None else None
+        step = step_memory(teacher, shape, student if exact else None, context_tokens=tokens)
         if space.latent:  # the worker also holds the frozen VAE, and encodes and decodes in chunks
             step += latents.vae_memory(load_vae(space), space.image_channels, d.resolution)
         _STEPS[key] = step * STEP_MARGIN, weights
@@ -273,7 +274,8 @@ def check_memory(configs: list[RunConfig], address: str | None = None, *, node_m
     return fits
 
 
-def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Module | None = None) -> int:
+def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Module | None = None, *,
+                context_tokens: int | None = None) -> int:
     """Bytes one training step distilling ``teacher`` into ``student`` holds at its peak, for a
     batch of shape ``example_shape`` [B, C, H, W]: the teacher's forward without a graph, the
     student's forward with the activations autograd keeps for the backward, its gradients, and
@@ -289,7 +291,9 @@ def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Mo
     step is counted, not run: on meta tensors it alone took seconds). Measured here against the
     resident memory a real CPU step adds (unet-m, its 90% student, 28x28): 84 MiB estimated vs
     110 MiB at batch 64, 1,279 vs 1,401 MiB at batch 1,024; the caller adds a margin. The
-    distillation loss itself (a few tensors the size of the output) is left out."""
+    distillation loss itself (a few tensors the size of the output) is left out. A text-to-image
+    U-Net attends to ``context_tokens`` caption tokens (the tokenizer's length) in every
+    cross-attention layer."""
     import copy
 
     import torch
@@ -304,10 +308,13 @@ def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Mo
     student = copy.deepcopy(_unwrap(student) if student is not None else teacher).to("meta").requires_grad_(True)
     x = torch.empty(tuple(example_shape), device="meta")
     t = torch.zeros(example_shape[0], dtype=torch.long, device="meta")
+    context = None
+    if context_tokens is not None:
+        context = torch.empty(example_shape[0], context_tokens, teacher.config.cross_attention_dim, device="meta")
 
     def step():
         with torch.no_grad():
-            target = predict(teacher, x, t).float()
-        ((predict(student, x, t).float() - target) ** 2).mean().backward()
+            target = predict(teacher, x, t, context).float()
+        ((predict(student, x, t, context).float() - target) ** 2).mean().backward()
 
     return meta_peak(step, teacher, student) + 3 * weight_bytes(student)

@@ -257,8 +257,10 @@ def teacher_process(name_or_path: str | Path, prediction: str) -> NoiseProcess:
     schedule = {key: config[key] for key in SCHEDULE_FIELDS if config.get(key) is not None}
     # Sampling clips as the pipeline's own scheduler would: DDPM and DDIM schedulers clip the
     # clean estimate unless clip_sample is false (as it should be for latents, which are not
-    # bounded by 1).
-    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
+    # bounded by 1); the other classes sample without clipping, so they clip only where their
+    # config says clip_sample.
+    clips = config.get("clip_sample", kind in ("DDPMScheduler", "DDIMScheduler"))
+    clip = float(config.get("clip_sample_range", 1.0)) if clips else None
     try:
         return make_process(prediction, config.get("num_train_timesteps", 1000), schedule, clip=clip)
     except (ValueError, NotImplementedError) as err:  # diffusers: NotImplementedError for an unknown beta_schedule

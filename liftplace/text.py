@@ -88,6 +88,17 @@ def check_encoder(pipeline: str | Path, cross_attention_dim: int | None) -> dict
     return config
 
 
+def context_length(pipeline: str | Path) -> int:
+    """The tokens of every caption's embedding: the tokenizer's model_max_length (from its
+    tokenizer_config.json; CLIP's 77 where it says none)."""
+    file = Path(pipeline) / "tokenizer" / "tokenizer_config.json"
+    try:
+        said = json.loads(file.read_text()).get("model_max_length") if file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        said = None
+    return int(said) if isinstance(said, int) and 0 < said < 100_000 else 77
+
+
 def encoder_fingerprint(pipeline: str | Path) -> str:
     """SHA-256 over the text encoder's config and weights and the tokenizer's files."""
     pipeline = Path(pipeline)

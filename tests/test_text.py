@@ -219,6 +219,13 @@ def test_a_text_to_image_u_net_prunes_by_channels_too(sd_pipe):
     small = models.prune_student(models.remove_blocks(teacher, "bk-small"), 0.5, example_shape=(2, 4, 8, 8))
     assert models.count_params(small) < 0.4 * models.count_params(teacher)
     assert models.predict(small, x, t, context).shape == x.shape
+    # a GEGLU feed-forward keeps its hidden units, its value and gate halves paired as the teacher's
+    halves = [(name, module) for name, module in small.named_modules() if type(module).__name__ == "GEGLU"]
+    assert halves
+    for name, geglu in halves:
+        out = small.get_submodule(name.replace("net.0", "net.2"))
+        assert geglu.proj.out_features == teacher.get_submodule(name).proj.out_features == 2 * out.in_features
+        assert geglu.proj.in_features < teacher.get_submodule(name).proj.in_features  # the block's width is pruned
 
 
 # --- guidance ------------------------------------------------------------------------------
@@ -290,3 +297,46 @@ def test_a_study_on_a_tiny_stable_diffusion_pipeline_runs_to_its_report(ray_sess
     for figure in ("fid_vs_k.png", "headline.png"):
         assert (folder / "analysis" / figure).is_file()
     sys.modules.pop("study_ablate_k_text", None)
+
+
+def test_a_step_is_estimated_with_the_whole_captions_context(sd_pipe):
+    """The memory estimate attends to the tokenizer's 24 tokens, not to the one-token probe."""
+    from liftplace.preflight import step_memory
+    from liftplace.teachers import load_teacher
+
+    teacher, _ = load_teacher(sd_pipe)
+    assert text.context_length(sd_pipe) == 24
+    one = step_memory(teacher, (64, 4, 8, 8))
+    whole = step_memory(teacher, (64, 4, 8, 8), context_tokens=24)
+    assert whole > one
+
+
+def test_a_pndm_scheduled_pipeline_trains_on_its_betas_and_taylor_prunes_by_captions(sd_pipe, tmp_path):
+    """Stable Diffusion ships PNDM (and other) scheduler configs: the process is their betas'.
+    Taylor importance's gradients come from the captions' embeddings."""
+    from diffusers import PNDMScheduler
+
+    from liftplace import latents
+    from liftplace.teachers import load_teacher, load_vae, teacher_process, teacher_space
+
+    pipe = tmp_path / "pndm"
+    shutil.copytree(sd_pipe, pipe)
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  skip_prk_steps=True).save_pretrained(str(pipe / "scheduler"))
+    process = teacher_process(pipe, "epsilon")
+    assert process.clip is None  # PNDM does not clip (DDPM and DDIM do unless clip_sample is false)
+    expected = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    assert torch.allclose(process.scheduler.alphas_cumprod, expected)
+    config = sd_config(pipe, **{"student.importance": "taylor", "student.prune_ratio": 0.5,
+                                "student.blocks": "bk-base"})
+    space = teacher_space(pipe)
+    split = latents.load_split(config, "train", space, load_vae(space), log=lambda *_: None)
+    assert split.captions is not None and split.condition(torch.arange(3)).shape == (3, 24, 32)
+    teacher, _ = load_teacher(pipe)
+    calibration = models.Calibration.of(split, process)
+    student = models.build_student(teacher, config.student, seed=0, example_shape=(2, 4, 8, 8), calibration=calibration)
+    empty = text.Captions(split.captions.table, torch.zeros_like(split.captions.index), split.captions.texts)
+    other = models.build_student(teacher, config.student, seed=0, example_shape=(2, 4, 8, 8),
+                                 calibration=models.Calibration(split.x0, process, split.labels, empty))
+    differ = [a for a, b in zip(student.parameters(), other.parameters()) if a.shape != b.shape or not torch.equal(a, b)]
+    assert differ  # the captions' gradients keep other channels than the empty caption's
