@@ -412,6 +412,9 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
     if s.blocks is not None and s.prune_ratio is None:
         _refuse("student.blocks", "block removal keeps the teacher's weights: use it with student.prune_ratio (0 keeps "
                                   "every channel), not param_ratio")
+    if isinstance(e.guidance_scale, bool) or not isinstance(e.guidance_scale, (int, float)) or not (
+            math.isfinite(e.guidance_scale) and e.guidance_scale >= 0):
+        _refuse("eval.guidance_scale", f"must be a finite number >= 0 (1: unguided), got {e.guidance_scale!r}")
     if not 0.0 <= d.caption_dropout < 1.0:
         _refuse("data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
     if o.name not in objective_names():

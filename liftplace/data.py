@@ -214,7 +214,7 @@ class ImageFolderDataset(Dataset):
         self.mode = "RGB" if self.channels == 3 else "L"
         num_val = min(_FOLDER_VAL_MAX, max(1, int(len(paths) * _FOLDER_VAL_FRACTION)))
         self.paths = paths[:-num_val] if split == "train" else paths[-num_val:]
-        self.captions = _folder_captions(root, self.paths) if os.path.isfile(os.path.join(root, METADATA)) else None
+        self.root = root
         self.transform = transforms.Compose(
             [
                 transforms.Resize(resolution, antialias=True),
@@ -228,6 +228,13 @@ class ImageFolderDataset(Dataset):
         base = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(os.path.abspath(root)))
         gray = "-gray" if self.channels == 1 else ""
         self.name = f"folder-{base}-{digest}-{split}-{resolution}px{gray}-{len(self.paths)}"
+
+    @functools.cached_property
+    def captions(self) -> list[str] | None:
+        """Each image's caption from the folder's metadata.jsonl (None without one), read when
+        asked for: a teacher without text never reads it, so a metadata.jsonl of other columns
+        (an imagefolder's labels) does not stop it."""
+        return _folder_captions(self.root, self.paths) if os.path.isfile(os.path.join(self.root, METADATA)) else None
 
     def __len__(self) -> int:
         return len(self.paths)

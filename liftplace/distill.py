@@ -244,12 +244,15 @@ def build(members: dict[str | None, RunConfig]) -> Run:
     teacher_taps = models.FeatureTaps(teacher, teacher_names) if needs_features else None
     example_shape = (2, *images.shape[1:])
     # MACs are counted with a whole caption's context (the tokenizer's length), as sampling runs
-    context = train_set.captions.table[:1] if train_set.captions is not None else None
+    context = train_set.captions.table[:1].to(device) if train_set.captions is not None else None
     static = {
         "teacher_params": models.count_params(teacher),
         "teacher_macs": models.count_macs(teacher, example_shape, context),
         "world_size": world,
-        "teacher_fid": card.get("fid", float("nan")),
+        # the card's FID, where it was sampled as the students are (a text-to-image card names the
+        # guidance scale it was measured at: another scale gives another FID)
+        "teacher_fid": (card.get("fid", float("nan")) if float(card.get("eval_guidance_scale", 1.0))
+                        == float(config.eval.guidance_scale) else float("nan")),
         "denoiser_size": int(images.shape[-1]),  # the side the denoisers see: a latent teacher's is smaller
         **protocol_record(config.eval.protocol(config.data.spec)),
     }

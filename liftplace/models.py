@@ -343,7 +343,7 @@ def count_macs(model: nn.Module, example_shape: Sequence[int], labels: torch.Ten
     param = _first_param(_unwrap(model))
     x = torch.zeros((1, *example_shape[1:]), device=param.device, dtype=param.dtype)
     t = torch.zeros(1, dtype=torch.long, device=param.device)
-    return _macs(lambda: predict(_unwrap(model), x, t, None if labels is None else labels[:1]))
+    return _macs(lambda: predict(_unwrap(model), x, t, None if labels is None else labels[:1].to(param.device)))
 
 
 def _macs(call: Callable[[], object]) -> int:
@@ -628,7 +628,7 @@ def block_plan(config, kind: str) -> tuple[dict, dict[str, str]]:
     config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
     layers = config.get("layers_per_block", 2)
     if not isinstance(layers, int) or layers < 2:
-        raise ValueError(f"student.blocks={kind} removes one of each stage's layers_per_block blocks; the teacher has "
+        raise ValueError(f"{kind} removes one of each stage's layers_per_block blocks; the teacher has "
                          f"layers_per_block {layers!r} (needs an integer >= 2)")
     widths = list(config.get("block_out_channels", ()))
     down, up = list(config.get("down_block_types", ())), list(config.get("up_block_types", ()))
@@ -640,15 +640,15 @@ def block_plan(config, kind: str) -> tuple[dict, dict[str, str]]:
         config["mid_block_type"] = None
     if kind == "bk-tiny":
         if len(widths) < 3:
-            raise ValueError(f"student.blocks=bk-tiny removes the innermost of the teacher's stages; it has "
+            raise ValueError(f"bk-tiny removes the innermost of the teacher's stages; it has "
                              f"{len(widths)} (needs 3 or more)")
         if widths[-1] != widths[-2]:
-            raise ValueError(f"student.blocks=bk-tiny removes the innermost stage, which keeps the weights only where "
+            raise ValueError(f"bk-tiny removes the innermost stage, which keeps the weights only where "
                              f"it is as wide as the stage beside it; the teacher's block_out_channels are {widths}")
         for key in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "cross_attention_dim",
                     "only_cross_attention", "reverse_transformer_layers_per_block"):
             if isinstance(config.get(key), (list, tuple)):
-                raise ValueError(f"student.blocks=bk-tiny: the teacher's {key} is set per stage, which this removal "
+                raise ValueError(f"bk-tiny: the teacher's {key} is set per stage, which this removal "
                                  "does not rewrite; use bk-small")
         widths, down, up, removed = widths[:-1], down[:-1], up[1:], 1
     config.update(block_out_channels=tuple(widths), down_block_types=tuple(down), up_block_types=tuple(up))
@@ -684,7 +684,7 @@ def remove_blocks(model: nn.Module, kind: str) -> UNet2DConditionModel:
                 break
         if source not in weights or weights[source].shape != tensor.shape:
             have = tuple(weights[source].shape) if source in weights else "nothing"
-            raise ValueError(f"student.blocks={kind}: the student's {name} {tuple(tensor.shape)} has no teacher tensor "
+            raise ValueError(f"{kind}: the student's {name} {tuple(tensor.shape)} has no teacher tensor "
                              f"of its shape ({source}: {have}); the teacher's layout cannot take this removal")
         state[name] = weights[source].detach().clone()
     student.load_state_dict(state, assign=True)

@@ -189,7 +189,7 @@ def _step_estimate(config: RunConfig, exact: bool) -> tuple[float, int]:
                 sized = dataclasses.replace(sized, importance="magnitude")
             student = models.build_student(teacher, sized, seed=config.train.seed, example_shape=(2, *shape[1:]))
         weights = models.weight_bytes(student)
-        tokens = text.context_length(space.text) if space.text is not None else None
+        tokens = text.context_length(space.text) if space.text is not None else None  # checked: not None
         step = step_memory(teacher, shape, student if exact else None, context_tokens=tokens)
         if space.latent:  # the worker also holds the frozen VAE, and encodes and decodes in chunks
             step += latents.vae_memory(load_vae(space), space.image_channels, d.resolution)

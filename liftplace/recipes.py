@@ -110,6 +110,11 @@ def train_teacher(
         raise ValueError(f"a latent teacher is a DiT (a DiTPipeline) or text-to-image (sd), not {arch!r}: use --arch dit")
     if arch == "sd" and vae is None:
         raise ValueError("a text-to-image teacher (--arch sd) is latent: give --vae DIR")
+    if arch == "sd" and size not in models.SD_SIZES:
+        raise ValueError(f"unknown text-to-image U-Net size {size!r}; choose one of {sorted(models.SD_SIZES)}")
+    if arch == "sd" and prediction not in PREDICTION_TYPES.values():
+        raise ValueError(f"a text-to-image teacher is saved with a DDIM scheduler: --prediction epsilon or v, not "
+                         f"{prediction!r}")
     if guidance != 1.0 and arch != "sd":
         raise ValueError("--guidance is classifier-free guidance of a text-to-image teacher (--arch sd)")
     protocol = dataclasses.replace(protocol or Protocol(), data=data, guidance_scale=guidance)  # the data's own extractor, where one ships

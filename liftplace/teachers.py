@@ -132,7 +132,7 @@ def teacher_fingerprint(name_or_path: str | Path) -> str:
     found = _pipeline(name_or_path)
     root = found[0] if found is not None else teacher_path(name_or_path)
     deep = "**/" if found is not None else ""  # a model directory: its own files, not its subfolders'
-    patterns = (f"{deep}*.json", f"{deep}*.safetensors") + (("**/*.txt",) if found is not None else ())  # merges.txt
+    patterns = (f"{deep}*.json", f"{deep}*.safetensors") + (("tokenizer*/*.txt",) if found is not None else ())  # merges.txt
     paths = [p for pattern in patterns for p in root.glob(pattern)
              if p.is_file() and p.name != "card.json"]
     return files.digest_files(root, paths)

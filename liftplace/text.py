@@ -74,6 +74,9 @@ def check_encoder(pipeline: str | Path, cross_attention_dim: int | None) -> dict
     if missing:
         raise FileNotFoundError(f"teacher {pipeline}: its tokenizer folder {tokenizer} lacks {', '.join(missing)} "
                                 "(a CLIPTokenizer saves vocab.json and merges.txt)")
+    if context_length(pipeline) is None:
+        raise ValueError(f"teacher {pipeline}: its tokenizer_config.json gives no model_max_length (the tokens per "
+                         "caption, 77 for CLIP): captions could not be padded to one length")
     file = pipeline / "text_encoder" / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"teacher {pipeline}: no text_encoder/config.json (a StableDiffusionPipeline has one)")
@@ -88,23 +91,31 @@ def check_encoder(pipeline: str | Path, cross_attention_dim: int | None) -> dict
     return config
 
 
-def context_length(pipeline: str | Path) -> int:
-    """The tokens of every caption's embedding: the tokenizer's model_max_length (from its
-    tokenizer_config.json; CLIP's 77 where it says none)."""
+def context_length(pipeline: str | Path) -> int | None:
+    """The tokens of every caption's embedding: the tokenizer's model_max_length, from its
+    tokenizer_config.json (None where it gives none, or transformers' "no limit" stand-in)."""
     file = Path(pipeline) / "tokenizer" / "tokenizer_config.json"
     try:
         said = json.loads(file.read_text()).get("model_max_length") if file.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         said = None
-    return int(said) if isinstance(said, int) and 0 < said < 100_000 else 77
+    return int(said) if isinstance(said, int) and 0 < said < 100_000 else None
+
+
+_FINGERPRINTS: dict[tuple, str] = {}  # (each file's path, size, mtime) -> its digest: hashed once per process
 
 
 def encoder_fingerprint(pipeline: str | Path) -> str:
-    """SHA-256 over the text encoder's config and weights and the tokenizer's files."""
+    """SHA-256 over the text encoder's config and weights and the tokenizer's files (computed
+    once per process while their sizes and modification times stay the same: every evaluation
+    asks for it, and a Stable Diffusion text encoder is hundreds of MB)."""
     pipeline = Path(pipeline)
     paths = [p for folder in ("text_encoder", "tokenizer") for p in sorted((pipeline / folder).glob("*"))
              if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")]
-    return files.digest_files(pipeline, paths)
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = files.digest_files(pipeline, paths)
+    return _FINGERPRINTS[key]
 
 
 def load_encoder(pipeline: str | Path, device: str | torch.device = "cpu"):
@@ -133,8 +144,8 @@ def encode(tokenizer, encoder, captions: Sequence[str], *, batch: int = 256,
     limit = tokenizer.model_max_length
     long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
     if long:
-        log(f"captions: {len(long)} of {len(captions)} are longer than the tokenizer's {limit} tokens and are "
-            f"truncated, as diffusers truncates them (e.g. {long[0][:60]!r})")
+        log(f"captions: {len(long)} of the {len(captions)} distinct captions are longer than the tokenizer's {limit} "
+            f"tokens and are truncated, as diffusers truncates them (e.g. {long[0][:60]!r})")
     device = next(encoder.parameters()).device
     out = []
     for start in range(0, len(captions), batch):

@@ -75,12 +75,16 @@ def test_a_folder_reads_captions_from_metadata_jsonl_and_refuses_a_missing_colum
     good = folder_with_captions(tmp_path / "good", [{"file_name": f"img{i}.png", "text": f"shade {i}"} for i in range(4)])
     train, val = (load_dataset(f"folder:{good}", 16, split) for split in ("train", "val"))
     assert train.captions == ["shade 0", "shade 1", "shade 2"] and val.captions == ["shade 3"]
-    bad = folder_with_captions(tmp_path / "bad", [{"file_name": f"img{i}.png", "caption": "x"} for i in range(4)])
+    bad = folder_with_captions(tmp_path / "bad", [{"file_name": f"img{i}.png", "label": 1} for i in range(4)])
+    images = load_dataset(f"folder:{bad}", 16, "train")  # a teacher without text never reads the captions
+    assert len(images) == 3
     with pytest.raises(ValueError, match=r"metadata.jsonl line 1: no 'text' column \(a string\)"):
-        load_dataset(f"folder:{bad}", 16, "train")
+        images.captions
+    with pytest.raises(ValueError, match=r"^data.spec: .*metadata.jsonl line 1: no 'text' column"):
+        sd_config(make_pipeline(tmp_path / "sd"), **{"data.spec": f"folder:{bad}"})
     short = folder_with_captions(tmp_path / "short", [{"file_name": "img0.png", "text": "x"}])
     with pytest.raises(ValueError, match=r"metadata.jsonl: 2 of the 3 images have no line; the first: .*img1.png$"):
-        load_dataset(f"folder:{short}", 16, "train")
+        load_dataset(f"folder:{short}", 16, "train").captions
 
 
 def test_cached_embeddings_equal_the_encoders_output_and_are_read_back(sd_pipe, tmp_path, monkeypatch):
@@ -110,7 +114,8 @@ def test_captions_longer_than_the_tokenizer_are_truncated_and_said(sd_pipe):
     said = []
     long = "a handwritten seven written very carefully"  # 40 characters: more than 24 tokens
     got = text.captions_of(sd_pipe, [long, "seven"], log=said.append)
-    assert any("1 of 3 are longer than the tokenizer's 24 tokens and are truncated" in line for line in said)
+    assert any("1 of the 3 distinct captions are longer than the tokenizer's 24 tokens and are truncated" in line
+               for line in said)
     tokenizer, encoder = text.load_encoder(sd_pipe)
     ids = tokenizer([long], padding="max_length", max_length=24, truncation=True, return_tensors="pt").input_ids
     assert ids.shape == (1, 24)
@@ -159,6 +164,25 @@ def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_p
         sd_config(sd_pipe, **{"student.blocks": "bk-huge"})
     with pytest.raises(ValueError, match=r"^student.param_ratio: .* is a text-to-image U-Net"):
         sd_config(sd_pipe, **{"student.prune_ratio": None, "student.param_ratio": 0.5})
+    with pytest.raises(ValueError, match=r"^eval.guidance_scale: must be a finite number >= 0 \(1: unguided\), got -1"):
+        resolve("smoke", {"teacher.name": str(sd_pipe), "data.spec": "mnist-captions", "eval.guidance_scale": -1.0},
+                check_paths=False)
+    endless = tmp_path / "endless"
+    shutil.copytree(sd_pipe, endless)
+    file = endless / "tokenizer" / "tokenizer_config.json"
+    file.write_text(json.dumps({k: v for k, v in json.loads(file.read_text()).items() if k != "model_max_length"}))
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*: its tokenizer_config.json gives no model_max_length"):
+        sd_config(endless)
+
+
+def test_a_text_to_image_teacher_recipe_refuses_what_it_cannot_save_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"--prediction epsilon or v, not 'flow'"):
+        recipes.train_teacher(tmp_path / "a", arch="sd", size="tiny", vae=VAE, data="mnist-captions", prediction="flow")
+    with pytest.raises(ValueError, match=r"unknown text-to-image U-Net size 'm'"):
+        recipes.train_teacher(tmp_path / "b", arch="sd", size="m", vae=VAE, data="mnist-captions")
+    with pytest.raises(ValueError, match=r"data mnist has no captions"):
+        recipes.train_teacher(tmp_path / "c", arch="sd", size="tiny", vae=VAE, data="mnist", steps=1)
+    assert not any(tmp_path.iterdir())
 
 
 # --- BK-SDM students -----------------------------------------------------------------------
@@ -198,11 +222,11 @@ def test_a_block_removed_student_holds_its_teachers_weights_in_the_kept_blocks(s
 
 def test_a_layout_that_cannot_take_a_removal_is_refused(tmp_path):
     one = make_pipeline(tmp_path / "one", layers_per_block=1)
-    with pytest.raises(ValueError, match=r"^student.blocks: student.blocks=bk-base removes one of each stage's "
+    with pytest.raises(ValueError, match=r"^student.blocks: bk-base removes one of each stage's "
                                          r"layers_per_block blocks; the teacher has layers_per_block 1"):
         sd_config(one, **{"student.blocks": "bk-base"})
     uneven = make_pipeline(tmp_path / "uneven", widths=(8, 16, 32))
-    with pytest.raises(ValueError, match=r"^student.blocks: student.blocks=bk-tiny removes the innermost stage, which "
+    with pytest.raises(ValueError, match=r"^student.blocks: bk-tiny removes the innermost stage, which "
                                          r"keeps the weights only where it is as wide as the stage beside it"):
         sd_config(uneven, **{"student.blocks": "bk-tiny"})
     sd_config(uneven, **{"student.blocks": "bk-small"})  # takes the others
