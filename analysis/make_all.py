@@ -139,7 +139,7 @@ def make(folder):
         blocks = first.get("config/student/blocks")
         scale = first.get("eval_guidance_scale", 1.0)
         lines += ["**Text-to-image.** The teacher is conditioned on captions through its pipeline's frozen text "
-                  f"encoder (the embeddings computed once); {'students are BK-SDM `' + blocks + '` block removals of its U-Net' if isinstance(blocks, str) else 'students are pruned from its U-Net'}"
+                  f"encoder (the embeddings computed once); {'students are BK-SDM `' + blocks + '` block removals of its U-Net' if isinstance(blocks, str) else 'students are pruned from its denoiser'}"
                   f", trained with {first.get('config/data/caption_dropout', 0.1):.0%} of captions dropped. Samples for "
                   f"FID are drawn for the validation captions with classifier-free guidance at scale "
                   f"{float(scale) if scale == scale else 1.0:g} (the empty caption unconditional), the same for teacher "

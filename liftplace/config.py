@@ -77,7 +77,7 @@ class StudentConfig:
     # pruning: the fewest channels a GroupNorm group keeps (1: as many groups as divide, as every
     # measured preset's student; 3 lets the 90% students of unet-xs and unet-s learn); groups=gcd only
     min_group_channels: int = 1
-    # a DiT teacher: the transformer blocks the student keeps (None: all), evenly spaced from the
+    # a DiT or SD3 teacher: the transformer blocks the student keeps (None: all), evenly spaced from the
     # first to the last, with their weights (depth pruning, as TinyFusion and BK-SDM remove blocks)
     depth: int | None = None
     # pruning a UNet, its GroupNorms: gcd (prune channels freely, regroup to gcd(channels, teacher's
@@ -505,8 +505,8 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
                     _refuse(key, f"{what}; {teacher.name} is a {net.get('_class_name')} (leave it at {default})")
         if s.depth is not None:
             layers = net.get("num_layers")
-            if net.get("_class_name") != "DiTTransformer2DModel":
-                _refuse("student.depth", f"depth pruning needs a DiT teacher (transformer blocks), {teacher.name} is a "
+            if net.get("_class_name") not in ("DiTTransformer2DModel", "SD3Transformer2DModel"):
+                _refuse("student.depth", f"depth pruning needs a DiT or SD3 teacher (transformer blocks), {teacher.name} is a "
                                          f"{net.get('_class_name')}")
             if s.depth > layers:
                 _refuse("student.depth", f"{s.depth} is more than the teacher's {layers} transformer blocks")
@@ -517,9 +517,11 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
                 _refuse("student.depth", f"objective {o.name} matches the student's blocks with the teacher's one by "
                                          "one, and a depth-pruned student has fewer: use kd, lift or place")
         text_teacher = space.text is not None
-        if s.blocks is not None and not text_teacher:
+        if s.blocks is not None and net.get("_class_name") != "UNet2DConditionModel":
             _refuse("student.blocks", f"BK-SDM block removal needs a text-to-image U-Net teacher (a "
-                                      f"StableDiffusionPipeline), {teacher.name} is a {net.get('_class_name')}")
+                                      f"StableDiffusionPipeline), {teacher.name} is a {net.get('_class_name')}"
+                                      + (" (its students: student.depth and student.prune_ratio)"
+                                         if net.get("_class_name") == "SD3Transformer2DModel" else ""))
         if s.blocks is not None:
             from liftplace.models import block_plan
 
@@ -528,8 +530,9 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             except ValueError as err:
                 _refuse("student.blocks", str(err))
         if text_teacher and s.param_ratio is not None:
-            _refuse("student.param_ratio", f"{teacher.name} is a text-to-image U-Net: its students are pruned "
-                                           "(student.prune_ratio) and block-removed (student.blocks), not built fresh")
+            _refuse("student.param_ratio", f"{teacher.name} is a text-to-image {net.get('_class_name')}: its students "
+                                           "are pruned (student.prune_ratio) and have blocks removed (student.blocks, "
+                                           "or student.depth for SD3), not built fresh")
         if e.guidance_scale != 1.0 and not text_teacher:
             _refuse("eval.guidance_scale", f"classifier-free guidance needs a text-to-image teacher; {teacher.name} "
                                            "is not one (leave it at 1)")
@@ -545,7 +548,7 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
                 _refuse("data.spec", f"{d.spec} has no captions; a text-to-image teacher needs them (mnist-captions, "
                                      "or folder:PATH with a metadata.jsonl of file_name and text per image)")
         if s.prune_ratio is not None and net.get("_class_name") not in ("UNet2DModel", "DiTTransformer2DModel",
-                                                                        "UNet2DConditionModel"):
+                                                                        "UNet2DConditionModel", "SD3Transformer2DModel"):
             _refuse("student.prune_ratio", f"pruning needs a UNet2DModel or DiT teacher, {teacher.name} is a {net.get('_class_name')}; "
                                            "use student.param_ratio")
     try:

@@ -147,12 +147,13 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
 
 @torch.no_grad()
 def encode(vae, images: torch.Tensor, *, batch: int | None = None) -> torch.Tensor:
-    """Latents [N, c, h, w] of images [N, C, H, W] in [-1, 1]: the posterior mean times the
-    VAE's scaling_factor, float32 on the CPU; ``batch`` images per call (default: ``chunk_size``)."""
+    """Latents [N, c, h, w] of images [N, C, H, W] in [-1, 1]: the posterior mean, less the VAE's
+    shift_factor where it has one (SD3's), times its scaling_factor, float32 on the CPU;
+    ``batch`` images per call (default: ``chunk_size``)."""
     batch = batch or chunk_size(images.shape[-2] * images.shape[-1])
     device = next(vae.parameters()).device
-    scale = float(vae.config.scaling_factor)
-    out = [vae.encode(chunk.to(device)).latent_dist.mean.float().cpu() * scale for chunk in images.split(batch)]
+    scale, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+    out = [(vae.encode(chunk.to(device)).latent_dist.mean.float().cpu() - shift) * scale for chunk in images.split(batch)]
     return torch.cat(out)
 
 
@@ -161,8 +162,8 @@ def decode(vae, latents: torch.Tensor, *, batch: int | None = None) -> torch.Ten
     """Images [N, C, H, W] in [-1, 1] from latents as ``encode`` returns them."""
     batch = batch or chunk_size(latents.shape[-2] * latents.shape[-1] * vae_factor(vae.config) ** 2)
     device = next(vae.parameters()).device
-    scale = float(vae.config.scaling_factor)
-    out = [vae.decode(chunk.to(device) / scale).sample.float().clamp(-1, 1).cpu() for chunk in latents.split(batch)]
+    scale, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+    out = [vae.decode(chunk.to(device) / scale + shift).sample.float().clamp(-1, 1).cpu() for chunk in latents.split(batch)]
     return torch.cat(out)
 
 

@@ -93,7 +93,7 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
@@ -128,6 +128,14 @@ DIT_SIZES: dict[str, dict] = {
 SD_SIZES: dict[str, dict] = {
     "tiny": {"block_out_channels": (8, 16, 16), "layers_per_block": 2, "norm_num_groups": 4, "attention_head_dim": 2},
     "s": {"block_out_channels": (32, 64, 64), "layers_per_block": 2, "norm_num_groups": 8, "attention_head_dim": 4},
+}
+
+# SD3 (MMDiT) transformers for tests: joint blocks over 2x2 patches, with the widths of two small
+# CLIP encoders (``pooled_projection_dim`` their projections together, ``joint_attention_dim`` at
+# least their widths together: ``recipes.save_text_pipeline`` builds them).
+SD3_SIZES: dict[str, dict] = {
+    "tiny": {"num_layers": 3, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2,
+             "joint_attention_dim": 64, "pooled_projection_dim": 40, "caption_projection_dim": 16},
 }
 
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -282,6 +290,14 @@ def build_sd_unet(size: str = "s", *, in_channels: int = 4, resolution: int = 8,
         cross_attention_dim=cross_attention_dim, **spec)
 
 
+def build_sd3(size: str = "tiny", *, in_channels: int = 4, resolution: int = 8) -> SD3Transformer2DModel:
+    """A freshly initialised SD3 transformer of a named size (``SD3_SIZES``) for latents
+    [B, in_channels, resolution, resolution]."""
+    _choice("SD3 transformer size", size, SD3_SIZES)
+    return SD3Transformer2DModel(sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
+                                 pos_embed_max_size=max(16, resolution), **SD3_SIZES[size])
+
+
 def predict(
     model: nn.Module, x_t: torch.Tensor, t: torch.Tensor | int | float, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -292,7 +308,8 @@ def predict(
     (class 0 for every sample when None) and its learned-sigma channels are dropped; a UNet
     uses labels only if it has class embeddings (again class 0 when None). A text-conditioned
     UNet2DConditionModel takes caption embeddings [B, L, D] as ``labels`` (its
-    ``encoder_hidden_states``; one token of zeros when None, for probes of sizes and MACs).
+    ``encoder_hidden_states``; one token of zeros when None, for probes of sizes and MACs); an
+    SD3Transformer2DModel takes them packed with its pooled projections (``pack_sd3``).
     """
     if x_t.ndim != 4:
         raise ValueError(f"x_t must be [B, C, H, W], got shape {tuple(x_t.shape)}")
@@ -310,11 +327,31 @@ def predict(
         return out[:, : x_t.shape[1]] if net.out_channels == 2 * x_t.shape[1] else out
     if isinstance(net, UNet2DModel):
         return model(x_t, t, class_labels=labels if needs_labels else None).sample
+    if isinstance(net, SD3Transformer2DModel):
+        if labels is None:  # a probe's stand-in: one token of zeros, and zero pooled projections
+            labels = torch.zeros(batch, 2, net.config.joint_attention_dim, device=x_t.device, dtype=x_t.dtype)
+        context, pooled = unpack_sd3(net, labels)
+        return model(hidden_states=x_t, timestep=t, encoder_hidden_states=context, pooled_projections=pooled).sample
     if isinstance(net, UNet2DConditionModel):
         if labels is None:  # a probe's stand-in (sizes, MACs): one token of zeros
             labels = torch.zeros(batch, 1, net.config.cross_attention_dim, device=x_t.device, dtype=x_t.dtype)
         return model(x_t, t, encoder_hidden_states=labels).sample
     raise ValueError(f"model must be a UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel, got {type(net).__name__}")
+
+
+def pack_sd3(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """An SD3 caption's two conditions as one tensor, so that they travel as one (cached, drawn,
+    dropped and guided like a U-Net's context): the token embeddings [B, L, D] and, as one more
+    token, the pooled projections [B, P] zero-padded to D (P <= D: SD3's 2,048 and 4,096)."""
+    if pooled.shape[-1] > context.shape[-1]:
+        raise ValueError(f"pooled projections of {pooled.shape[-1]} do not fit tokens of {context.shape[-1]}")
+    padded = nn.functional.pad(pooled, (0, context.shape[-1] - pooled.shape[-1]))
+    return torch.cat([context, padded[:, None].to(context.dtype)], dim=1)
+
+
+def unpack_sd3(net: SD3Transformer2DModel, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token embeddings, pooled projections) of ``pack_sd3``'s tensor, for ``net``."""
+    return packed[:, :-1], packed[:, -1, : net.config.pooled_projection_dim]
 
 
 def count_params(model: nn.Module) -> int:
@@ -422,6 +459,10 @@ def prune_student(
     if len(example_shape) != 4:
         raise ValueError(f"example_shape must be [B, C, H, W], got {tuple(example_shape)}")
     net = _unwrap(teacher)
+    if isinstance(net, SD3Transformer2DModel):
+        if groups != "gcd":
+            raise ValueError(f"groups={groups!r} keeps a UNet's GroupNorm groups; an SD3 transformer has none (use 'gcd')")
+        return _prune_sd3(net, ratio, importance, calibration, taylor_batches)
     if isinstance(net, DiTTransformer2DModel):
         if groups != "gcd":
             raise ValueError(f"groups={groups!r} keeps a UNet's GroupNorm groups; a DiT has none (use 'gcd')")
@@ -594,12 +635,86 @@ def _prune_dit(net: DiTTransformer2DModel, ratio: float, example_shape: Sequence
     return student.train(net.training).requires_grad_(True)
 
 
-def keep_blocks(model: DiTTransformer2DModel, depth: int) -> DiTTransformer2DModel:
-    """A copy of a DiT that keeps ``depth`` of its transformer blocks, evenly spaced from the
-    first to the last (their weights untouched): depth pruning."""
+def _prune_sd3(net: SD3Transformer2DModel, ratio: float, importance: str, calibration: Calibration | None,
+               taylor_batches: int) -> SD3Transformer2DModel:
+    """A copy of an SD3 transformer with ``ratio`` of every joint block's attention heads and of
+    its two MLPs' hidden units (image and caption streams) removed, keeping the teacher's weights
+    in the rest: at least one head and one unit each. A joint block's attention runs the image
+    and caption tokens through one set of heads (their q, k and v concatenated along the
+    sequence), so a head goes from all six projections at once and from both output
+    projections' inputs; torch-pruning would see two unrelated streams, so the heads and units
+    are ranked and sliced here. Scores per head or unit (over its rows of every projection):
+    L2 ("magnitude") or L1 norm, |w * dL/dw| ("taylor", the diffusion loss's gradients on
+    ``calibration``), or random (seed ``CALIBRATION_SEED``). The residual width, adaLN, the
+    embeddings and the output layer stay whole."""
+    student = copy.deepcopy(net)
+    if any(getattr(block, "attn2", None) is not None for block in student.transformer_blocks):
+        raise ValueError("pruning an SD3 transformer with dual attention layers (SD3.5's attn2) is not supported")
+    if importance in NEEDS_DATA:
+        student.requires_grad_(True)
+        _taylor_gradients(student, calibration, taylor_batches)
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+
+    def score(layers: list[nn.Linear], groups: int) -> torch.Tensor:
+        """One score per group of rows (heads: groups of head_dim rows; units: single rows)."""
+        total = 0
+        for layer in layers:
+            rows = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1) if layer.bias is not None \
+                else layer.weight.detach()
+            if importance == "taylor":
+                grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1) if layer.bias is not None \
+                    else layer.weight.grad
+                part = (rows * grad).abs().sum(1)
+            elif importance == "random":
+                part = torch.rand(rows.shape[0], generator=generator)
+            else:
+                part = rows.abs().sum(1) if importance == "l1" else rows.square().sum(1)
+            total = total + part.reshape(groups, -1).sum(1)
+        return total
+
+    def kept(scores: torch.Tensor) -> torch.Tensor:
+        count = max(1, int(len(scores) * (1 - ratio) + 1e-9))
+        return scores.topk(count).indices.sort().values
+
+    def rows(layer: nn.Linear, index: torch.Tensor) -> None:
+        layer.weight = nn.Parameter(layer.weight.detach()[index].clone())
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
+        layer.out_features = len(index)
+
+    def columns(layer: nn.Linear, index: torch.Tensor) -> None:
+        layer.weight = nn.Parameter(layer.weight.detach()[:, index].clone())
+        layer.in_features = len(index)
+
+    for block in student.transformer_blocks:
+        attn = block.attn
+        projections = [attn.to_q, attn.to_k, attn.to_v, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
+        head_dim = attn.to_q.out_features // attn.heads
+        heads = kept(score(projections, attn.heads))
+        index = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        for layer in projections:
+            rows(layer, index)
+        for layer in (attn.to_out[0], getattr(attn, "to_add_out", None)):
+            if layer is not None:
+                columns(layer, index)
+        attn.heads = len(heads)
+        attn.inner_dim = attn.inner_kv_dim = len(index)
+        for ff in (block.ff, getattr(block, "ff_context", None)):
+            if ff is not None:
+                units = kept(score([ff.net[0].proj], ff.net[0].proj.out_features))
+                rows(ff.net[0].proj, units)
+                columns(ff.net[2], units)
+    student.zero_grad(set_to_none=True)
+    return student.train(net.training).requires_grad_(True)
+
+
+def keep_blocks(model: nn.Module, depth: int) -> nn.Module:
+    """A copy of a DiT or SD3 transformer that keeps ``depth`` of its transformer blocks, evenly
+    spaced from the first to the last (their weights untouched): depth pruning. (An SD3
+    transformer's last block, which ends the caption stream, is always kept when depth > 1.)"""
     net = _unwrap(model)
-    if not isinstance(net, DiTTransformer2DModel):
-        raise ValueError(f"depth pruning needs a DiTTransformer2DModel, got {type(net).__name__}")
+    if not isinstance(net, (DiTTransformer2DModel, SD3Transformer2DModel)):
+        raise ValueError(f"depth pruning needs a DiTTransformer2DModel or SD3Transformer2DModel, got {type(net).__name__}")
     layers = len(net.transformer_blocks)
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= layers:
         raise ValueError(f"depth must be an integer in [1, {layers}], got {depth!r}")
@@ -898,7 +1013,7 @@ def default_tap_names(model: nn.Module) -> list[str]:
         names = [f"down_blocks.{i}" for i in range(len(net.down_blocks))]
         names += ["mid_block"] if net.mid_block is not None else []
         return names + [f"up_blocks.{i}" for i in range(len(net.up_blocks))]
-    if isinstance(net, DiTTransformer2DModel):
+    if isinstance(net, (DiTTransformer2DModel, SD3Transformer2DModel)):
         return [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
     raise ValueError(f"no default feature taps for {type(net).__name__}; pass names")
 
@@ -909,7 +1024,7 @@ class FeatureTaps:
     ``taps.features`` is a list of tensors [B, C, H, W], one per tap in name order, from the
     latest forward of the (unwrapped) model: each forward starts a fresh list. A submodule
     that returns a tuple (diffusers down blocks return (hidden, res_samples)) contributes its
-    first element. A DiT's tokens [B, N, D] are laid back on their patch grid as
+    first element (an SD3 joint block's image tokens, its second). A DiT's (or SD3's) tokens [B, N, D] are laid back on their patch grid as
     [B, D, sqrt(N), sqrt(N)], so one 1x1-conv adapter serves both backbones. Features keep
     their autograd graph, so a feature loss can train through them.
 
@@ -927,7 +1042,9 @@ class FeatureTaps:
         if not self.names:
             raise ValueError("names must name at least one submodule, got an empty list")
         modules = [self._resolve(name) for name in self.names]
-        self._tokens_to_grid = isinstance(self.model, DiTTransformer2DModel)
+        self._tokens_to_grid = isinstance(self.model, (DiTTransformer2DModel, SD3Transformer2DModel))
+        # an SD3 joint block returns (caption tokens, image tokens): the image tokens are its features
+        self._pick = 1 if isinstance(self.model, SD3Transformer2DModel) else 0
         self._captured: dict[int, torch.Tensor] = {}
         self._handles = [self.model.register_forward_pre_hook(lambda module, args: self.clear())]
         self._handles += [module.register_forward_hook(self._keeper(i)) for i, module in enumerate(modules)]
@@ -943,7 +1060,7 @@ class FeatureTaps:
     def _keeper(self, index: int) -> Callable:
         def keep(module: nn.Module, args, output) -> None:
             if isinstance(output, (tuple, list)):
-                output = output[0]
+                output = output[self._pick]
             if self._tokens_to_grid and output.ndim == 3:
                 batch, tokens, dim = output.shape
                 side = math.isqrt(tokens)

@@ -310,7 +310,8 @@ def step_memory(teacher: nn.Module, example_shape: Sequence[int], student: nn.Mo
     t = torch.zeros(example_shape[0], dtype=torch.long, device="meta")
     context = None
     if context_tokens is not None:
-        context = torch.empty(example_shape[0], context_tokens, teacher.config.cross_attention_dim, device="meta")
+        width = teacher.config.get("cross_attention_dim") or teacher.config.get("joint_attention_dim")  # U-Net or SD3
+        context = torch.empty(example_shape[0], context_tokens, width, device="meta")
 
     def step():
         with torch.no_grad():

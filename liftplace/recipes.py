@@ -265,6 +265,8 @@ def save_text_pipeline(out: str | Path, unet, vae_dir: str | Path, *, tokenizer_
         tokenizer = text.build_tokenizer(out / "tokenizer", max_length=max_length)
     else:
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if isinstance(unet, models.SD3Transformer2DModel):
+        return _save_sd3_pipeline(out, unet, vae_dir, tokenizer, seed, shift=3.0)
     if encoder is None:
         encoder = text.build_encoder(tokenizer, hidden=hidden or unet.config.cross_attention_dim, seed=seed)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -276,6 +278,26 @@ def save_text_pipeline(out: str | Path, unet, vae_dir: str | Path, *, tokenizer_
     pipeline.save_pretrained(str(out), safe_serialization=True)
     if (Path(vae_dir) / "card.json").is_file():
         shutil.copy(Path(vae_dir) / "card.json", out / "vae" / "card.json")
+    return out
+
+
+def _save_sd3_pipeline(out: Path, transformer, vae_dir, tokenizer, seed: int, shift: float) -> Path:
+    """An SD3 transformer saved as a ``StableDiffusion3Pipeline``: two small CLIP encoders with
+    projections (widths splitting the transformer's pooled_projection_dim 2:3), no third (T5)
+    encoder, as diffusers allows, and a rectified-flow scheduler of a fixed ``shift``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from liftplace import text
+
+    pooled = transformer.config.pooled_projection_dim
+    first = 2 * pooled // 5
+    encoders = [text.build_encoder(tokenizer, hidden=width, projection=width, seed=seed + i)
+                for i, width in enumerate((first, pooled - first))]
+    pipeline = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                        vae=load_vae_dir(vae_dir), text_encoder=encoders[0], tokenizer=tokenizer,
+                                        text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None,
+                                        tokenizer_3=None)
+    pipeline.save_pretrained(str(out), safe_serialization=True)
     return out
 
 

@@ -24,22 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from liftplace import files, latents
 from liftplace.diffusion import SCHEDULE_FIELDS, NoiseProcess, make_process
 
 TEACHERS_DIR = Path(__file__).parent / "assets" / "teachers"
 MODEL_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel,
-                 "UNet2DConditionModel": UNet2DConditionModel}
+                 "UNet2DConditionModel": UNet2DConditionModel, "SD3Transformer2DModel": SD3Transformer2DModel}
 # Pipelines (model_index.json's _class_name) whose denoiser works on pixels: the component
 # that holds it. Their scheduler config decides the noise process.
 PIXEL_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet"}
 # Pipelines whose denoiser works on a VAE's latents: (the denoiser's component, the VAE's).
-LATENT_PIPELINES = {"DiTPipeline": ("transformer", "vae"), "StableDiffusionPipeline": ("unet", "vae")}
+LATENT_PIPELINES = {"DiTPipeline": ("transformer", "vae"), "StableDiffusionPipeline": ("unet", "vae"),
+                    "StableDiffusion3Pipeline": ("transformer", "vae")}
 # Latent pipelines whose denoiser is conditioned on captions, through the pipeline's frozen text
 # encoder (text_encoder/, tokenizer/: liftplace.text).
-TEXT_PIPELINES = ("StableDiffusionPipeline",)
+TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
 NOT_YET = {"LDMPipeline": "a latent pipeline with a VQ autoencoder (vqvae/), which is not supported yet"}
 VAE_CLASSES = ("AutoencoderKL",)
 # Schedulers that define a DDPM noise process by their betas (the sampler is DDIM whatever the
@@ -175,10 +176,10 @@ def teacher_space(name_or_path: str | Path) -> Space:
     size = int(size) if isinstance(size, int) else None
     found = _pipeline(name_or_path)
     if found is None:
-        if net.get("_class_name") == "UNet2DConditionModel":
-            raise ValueError(f"teacher {teacher_path(name_or_path)}: a UNet2DConditionModel is conditioned on a text "
-                             "encoder's embeddings; give its StableDiffusionPipeline directory (unet/, text_encoder/, "
-                             "tokenizer/, vae/, scheduler/)")
+        if net.get("_class_name") in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+            raise ValueError(f"teacher {teacher_path(name_or_path)}: a {net['_class_name']} is conditioned on text "
+                             "encoders' embeddings; give its StableDiffusionPipeline (or StableDiffusion3Pipeline) "
+                             "directory, with its text encoders, tokenizers, VAE and scheduler")
         return Space(channels, size, channels)
     pipeline = found[0]
     kind = _read_json(pipeline / "model_index.json").get("_class_name")
@@ -200,7 +201,7 @@ def teacher_space(name_or_path: str | Path) -> Space:
     if kind in TEXT_PIPELINES:
         from liftplace import text as captions
 
-        captions.check_encoder(pipeline, net.get("cross_attention_dim"))
+        captions.check_encoder(pipeline, net)
         text = pipeline
     return Space(channels, size, int(vae.get("in_channels", 3)), latents.vae_factor(vae), vae_dir, text)
 

@@ -1,8 +1,11 @@
 """Captions as a text-to-image teacher sees them: a frozen text encoder's embeddings, computed
 once and cached on disk, so that training workers never hold the encoder.
 
+(A StableDiffusion3Pipeline's captions go through the pipeline's own ``encode_prompt``, its
+two CLIP encoders and its T5 encoder where it has one: ``encode_sd3``.)
+
 A Stable Diffusion pipeline directory (``teachers.TEXT_PIPELINES``) holds a ``tokenizer/``
-(``CLIPTokenizer``: ``vocab.json``, ``merges.txt``) and a ``text_encoder/``
+(``CLIPTokenizer``: ``vocab.json`` and ``merges.txt``, or ``tokenizer.json``) and a ``text_encoder/``
 (``CLIPTextModel``). A caption is tokenized as the pipeline does it (padded to the tokenizer's
 ``model_max_length``, longer captions truncated: diffusers warns and cuts them, and so does this
 module, with one line saying how many were cut) and embedded as the encoder's last hidden
@@ -33,8 +36,12 @@ from safetensors.torch import save_file
 
 from liftplace import files
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # a CLIPTokenizer's files, or instead:
+FAST_TOKENIZER = "tokenizer.json"  # (what transformers 5 saves)
 EMPTY = ""  # the unconditional caption of classifier-free guidance
+# A StableDiffusion3Pipeline's T5 tokens per caption (diffusers' default max_sequence_length);
+# without its third text encoder, as many zero tokens, as diffusers gives.
+SD3_T5_TOKENS = 256
 
 
 @dataclass
@@ -64,37 +71,82 @@ def cache_root() -> Path:
     return Path(os.environ.get("LIFTPLACE_CACHE", Path.home() / ".cache" / "liftplace")) / "text"
 
 
-def check_encoder(pipeline: str | Path, cross_attention_dim: int | None) -> dict:
-    """The text encoder's config, after checking what a pipeline's text side needs (from its
-    files only): a tokenizer folder with its files, an encoder config, and a hidden size equal
-    to the U-Net's ``cross_attention_dim``. Refused in one line naming the file otherwise."""
+def is_sd3(pipeline: str | Path) -> bool:
+    """Whether a pipeline directory is a StableDiffusion3Pipeline (three text encoders, MMDiT)."""
+    index = Path(pipeline) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline"
+    except (OSError, ValueError):
+        return False
+
+
+def check_encoder(pipeline: str | Path, denoiser: dict) -> None:
+    """Check what a pipeline's text side needs, from its files only (``denoiser``: the U-Net's
+    or transformer's config): tokenizer folders with their files and a model_max_length, encoder
+    configs, and widths that fit the denoiser (a U-Net's ``cross_attention_dim`` equal to the
+    encoder's hidden size; an SD3 transformer's ``pooled_projection_dim`` equal to its two CLIP
+    encoders' projections together, its ``joint_attention_dim`` equal to the T5 encoder's width
+    and at least the CLIP widths together). Refused in one line naming the file otherwise. An
+    SD3 pipeline's third (T5) encoder may be missing, as diffusers allows."""
     pipeline = Path(pipeline)
-    tokenizer = pipeline / "tokenizer"
-    missing = [name for name in TOKENIZER_FILES if not (tokenizer / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"teacher {pipeline}: its tokenizer folder {tokenizer} lacks {', '.join(missing)} "
-                                "(a CLIPTokenizer saves vocab.json and merges.txt)")
-    if context_length(pipeline) is None:
-        raise ValueError(f"teacher {pipeline}: its tokenizer_config.json gives no model_max_length (the tokens per "
-                         "caption, 77 for CLIP): captions could not be padded to one length")
-    file = pipeline / "text_encoder" / "config.json"
+    sd3 = is_sd3(pipeline)
+    kind = "StableDiffusion3Pipeline" if sd3 else "StableDiffusionPipeline"
+    suffixes = ("", "_2") if sd3 else ("",)
+    configs = []
+    for suffix in suffixes:
+        tokenizer = pipeline / f"tokenizer{suffix}"
+        missing = [name for name in TOKENIZER_FILES if not (tokenizer / name).is_file()]
+        if missing and not (tokenizer / FAST_TOKENIZER).is_file():
+            raise FileNotFoundError(f"teacher {pipeline}: its tokenizer folder {tokenizer} lacks {', '.join(missing)} "
+                                    f"and {FAST_TOKENIZER} (a CLIPTokenizer saves vocab.json and merges.txt, or "
+                                    f"{FAST_TOKENIZER})")
+        if context_length(pipeline, f"tokenizer{suffix}") is None:
+            raise ValueError(f"teacher {pipeline}: its tokenizer{suffix}/tokenizer_config.json gives no model_max_length "
+                             "(the tokens per caption, 77 for CLIP): captions could not be padded to one length")
+        configs.append(_encoder_config(pipeline, f"text_encoder{suffix}", kind))
+    if not sd3:
+        hidden, wanted = configs[0].get("hidden_size"), denoiser.get("cross_attention_dim")
+        if wanted is not None and hidden != wanted:
+            raise ValueError(f"teacher {pipeline / 'text_encoder' / 'config.json'}: the text encoder's hidden_size "
+                             f"{hidden} differs from the U-Net's cross_attention_dim {wanted}: they are not one pipeline")
+        return
+    pooled = sum(int(c.get("projection_dim", 0)) for c in configs)
+    if pooled != denoiser.get("pooled_projection_dim"):
+        raise ValueError(f"teacher {pipeline}: its CLIP text encoders project to {pooled} together, the transformer's "
+                         f"pooled_projection_dim is {denoiser.get('pooled_projection_dim')}: they are not one pipeline")
+    joint, widths = denoiser.get("joint_attention_dim"), sum(int(c.get("hidden_size", 0)) for c in configs)
+    if (pipeline / "text_encoder_3" / "config.json").is_file():
+        t5 = _encoder_config(pipeline, "text_encoder_3", kind).get("d_model")
+        if t5 != joint:
+            raise ValueError(f"teacher {pipeline / 'text_encoder_3' / 'config.json'}: the T5 encoder's d_model {t5} "
+                             f"differs from the transformer's joint_attention_dim {joint}")
+    if not isinstance(joint, int) or widths > joint or pooled > joint:
+        raise ValueError(f"teacher {pipeline}: the transformer's joint_attention_dim {joint} is narrower than its CLIP "
+                         f"encoders' widths together ({widths}) or their projections ({pooled})")
+
+
+def _encoder_config(pipeline: Path, folder: str, kind: str) -> dict:
+    file = pipeline / folder / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"teacher {pipeline}: no text_encoder/config.json (a StableDiffusionPipeline has one)")
+        raise FileNotFoundError(f"teacher {pipeline}: no {folder}/config.json (a {kind} has one)")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"teacher {file}: not valid JSON ({err})") from None
-    hidden = config.get("hidden_size")
-    if cross_attention_dim is not None and hidden != cross_attention_dim:
-        raise ValueError(f"teacher {file}: the text encoder's hidden_size {hidden} differs from the U-Net's "
-                         f"cross_attention_dim {cross_attention_dim}: they are not one pipeline")
+    if not isinstance(config, dict):
+        raise ValueError(f"teacher {file}: not a JSON object")
     return config
 
 
-def context_length(pipeline: str | Path) -> int | None:
+def context_length(pipeline: str | Path, tokenizer: str | None = None) -> int | None:
     """The tokens of every caption's embedding: the tokenizer's model_max_length, from its
-    tokenizer_config.json (None where it gives none, or transformers' "no limit" stand-in)."""
-    file = Path(pipeline) / "tokenizer" / "tokenizer_config.json"
+    tokenizer_config.json (None where it gives none, or transformers' "no limit" stand-in); an
+    SD3 pipeline's, its CLIP tokens, then its T5 tokens and the packed pooled projections'
+    token (``models.pack_sd3``). ``tokenizer`` names one tokenizer folder only."""
+    if tokenizer is None and is_sd3(pipeline):
+        clip = context_length(pipeline, "tokenizer")
+        return None if clip is None else clip + SD3_T5_TOKENS + 1
+    file = Path(pipeline) / (tokenizer or "tokenizer") / "tokenizer_config.json"
     try:
         said = json.loads(file.read_text()).get("model_max_length") if file.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -110,8 +162,9 @@ def encoder_fingerprint(pipeline: str | Path) -> str:
     once per process while their sizes and modification times stay the same: every evaluation
     asks for it, and a Stable Diffusion text encoder is hundreds of MB)."""
     pipeline = Path(pipeline)
-    paths = [p for folder in ("text_encoder", "tokenizer") for p in sorted((pipeline / folder).glob("*"))
-             if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")]
+    folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    paths = [p for folder in folders for p in sorted((pipeline / folder).glob("*"))
+             if p.is_file() and p.suffix in (".json", ".txt", ".safetensors", ".model")]
     key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = files.digest_files(pipeline, paths)
@@ -174,14 +227,57 @@ def captions_of(pipeline: str | Path, captions: Sequence[str], *, log: Callable[
     with FileLock(str(path) + ".lock"):
         table = _read(path, encoder_key, text_key, len(texts)) if path.is_file() else None
         if table is None:
-            tokenizer, encoder = load_encoder(pipeline)
-            table = encode(tokenizer, encoder, texts, log=log)
+            table = encode_sd3(pipeline, texts, log=log) if is_sd3(pipeline) else encode(*load_encoder(pipeline), texts,
+                                                                                           log=log)
             metadata = {"encoder": encoder_key, "texts": text_key, "count": str(len(texts)),
                         "pipeline": str(pipeline.resolve())}
             files.atomic_write(path, lambda tmp: save_file({"table": table.contiguous()}, str(tmp), metadata=metadata))
             log(f"captions: embedded {len(texts):,} distinct captions to {tuple(table.shape[1:])} with "
                 f"{pipeline / 'text_encoder'}; cached in {path}")
     return Captions(table, index, texts)
+
+
+@torch.no_grad()
+def encode_sd3(pipeline: str | Path, captions: Sequence[str], *, batch: int = 256,
+               log: Callable[[str], object] = print) -> torch.Tensor:
+    """An SD3 pipeline's conditions of ``captions``, by the pipeline's own ``encode_prompt``
+    (its two CLIP encoders' penultimate states side by side, padded to the joint width, then the
+    T5 encoder's tokens, or zeros without it; the CLIP encoders' pooled projections), packed as
+    [N, L + 1, D] (``models.pack_sd3``). Only the text side is loaded."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers.utils import logging as hf_logging
+
+    from liftplace.models import pack_sd3
+
+    from diffusers import SD3Transformer2DModel
+
+    pipeline = Path(pipeline)
+    hf_logging.disable_progress_bar()
+    # encode_prompt reads the transformer's joint width (for the zero T5 tokens) from its config:
+    # a shape-only ("meta") copy stands in for it, holding no weights
+    with torch.device("meta"):
+        stand_in = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(pipeline / "transformer")))
+    parts = {"transformer": stand_in, "vae": None}
+    if not (pipeline / "text_encoder_3" / "config.json").is_file():
+        parts.update(text_encoder_3=None, tokenizer_3=None)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(pipeline), local_files_only=True, **parts)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"teacher {pipeline}: its tokenizers or text encoders do not load: {first}") from None
+    pipe.set_progress_bar_config(disable=True)
+    limit = pipe.tokenizer.model_max_length
+    long = [c for c in captions if len(pipe.tokenizer(c).input_ids) > limit]
+    if long:
+        log(f"captions: {len(long)} of the {len(captions)} distinct captions are longer than the CLIP tokenizers' "
+            f"{limit} tokens and are truncated there, as diffusers truncates them (e.g. {long[0][:60]!r})")
+    out = []
+    for start in range(0, len(captions), batch):
+        chunk = list(captions[start:start + batch])
+        context, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device="cpu", do_classifier_free_guidance=False,
+                                                   max_sequence_length=SD3_T5_TOKENS)
+        out.append(pack_sd3(context.float(), pooled.float()))
+    return torch.cat(out)
 
 
 def _read(path: Path, encoder_key: str, text_key: str, count: int) -> torch.Tensor | None:
@@ -218,15 +314,17 @@ def build_tokenizer(folder: str | Path, *, max_length: int = 32):
     return tokenizer
 
 
-def build_encoder(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
-    """A small ``CLIPTextModel`` for ``tokenizer``'s vocabulary, initialised from ``seed``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_encoder(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0,
+                  projection: int | None = None):
+    """A small ``CLIPTextModel`` for ``tokenizer``'s vocabulary, initialised from ``seed`` (with
+    ``projection``, a ``CLIPTextModelWithProjection`` of that projection width: SD3's kind)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab = tokenizer.get_vocab()
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=layers, num_attention_heads=heads,
                             max_position_embeddings=tokenizer.model_max_length,
                             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                            pad_token_id=vocab["<|endoftext|>"])
+                            pad_token_id=vocab["<|endoftext|>"], projection_dim=projection or hidden)
     torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModel if projection is None else CLIPTextModelWithProjection)(config).eval()

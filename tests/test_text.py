@@ -147,8 +147,10 @@ def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_p
     bare = tmp_path / "bare"
     shutil.copytree(sd_pipe, bare)
     (bare / "tokenizer" / "merges.txt").unlink()
+    sd_config(bare)  # tokenizer.json is enough (transformers 5 saves only that)
+    (bare / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"^teacher.name: teacher .*: its tokenizer folder .*tokenizer lacks "
-                                                r"merges.txt"):
+                                                r"merges.txt and tokenizer.json"):
         sd_config(bare)
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*unet: a UNet2DConditionModel is conditioned on a "
                                          r"text encoder's embeddings; give its StableDiffusionPipeline directory"):
@@ -364,3 +366,120 @@ def test_a_pndm_scheduled_pipeline_trains_on_its_betas_and_taylor_prunes_by_capt
                                  calibration=models.Calibration(split.x0, process, split.labels, empty))
     differ = [a for a, b in zip(student.parameters(), other.parameters()) if a.shape != b.shape or not torch.equal(a, b)]
     assert differ  # the captions' gradients keep other channels than the empty caption's
+
+
+# --- Stable Diffusion 3 --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tmp_path_factory):
+    torch.manual_seed(0)
+    return recipes.save_text_pipeline(tmp_path_factory.mktemp("sd3") / "sd3-tiny", models.build_sd3("tiny"), VAE,
+                                      max_length=24)
+
+
+def sd3_config(pipe, **overrides):
+    return sd_config(pipe, **{"teacher.prediction": "flow", **overrides})
+
+
+def test_an_sd3_pipelines_captions_are_its_clip_encoders_states_and_pooled_projections(sd3_pipe):
+    """Without a third (T5) encoder, as diffusers allows: the two CLIP encoders' penultimate
+    states side by side, zero-padded to the joint width, then 256 zero T5 tokens, then the
+    pooled projections packed as one more token."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    captions = text.captions_of(sd3_pipe, ["a handwritten seven", "nine"], log=lambda *_: None)
+    packed = captions.embeddings(torch.tensor([0, 1]))
+    assert packed.shape == (2, 24 + text.SD3_T5_TOKENS + 1, 64)
+    tokenizer = CLIPTokenizer.from_pretrained(str(sd3_pipe / "tokenizer"), local_files_only=True)
+    ids = tokenizer(["a handwritten seven", "nine"], padding="max_length", max_length=24, truncation=True,
+                    return_tensors="pt").input_ids
+    states, pooled = [], []
+    for folder in ("text_encoder", "text_encoder_2"):
+        encoder = CLIPTextModelWithProjection.from_pretrained(str(sd3_pipe / folder), local_files_only=True).eval()
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    clip = torch.cat(states, -1)
+    assert torch.allclose(packed[:, :24, :clip.shape[-1]], clip, atol=1e-5)
+    assert not packed[:, :24, clip.shape[-1]:].any() and not packed[:, 24:-1].any()
+    assert torch.allclose(packed[:, -1, :40], torch.cat(pooled, -1), atol=1e-5) and not packed[:, -1, 40:].any()
+    net = models.build_sd3("tiny")
+    context, unpacked = models.unpack_sd3(net, packed)
+    assert context.shape == (2, 24 + text.SD3_T5_TOKENS, 64) and torch.equal(unpacked, packed[:, -1, :40])
+
+
+def test_an_sd3_pipeline_is_a_flow_teacher_and_a_mismatched_one_is_refused(sd3_pipe, tmp_path):
+    from liftplace.teachers import teacher_process, teacher_space
+
+    space = teacher_space(sd3_pipe)
+    assert space.text == sd3_pipe and space.latent and space.channels == 4
+    assert teacher_process(sd3_pipe, "flow").shift == 3.0
+    sd3_config(sd3_pipe)
+    with pytest.raises(ValueError, match=r"^teacher.prediction: 'epsilon', but the teacher's .* set teacher.prediction=flow"):
+        sd_config(sd3_pipe)
+    with pytest.raises(ValueError, match=r"^student.blocks: BK-SDM block removal needs a text-to-image U-Net teacher .*"
+                                         r"\(its students: student.depth and student.prune_ratio\)"):
+        sd3_config(sd3_pipe, **{"student.blocks": "bk-tiny"})
+    narrow = tmp_path / "narrow"
+    shutil.copytree(sd3_pipe, narrow)
+    file = narrow / "transformer" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "pooled_projection_dim": 48}))
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*: its CLIP text encoders project to 40 together, the "
+                                         r"transformer's pooled_projection_dim is 48"):
+        sd3_config(narrow)
+
+
+def test_an_sd3_student_keeps_its_teachers_heads_units_and_last_block(sd3_pipe):
+    from liftplace.teachers import load_teacher
+
+    teacher, _ = load_teacher(sd3_pipe)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100.0, 700.0])
+    context = text.captions_of(sd3_pipe, ["seven", "one"], log=lambda *_: None).embeddings(torch.arange(2))
+    same = models.prune_student(teacher, 0.0)
+    with torch.no_grad():
+        assert torch.equal(models.predict(same, x, t, context), models.predict(teacher, x, t, context))
+    student = models.prune_student(teacher, 0.5)
+    for mine, theirs in zip(student.transformer_blocks, teacher.transformer_blocks):
+        assert mine.attn.heads == 1 and theirs.attn.heads == 2
+        head = mine.attn.to_q.out_features
+        # the kept head's rows, from every projection at the same position
+        kept = [h for h in range(2) if torch.equal(mine.attn.to_q.weight, theirs.attn.to_q.weight[h * head:(h + 1) * head])]
+        assert len(kept) == 1
+        rows = slice(kept[0] * head, (kept[0] + 1) * head)
+        for name in ("to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            assert torch.equal(getattr(mine.attn, name).weight, getattr(theirs.attn, name).weight[rows])
+        assert torch.equal(mine.attn.to_out[0].weight, theirs.attn.to_out[0].weight[:, rows])
+        units = mine.ff.net[0].proj.out_features
+        assert units == theirs.ff.net[0].proj.out_features // 2 and mine.ff.net[2].in_features == units
+    assert models.predict(student, x, t, context).shape == x.shape
+    shallow = models.keep_blocks(teacher, 2)
+    assert torch.equal(shallow.transformer_blocks[1].attn.to_q.weight, teacher.transformer_blocks[2].attn.to_q.weight)
+    assert shallow.transformer_blocks[1].context_pre_only and models.predict(shallow, x, t, context).shape == x.shape
+    with models.FeatureTaps(teacher) as taps:  # the image tokens, laid on their patch grid
+        models.predict(teacher, x, t, context)
+        assert [f.shape for f in taps.features] == [(2, 16, 4, 4)] * 3
+
+
+def test_a_study_on_a_tiny_sd3_pipeline_runs_to_its_report(ray_session, sd3_pipe, tmp_path):
+    """ablate_k on a tiny SD3 pipeline (flow, head/MLP-pruned students, guidance 2) to its report."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("study_ablate_k_sd3", root / "studies" / "ablate_k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = module.study_main(module.STUDY, [
+        "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path / "studies"), "--set", f"teacher.name={sd3_pipe}",
+        "--set", "teacher.prediction=flow", "--set", "data.spec=mnist-captions", "--set", "student.prune_ratio=0.5",
+        "--set", "train.steps=10", "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2",
+        "--set", "eval.guidance_scale=2"])
+    from liftplace.results import load_study, summarize
+
+    summary = summarize(load_study(folder))
+    assert len(summary) == len(module.STUDY.variants) and summary["final_fid"].notna().all()
+    assert summary["final_text_alignment"].between(0, 1).all()
+    report = (folder / "analysis" / "REPORT.md").read_text()
+    assert "Not built" not in report and "**Text-to-image.**" in report
+    sys.modules.pop("study_ablate_k_sd3", None)
