@@ -299,22 +299,11 @@ def test_the_stream_drops_captions_to_the_empty_one(sd_pipe):
 def test_a_study_on_a_tiny_stable_diffusion_pipeline_runs_to_its_report(ray_session, sd_pipe, tmp_path):
     """ablate_k with bk-small students of a tiny SD pipeline on the built-in captions (Ray
     Tune, cohorts), guided sampling, then its whole report."""
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("study_ablate_k_text", root / "studies" / "ablate_k.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    folder = module.study_main(module.STUDY, [
-        "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path / "studies"), "--set", f"teacher.name={sd_pipe}",
-        "--set", "data.spec=mnist-captions", "--set", "student.blocks=bk-small", "--set", "student.prune_ratio=0",
-        "--set", "train.steps=10", "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2",
-        "--set", "eval.guidance_scale=2"])
     from liftplace.results import load_study, summarize
 
+    folder, variants = smoke_ablate_k(tmp_path, sd_pipe, "student.blocks=bk-small", "student.prune_ratio=0")
     summary = summarize(load_study(folder))
-    assert len(summary) == len(module.STUDY.variants) and summary["final_fid"].notna().all()
+    assert len(summary) == variants and summary["final_fid"].notna().all()
     rows = load_study(folder)
     final = rows[rows["fid"].notna()]
     assert final["text_alignment"].between(0, 1).all() and (final["eval_guidance_scale"] == 2.0).all()
@@ -322,7 +311,27 @@ def test_a_study_on_a_tiny_stable_diffusion_pipeline_runs_to_its_report(ray_sess
     assert "Not built" not in report
     for figure in ("fid_vs_k.png", "headline.png"):
         assert (folder / "analysis" / figure).is_file()
-    sys.modules.pop("study_ablate_k_text", None)
+
+
+def smoke_ablate_k(tmp_path, pipe, *settings) -> tuple[Path, int]:
+    """ablate_k at smoke on a pipeline and the built-in captions (one seed, 10 steps, guidance
+    2), to its report: (its folder, its number of variants)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("study_ablate_k_text", root / "studies" / "ablate_k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    extra = [part for setting in settings for part in ("--set", setting)]
+    try:
+        folder = module.study_main(module.STUDY, [
+            "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path / "studies"), "--set", f"teacher.name={pipe}",
+            "--set", "data.spec=mnist-captions", "--set", "train.steps=10", "--set", "eval.num_images=32",
+            "--set", "eval.sampler_steps=2", "--set", "eval.guidance_scale=2", *extra])
+    finally:
+        sys.modules.pop("study_ablate_k_text", None)
+    return folder, len(module.STUDY.variants)
 
 
 def test_a_step_is_estimated_with_the_whole_captions_context(sd_pipe):
@@ -463,26 +472,14 @@ def test_an_sd3_student_keeps_its_teachers_heads_units_and_last_block(sd3_pipe):
 
 def test_a_study_on_a_tiny_sd3_pipeline_runs_to_its_report(ray_session, sd3_pipe, tmp_path):
     """ablate_k on a tiny SD3 pipeline (flow, head/MLP-pruned students, guidance 2) to its report."""
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("study_ablate_k_sd3", root / "studies" / "ablate_k.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    folder = module.study_main(module.STUDY, [
-        "--preset", "smoke", "--seeds", "1", "--storage", str(tmp_path / "studies"), "--set", f"teacher.name={sd3_pipe}",
-        "--set", "teacher.prediction=flow", "--set", "data.spec=mnist-captions", "--set", "student.prune_ratio=0.5",
-        "--set", "train.steps=10", "--set", "eval.num_images=32", "--set", "eval.sampler_steps=2",
-        "--set", "eval.guidance_scale=2"])
     from liftplace.results import load_study, summarize
 
+    folder, variants = smoke_ablate_k(tmp_path, sd3_pipe, "teacher.prediction=flow", "student.prune_ratio=0.5")
     summary = summarize(load_study(folder))
-    assert len(summary) == len(module.STUDY.variants) and summary["final_fid"].notna().all()
+    assert len(summary) == variants and summary["final_fid"].notna().all()
     assert summary["final_text_alignment"].between(0, 1).all()
     report = (folder / "analysis" / "REPORT.md").read_text()
     assert "Not built" not in report and "**Text-to-image.**" in report
-    sys.modules.pop("study_ablate_k_sd3", None)
 
 
 def test_the_shipped_text_to_image_teacher_draws_the_digit_its_caption_names():
