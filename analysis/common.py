@@ -136,8 +136,9 @@ def fid_by_variant(summary: pd.DataFrame) -> pd.DataFrame:
     missing = set(summary["variant"]) - set(agg.index)
     for variant in missing:  # every seed diverged
         agg.loc[variant] = [float("nan")] * 4 + [0, int(summary[summary["variant"] == variant]["diverged"].sum())]
-    if "final_text_alignment" in ok and ok["final_text_alignment"].notna().any():  # a text-to-image study's
-        agg["text_alignment"] = ok.groupby("variant")["final_text_alignment"].mean().reindex(agg.index)
+    for column in ("text_alignment", "clip_score"):  # a text-to-image study's
+        if f"final_{column}" in ok and ok[f"final_{column}"].notna().any():
+            agg[column] = ok.groupby("variant")[f"final_{column}"].mean().reindex(agg.index)
     return agg
 
 

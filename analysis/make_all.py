@@ -145,7 +145,9 @@ def make(folder):
                   f"{float(scale) if scale == scale else 1.0:g} (the empty caption unconditional), the same for teacher "
                   "and students"
                   + ("; `text_alignment` is the share of samples the digit classifier reads as the digit their caption "
-                     "names." if "final_text_alignment" in summary else "."), ""]
+                     "names" if "final_text_alignment" in summary else "")
+                  + ("; `clip_score` is their CLIP score against their captions (mean of max(100 cos, 0), by "
+                     f"`{first.get('eval_clip_weights')}`)" if "final_clip_score" in summary else "") + ".", ""]
     headline_text = out_dir(folder) / "headline.txt"
     if headline_text.is_file():
         lines += ["## Result", "", headline_text.read_text().strip(), ""]

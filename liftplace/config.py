@@ -152,6 +152,9 @@ class EvalConfig:
     # a text-to-image teacher's samples: classifier-free guidance scale, the empty caption as the
     # unconditional input, the same for teacher and students (1: unguided)
     guidance_scale: float = 1.0
+    # a text-to-image teacher's samples: also their CLIP score against their captions, by this local
+    # CLIPModel directory (transformers' save_pretrained with its processor files; none: not measured)
+    clip_weights: str | None = None
 
     def protocol(self, data: str = "mnist") -> Protocol:
         """The metrics protocol for images of the data set ``data`` (a data.spec): it picks the
@@ -253,6 +256,8 @@ def _absolute_paths(config: RunConfig) -> None:
         config.data.spec = f"{kind}:{absolute(path)}"
     if config.eval.extractor_weights:
         config.eval.extractor_weights = absolute(config.eval.extractor_weights)
+    if config.eval.clip_weights:
+        config.eval.clip_weights = absolute(config.eval.clip_weights)
 
 
 # Keys added after configs were first saved, with the value that reproduces what a config
@@ -263,7 +268,8 @@ ADDED_KEYS = {("student", "min_group_channels"): 1, ("student", "depth"): None,
               ("train", "ema_warmup"): True, ("train", "antithetic"): False, ("data", "flip"): False,
               ("objective", "feat_reduction"): None, ("objective", "feat_bias"): None,
               ("objective", "feat_init"): None, ("objective", "feat_init_scale"): 0.005,
-              ("student", "blocks"): None, ("data", "caption_dropout"): 0.1, ("eval", "guidance_scale"): 1.0}
+              ("student", "blocks"): None, ("data", "caption_dropout"): 0.1, ("eval", "guidance_scale"): 1.0,
+              ("eval", "clip_weights"): None}
 # Objective keys whose default became None ("the objective's own default") after configs were
 # saved holding a value, with that value. ``comparable`` reads a None as the old value wherever
 # the two run alike (the objective's own default is that value, or it ignores the key), so a
@@ -533,6 +539,9 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
             _refuse("student.param_ratio", f"{teacher.name} is a text-to-image {net.get('_class_name')}: its students "
                                            "are pruned (student.prune_ratio) and have blocks removed (student.blocks, "
                                            "or student.depth for SD3), not built fresh")
+        if e.clip_weights is not None and not text_teacher:
+            _refuse("eval.clip_weights", f"a CLIP score compares samples with their captions; {teacher.name} is not a "
+                                         "text-to-image teacher")
         if e.guidance_scale != 1.0 and not text_teacher:
             _refuse("eval.guidance_scale", f"classifier-free guidance needs a text-to-image teacher; {teacher.name} "
                                            "is not one (leave it at 1)")

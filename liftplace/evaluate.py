@@ -15,7 +15,7 @@ from diffusers import DiTTransformer2DModel
 
 from liftplace import latents, models
 from liftplace.data import load_dataset
-from liftplace.metrics import DEFAULT_EXTRACTOR, Protocol, compute_metrics, load_extractor, real_images
+from liftplace.metrics import DEFAULT_EXTRACTOR, Protocol, clip_score, compute_metrics, load_extractor, real_images
 
 
 def generate(model, process, n: int, *, steps: int, seed: int, num_classes: int = 0, batch: int = 250,
@@ -67,7 +67,8 @@ def evaluate(model, process, data: str, resolution: int, protocol: Protocol, *, 
     model's samples decoded by ``vae`` first). A text-to-image model (``text``: its pipeline
     directory) samples the validation captions, guided at ``protocol.guidance_scale``; where the
     validation images have digit labels and the extractor is a digit classifier, the row also
-    has ``text_alignment``: the share of samples it reads as the digit their caption names."""
+    has ``text_alignment``: the share of samples it reads as the digit their caption names; with
+    ``protocol.clip_weights``, ``clip_score`` (``metrics.clip_score``) against their captions."""
     channels = vae.config.in_channels if vae is not None else models.in_channels(model)
     val = load_dataset(data, resolution, "val", channels)
     real = real_images(val, protocol.num_images)
@@ -85,6 +86,9 @@ def evaluate(model, process, data: str, resolution: int, protocol: Protocol, *, 
     result = compute_metrics(fake, real, protocol, real_cache_key=val.name)
     if captions is not None and protocol.extractor == DEFAULT_EXTRACTOR and val.num_classes:
         result["text_alignment"] = text_alignment(fake, val, protocol)
+    if captions is not None and protocol.clip_weights:
+        wanted = [val.captions[i % len(val.captions)] for i in range(len(fake))]
+        result["clip_score"] = clip_score(fake, wanted, protocol.clip_path())
     return result
 
 

@@ -79,6 +79,9 @@ class Protocol:
     # a text-to-image model's classifier-free guidance scale (1: unguided, the only value of every
     # other model; recorded as eval_guidance_scale only where it is not 1)
     guidance_scale: float = 1.0
+    # a text-to-image model's CLIP score: a local CLIPModel directory (transformers' save_pretrained,
+    # with its processor files); recorded as eval_clip_weights only where set
+    clip_weights: str | None = None
 
     def __post_init__(self):
         if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) or not (
@@ -98,10 +101,21 @@ class Protocol:
                 f"{INCEPTION} needs a local weights file (extractor_weights=PATH to "
                 "weights-inception-2015-12-05-6726825d.pth); nothing is downloaded"
             )
+        if self.clip_weights is not None and not (Path(self.clip_path()) / "config.json").is_file():
+            raise FileNotFoundError(f"CLIP weights not found: {shown(self.clip_weights)} is not a directory with a "
+                                    "config.json (a CLIPModel saved by save_pretrained, with its processor files)")
         if self.extractor_weights and not Path(self.weights_path()).is_file():
             raise FileNotFoundError(f"feature extractor weights not found: {shown(self.extractor_weights)}")
         if self.extractor == INCEPTION:
             check_tensor_file(self.weights_path())
+
+    def clip_path(self) -> str:
+        """The CLIP weights' directory on this machine (for a URI: this machine's copy)."""
+        from liftplace import storage
+
+        if self.clip_weights and storage.is_uri(self.clip_weights):
+            return str(storage.input_copy(self.clip_weights, "eval.clip_weights"))
+        return str(Path(self.clip_weights).expanduser()) if self.clip_weights else ""
 
     def weights_path(self) -> str:
         """The weights file on this machine (for weights on a store, a URI: this machine's copy)."""
@@ -110,6 +124,33 @@ class Protocol:
         if self.extractor_weights and storage.is_uri(self.extractor_weights):
             return str(storage.input_copy(self.extractor_weights, "eval.extractor_weights"))
         return str(self.extractor_weights or SHIPPED_EXTRACTORS.get(self.data, DEFAULT_EXTRACTOR_WEIGHTS))
+
+
+def clip_score(images: Tensor, captions: list[str], weights: str | Path, *, batch: int = 250) -> float:
+    """CLIP score of images [N, C, H, W] in [-1, 1] against their captions (Hessel et al. 2021,
+    as torchmetrics computes it): the mean over images of max(100 cos(image embedding, caption
+    embedding), 0), by a local ``CLIPModel`` directory and its processor (gray images repeated
+    to RGB, resized and normalised by the processor; captions truncated to its tokenizer)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(str(weights), local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(str(weights), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"CLIP weights {weights} do not load: {first}") from None
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    pixels = ((images.float() + 1) / 2).clamp(0, 1)
+    pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch):
+            inputs = processor(text=captions[start:start + batch], images=list(pixels[start:start + batch]),
+                               return_tensors="pt", padding=True, truncation=True, do_rescale=False)
+            out = model(**inputs)
+            scores.append((100 * F.cosine_similarity(out.image_embeds, out.text_embeds)).clamp(min=0))
+    return float(torch.cat(scores).mean())
 
 
 def check_tensor_file(path: str | Path) -> None:
@@ -301,7 +342,8 @@ def compute_metrics(fake: Tensor, real: Tensor, protocol: Protocol, *, real_cach
 
 def protocol_record(protocol: Protocol) -> dict:
     """The protocol as flat `eval_*` fields, stored beside every metric."""
-    return {f"eval_{k}": v for k, v in dataclasses.asdict(protocol).items() if not (k == "guidance_scale" and v == 1.0)}
+    quiet = {"guidance_scale": 1.0, "clip_weights": None}  # text-to-image settings, left out at their defaults
+    return {f"eval_{k}": v for k, v in dataclasses.asdict(protocol).items() if not (k in quiet and v == quiet[k])}
 
 
 def stack_dataset(dataset) -> tuple[Tensor, Tensor]:

@@ -789,10 +789,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             final_fid=float(last["fid"]) if "fid" in last and pd.notna(last["fid"]) else np.nan,
             best_fid=float(fids.min()) if len(fids) else np.nan,
         )
-        finals = ("kid", "precision", "recall", "loss", "w", "beta0", "beta1", "text_alignment")
+        finals = ("kid", "precision", "recall", "loss", "w", "beta0", "beta1", "text_alignment", "clip_score")
         for col in (*finals, "student_params", "teacher_params",
                     "compression", "student_macs", "teacher_macs", "vae_params", "vae_decode_macs", "denoiser_size", "images_per_s", "teacher_fid", "elapsed_s",
-                    "eval_extractor", "eval_num_images", "eval_sampler_steps", "eval_reference_images", "eval_guidance_scale",
+                    "eval_extractor", "eval_num_images", "eval_sampler_steps", "eval_reference_images", "eval_guidance_scale", "eval_clip_weights",
                     "runner", "final_checkpoint"):
             if col in group:
                 row[f"final_{col}" if col in finals else col] = last[col]

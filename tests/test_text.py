@@ -504,3 +504,56 @@ def test_the_shipped_text_to_image_teacher_draws_the_digit_its_caption_names():
         read = load_extractor(DEFAULT_EXTRACTOR_WEIGHTS)(images)[1].argmax(1)
     wanted = torch.tensor([d for d in digits for _ in range(4)])
     assert (read == wanted).float().mean() >= 0.75
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A small random CLIPModel with its processor, saved as transformers saves one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = text.build_tokenizer(folder, max_length=24)
+    vocab = tokenizer.get_vocab()
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=24,
+                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                         pad_token_id=vocab["<|endoftext|>"]),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(str(folder))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    return folder
+
+
+def test_the_clip_score_is_100_times_the_cosine_of_clips_embeddings_floored_at_zero(sd_pipe, tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from liftplace.evaluate import evaluate
+    from liftplace.metrics import Protocol, clip_score
+    from liftplace.teachers import load_teacher, load_vae, teacher_process, teacher_space
+
+    clip = tiny_clip(tmp_path / "clip")
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    captions = ["a handwritten seven", "nine", "the digit 2"]
+    model = CLIPModel.from_pretrained(str(clip), local_files_only=True).eval()
+    inputs = CLIPProcessor.from_pretrained(str(clip), local_files_only=True)(
+        text=captions, images=list(((images + 1) / 2).expand(-1, 3, -1, -1)), return_tensors="pt", padding=True,
+        do_rescale=False)
+    with torch.no_grad():
+        out = model(**inputs)
+    image = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+    caption = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+    expected = (100 * (image * caption).sum(-1)).clamp(min=0).mean()
+    assert clip_score(images, captions, clip, batch=2) == pytest.approx(float(expected), abs=1e-4)
+    # a run's evaluation adds it beside FID, for its validation captions
+    teacher, _ = load_teacher(sd_pipe)
+    space = teacher_space(sd_pipe)
+    protocol = Protocol(num_images=8, sampler_steps=2, data="mnist-captions", guidance_scale=2.0, clip_weights=str(clip))
+    result = evaluate(teacher, teacher_process(sd_pipe, "epsilon"), "mnist-captions", 16, protocol, vae=load_vae(space),
+                      text=sd_pipe)
+    assert 0 <= result["clip_score"] <= 100 and 0 <= result["text_alignment"] <= 1
+    with pytest.raises(ValueError, match=r"^eval.clip_weights: a CLIP score compares samples with their captions; "
+                                         r"unet-xs is not a text-to-image teacher"):
+        resolve("smoke", {"eval.clip_weights": str(clip)})
+    with pytest.raises(FileNotFoundError, match=r"^eval: CLIP weights not found: .*nowhere is not a directory with a "
+                                                r"config.json"):
+        sd_config(sd_pipe, **{"eval.clip_weights": str(tmp_path / "nowhere")})
