@@ -579,6 +579,8 @@ def progress_line(rows: dict, steps: int, run_start: float, start: int) -> str:
     parts = []
     for variant, row in rows.items():
         fid = f" FID {row['fid']:.2f}" if not math.isnan(row["fid"]) else ""
+        if not math.isnan(row.get("text_alignment", math.nan)):  # a text-to-image run's
+            fid += f" (text {row['text_alignment']:.0%})"
         w = f" w {row['w']:.3f}" if not math.isnan(row["w"]) else ""
         parts.append(f"{'' if variant is None else variant + ': '}loss {row['loss']:.4f}{w}{fid}")
     images = next(iter(rows.values()))["images_per_s"]

@@ -557,3 +557,11 @@ def test_the_clip_score_is_100_times_the_cosine_of_clips_embeddings_floored_at_z
     with pytest.raises(FileNotFoundError, match=r"^eval: CLIP weights not found: .*nowhere is not a directory with a "
                                                 r"config.json"):
         sd_config(sd_pipe, **{"eval.clip_weights": str(tmp_path / "nowhere")})
+
+
+def test_a_text_to_image_trials_line_says_its_text_alignment():
+    from liftplace.runner.console import _final_fids
+
+    line = _final_fids({"members": {"kd": {"fid": 12.3, "text_alignment": 0.9}, "lift": {"fid": 20.0},
+                                    "place": {"fid": float("nan"), "diverged": True, "text_alignment": 0.5}}})
+    assert line == "kd FID 12.30 (text 90%) | lift FID 20.00 | place diverged"

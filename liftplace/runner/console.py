@@ -36,6 +36,9 @@ def _final_fids(result: dict) -> str:
     for variant, row in rows.items():
         fid = row.get("fid")
         state = "diverged" if row.get("diverged") else f"FID {fid:.2f}" if isinstance(fid, (int, float)) and fid == fid else "no FID"
+        aligned = row.get("text_alignment")  # a text-to-image run's: the share read as its caption's digit
+        if not row.get("diverged") and isinstance(aligned, (int, float)) and aligned == aligned:
+            state += f" (text {aligned:.0%})"
         parts.append(f"{variant} {state}")
     return " | ".join(parts) or "no rows"
 
