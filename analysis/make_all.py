@@ -137,9 +137,11 @@ def make(folder):
     if "eval_guidance_scale" in summary or "final_text_alignment" in summary:
         first = summary.iloc[0]
         blocks = first.get("config/student/blocks")
+        ratio = first.get("config/student/prune_ratio")
+        pruned = f" with {float(ratio):.0%} of their channels pruned" if isinstance(ratio, (int, float)) and ratio > 0 else ""
         scale = first.get("eval_guidance_scale", 1.0)
         lines += ["**Text-to-image.** The teacher is conditioned on captions through its pipeline's frozen text "
-                  f"encoder (the embeddings computed once); {'students are BK-SDM `' + blocks + '` block removals of its U-Net' if isinstance(blocks, str) else 'students are pruned from its denoiser'}"
+                  f"encoder (the embeddings computed once); {'students are BK-SDM `' + blocks + '` block removals of its U-Net' + pruned if isinstance(blocks, str) else 'students are pruned from its denoiser'}"
                   f", trained with {first.get('config/data/caption_dropout', 0.1):.0%} of captions dropped. Samples for "
                   f"FID are drawn for the validation captions with classifier-free guidance at scale "
                   f"{float(scale) if scale == scale else 1.0:g} (the empty caption unconditional), the same for teacher "
