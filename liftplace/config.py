@@ -523,6 +523,9 @@ def validate(config: RunConfig, *, check_paths: bool = True) -> None:
                 _refuse("student.depth", f"objective {o.name} matches the student's blocks with the teacher's one by "
                                          "one, and a depth-pruned student has fewer: use kd, lift or place")
         text_teacher = space.text is not None
+        if net.get("_class_name") == "SD3Transformer2DModel" and net.get("dual_attention_layers"):
+            _refuse("teacher.name", f"{teacher.name}: an SD3.5 transformer with dual-attention blocks "
+                                    f"(dual_attention_layers {net['dual_attention_layers']}) is not supported yet")
         if s.blocks is not None and net.get("_class_name") != "UNet2DConditionModel":
             _refuse("student.blocks", f"BK-SDM block removal needs a text-to-image U-Net teacher (a "
                                       f"StableDiffusionPipeline), {teacher.name} is a {net.get('_class_name')}"

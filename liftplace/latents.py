@@ -175,6 +175,9 @@ def cached_encode(vae, vae_dir: str | Path, images: torch.Tensor, labels: torch.
     # (slightly) other latents.
     weight = next(vae.parameters())
     vae_key = f"{vae_fingerprint(vae_dir)}|{weight.dtype}|{weight.device.type}"
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:  # latents cached before the shift was applied were not shifted: they hold another key
+        vae_key += f"|shift {float(shift)!r}"
     data_key = data_fingerprint(images, labels)
     key = hashlib.sha256(f"{vae_key}|{data_key}".encode()).hexdigest()
     path = Path(cache_dir) / f"latents-{key[:20]}.safetensors"

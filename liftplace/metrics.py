@@ -131,14 +131,7 @@ def clip_score(images: Tensor, captions: list[str], weights: str | Path, *, batc
     as torchmetrics computes it): the mean over images of max(100 cos(image embedding, caption
     embedding), 0), by a local ``CLIPModel`` directory and its processor (gray images repeated
     to RGB, resized and normalised by the processor; captions truncated to its tokenizer)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    try:
-        model = CLIPModel.from_pretrained(str(weights), local_files_only=True).eval()
-        processor = CLIPProcessor.from_pretrained(str(weights), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"CLIP weights {weights} do not load: {first}") from None
+    model, processor = _clip(str(weights))
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     pixels = ((images.float() + 1) / 2).clamp(0, 1)
@@ -151,6 +144,21 @@ def clip_score(images: Tensor, captions: list[str], weights: str | Path, *, batc
             out = model(**inputs)
             scores.append((100 * F.cosine_similarity(out.image_embeds, out.text_embeds)).clamp(min=0))
     return float(torch.cat(scores).mean())
+
+
+@functools.lru_cache(maxsize=2)
+def _clip(weights: str):
+    """(CLIPModel, CLIPProcessor) of a local directory, loaded once per process (every
+    evaluation of a run asks for them)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(weights, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(weights, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"CLIP weights {weights} do not load: {first}") from None
+    return model, processor
 
 
 def check_tensor_file(path: str | Path) -> None:

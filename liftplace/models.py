@@ -711,7 +711,8 @@ def _prune_sd3(net: SD3Transformer2DModel, ratio: float, importance: str, calibr
 def keep_blocks(model: nn.Module, depth: int) -> nn.Module:
     """A copy of a DiT or SD3 transformer that keeps ``depth`` of its transformer blocks, evenly
     spaced from the first to the last (their weights untouched): depth pruning. (An SD3
-    transformer's last block, which ends the caption stream, is always kept when depth > 1.)"""
+    transformer's last block, which ends the caption stream, is always kept; at depth 1 it is
+    the one kept.)"""
     net = _unwrap(model)
     if not isinstance(net, (DiTTransformer2DModel, SD3Transformer2DModel)):
         raise ValueError(f"depth pruning needs a DiTTransformer2DModel or SD3Transformer2DModel, got {type(net).__name__}")
@@ -719,6 +720,8 @@ def keep_blocks(model: nn.Module, depth: int) -> nn.Module:
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= layers:
         raise ValueError(f"depth must be an integer in [1, {layers}], got {depth!r}")
     kept = sorted({round(i * (layers - 1) / max(1, depth - 1)) for i in range(depth)}) if depth > 1 else [0]
+    if isinstance(net, SD3Transformer2DModel) and depth == 1:
+        kept = [layers - 1]  # the block that ends the caption stream: another's caption outputs would go unused
     student = copy.deepcopy(net)
     student.transformer_blocks = nn.ModuleList([student.transformer_blocks[i] for i in kept])
     student.register_to_config(num_layers=depth)

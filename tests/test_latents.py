@@ -324,3 +324,26 @@ def test_a_study_on_a_latent_teacher_runs_and_reports_on_decoded_images(ray_sess
     for figure in ("error_maps.png", "linear_correction.png", "fid_vs_k.png", "headline.png"):
         assert (folder / "analysis" / figure).is_file()
     sys.modules.pop("study_ablate_k_latent", None)
+
+
+def test_a_vaes_shift_factor_is_taken_off_before_the_scale_and_keys_its_cache(vae_dir, tmp_path):
+    """SD3's VAE convention: latents = (mean - shift_factor) * scaling_factor; decode undoes it,
+    and the cache holds the shifted latents."""
+    import json
+    import shutil
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(vae_dir, shifted)
+    config = json.loads((shifted / "config.json").read_text())
+    (shifted / "config.json").write_text(json.dumps({**config, "shift_factor": 0.25}))
+    plain, moved = load(vae_dir), load(shifted)
+    x = images()
+    with torch.no_grad():
+        mean = plain.encode(x).latent_dist.mean
+    z = latents.encode(moved, x)
+    assert torch.allclose(z, (mean - 0.25) * 0.5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(latents.decode(moved, z), moved.decode(z / 0.5 + 0.25).sample.clamp(-1, 1), atol=1e-6)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # encoded, then read back
+        assert torch.equal(latents.cached_encode(moved, shifted, x, None, cache, log=lambda *_: None), z)

@@ -437,6 +437,13 @@ def test_an_sd3_pipeline_is_a_flow_teacher_and_a_mismatched_one_is_refused(sd3_p
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*: its CLIP text encoders project to 40 together, the "
                                          r"transformer's pooled_projection_dim is 48"):
         sd3_config(narrow)
+    dual = tmp_path / "dual"
+    shutil.copytree(sd3_pipe, dual)
+    file = dual / "transformer" / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "dual_attention_layers": [0]}))
+    with pytest.raises(ValueError, match=r"^teacher.name: .*dual: an SD3.5 transformer with dual-attention blocks "
+                                         r"\(dual_attention_layers \[0\]\) is not supported yet$"):
+        sd3_config(dual)
 
 
 def test_an_sd3_student_keeps_its_teachers_heads_units_and_last_block(sd3_pipe):
@@ -462,6 +469,11 @@ def test_an_sd3_student_keeps_its_teachers_heads_units_and_last_block(sd3_pipe):
         units = mine.ff.net[0].proj.out_features
         assert units == theirs.ff.net[0].proj.out_features // 2 and mine.ff.net[2].in_features == units
     assert models.predict(student, x, t, context).shape == x.shape
+    alone = models.keep_blocks(teacher, 1)  # the last block, which ends the caption stream: every weight is used
+    assert torch.equal(alone.transformer_blocks[0].attn.to_q.weight, teacher.transformer_blocks[2].attn.to_q.weight)
+    alone.requires_grad_(True)
+    models.predict(alone, x, t, context).square().mean().backward()
+    assert all(p.grad is not None for p in alone.parameters())
     shallow = models.keep_blocks(teacher, 2)
     assert torch.equal(shallow.transformer_blocks[1].attn.to_q.weight, teacher.transformer_blocks[2].attn.to_q.weight)
     assert shallow.transformer_blocks[1].context_pre_only and models.predict(shallow, x, t, context).shape == x.shape
