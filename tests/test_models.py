@@ -377,7 +377,7 @@ def test_student_depth_is_a_dit_option_checked_before_training(tmp_path):
                                     / count_params(teacher), 2)
     assert share == {(0.5, None): 0.75, (0.9, None): 0.57, (0.0, 2): 0.51, (0.9, 1): 0.16}
     for overrides, message in (
-            ({"teacher.name": "unet-xs", "student.depth": 2}, "student.depth: depth pruning needs a DiT teacher"),
+            ({"teacher.name": "unet-xs", "student.depth": 2}, "student.depth: depth pruning needs a DiT or SD3 teacher"),
             ({"teacher.name": "dit-s", "student.depth": 5}, "student.depth: 5 is more than the teacher's 4 transformer blocks"),
             ({"teacher.name": "dit-s", "student.depth": 0}, "student.depth: must be an integer >= 1"),
             ({"teacher.name": "dit-s", "student.depth": 2, "objective.name": "kd+feat"},

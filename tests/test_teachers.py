@@ -140,7 +140,7 @@ def test_pipelines_and_schedulers_that_cannot_be_distilled_are_refused_naming_th
     message = refusal(latent)
     assert message.startswith("teacher.name: teacher ") and str(latent / "model_index.json") in message
     assert "_class_name 'LDMPipeline' is a latent pipeline with a VQ autoencoder" in message
-    assert "DiTPipeline, StableDiffusionPipeline (latent space)" in message
+    assert "DiTPipeline, StableDiffusionPipeline, StableDiffusion3Pipeline (latent space)" in message
     # Schedulers: a class, a prediction type and a beta schedule that cannot be used, and a
     # prediction type that differs from teacher.prediction (which value to set).
     pipe, _ = _ddpm_pipeline(tmp_path, tiny_teacher_dir, cls="ScoreSdeVeScheduler")  # variance exploding

@@ -152,8 +152,9 @@ def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_p
     with pytest.raises(FileNotFoundError, match=r"^teacher.name: teacher .*: its tokenizer folder .*tokenizer lacks "
                                                 r"merges.txt and tokenizer.json"):
         sd_config(bare)
-    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*unet: a UNet2DConditionModel is conditioned on a "
-                                         r"text encoder's embeddings; give its StableDiffusionPipeline directory"):
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*unet: a UNet2DConditionModel is conditioned on text "
+                                         r"encoders' embeddings; give its StableDiffusionPipeline \(or "
+                                         r"StableDiffusion3Pipeline\) directory"):
         sd_config(sd_pipe / "unet")
     with pytest.raises(ValueError, match=r"^data.spec: mnist has no captions; a text-to-image teacher needs them"):
         sd_config(sd_pipe, **{"data.spec": "mnist"})
@@ -164,7 +165,8 @@ def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_p
         resolve("smoke", {"student.blocks": "bk-base"})
     with pytest.raises(ValueError, match=r"^student.blocks: unknown block removal 'bk-huge'"):
         sd_config(sd_pipe, **{"student.blocks": "bk-huge"})
-    with pytest.raises(ValueError, match=r"^student.param_ratio: .* is a text-to-image U-Net"):
+    with pytest.raises(ValueError, match=r"^student.param_ratio: .* is a text-to-image UNet2DConditionModel: its "
+                                         r"students are pruned"):
         sd_config(sd_pipe, **{"student.prune_ratio": None, "student.param_ratio": 0.5})
     with pytest.raises(ValueError, match=r"^eval.guidance_scale: must be a finite number >= 0 \(1: unguided\), got -1"):
         resolve("smoke", {"teacher.name": str(sd_pipe), "data.spec": "mnist-captions", "eval.guidance_scale": -1.0},
@@ -173,7 +175,8 @@ def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_p
     shutil.copytree(sd_pipe, endless)
     file = endless / "tokenizer" / "tokenizer_config.json"
     file.write_text(json.dumps({k: v for k, v in json.loads(file.read_text()).items() if k != "model_max_length"}))
-    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*: its tokenizer_config.json gives no model_max_length"):
+    with pytest.raises(ValueError, match=r"^teacher.name: teacher .*: its tokenizer/tokenizer_config.json gives no "
+                                         r"model_max_length"):
         sd_config(endless)
 
 
