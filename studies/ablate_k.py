@@ -23,6 +23,13 @@ difference), place+feat 26.06 +- 14.51. Premise gate: fails on all three conditi
 Grown by `--seeds auto --max-seeds 6 --round 2` (one round of 2 seeds, 23 min 57 s): stopped
 at 6 seeds undecided; place K=4 11.02 +- 4.96 against kd 11.83 +- 0.56 (inconclusive), lift
 worse.
+Text-to-image at `cpu`: `--set teacher.name=sd-mnist --set data.spec=mnist-captions --set
+student.blocks=bk-tiny --set eval.guidance_scale=2`. The students are BK-SDM-Tiny pruned 90%:
+27,691 parameters, 1.28% of the teacher. 2 of 3 planned seeds were measured, as 2 cohort
+trials side by side in 1 h 18 min, under load from tests beside them. No student learns in
+2,000 steps: final FID 795-828 for every variant (kd 794.8, task 798.0, place K=16 804.3,
+2-seed means; teacher 0.51 at guidance 2), and text alignment at chance. The premise gate fails
+(task/kd ~1.0), so this does not test the paper's SD claim (docs/studies.md).
 
     python studies/ablate_k.py [--preset smoke|cpu|cpu-50|paper] [--seeds N|auto] [--storage DIR] [--cohort auto|off]
                                [--address auto] [--resume] [--verbose] [--set key=value ...]
