@@ -121,6 +121,18 @@ def check_writable(path: str | Path, what: str) -> None:
         raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
 
 
+def read_json_object(file: str | Path, what: str) -> dict:
+    """A JSON file holding one object; ValueError "<what> <file>: ..." when it is not valid JSON
+    or not an object (teacher and pipeline configs are read so)."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {file}: not a JSON object")
+    return data
+
+
 def digest_files(root: str | Path, paths: list[Path]) -> str:
     """SHA-256 over files (each one's name relative to root, then its content), in sorted order.
     A JSON file counts by what it says, not how it is laid out (keys sorted, no whitespace), so

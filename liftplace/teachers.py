@@ -286,13 +286,7 @@ def _flow_process(file: Path, config: dict, prediction: str, space: Space) -> No
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"teacher {file}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"teacher {file}: not a JSON object")
-    return data
+    return files.read_json_object(file, "teacher")
 
 
 def load_teacher(name_or_path: str | Path, device: str | torch.device = "cpu"):

@@ -129,13 +129,7 @@ def _encoder_config(pipeline: Path, folder: str, kind: str) -> dict:
     file = pipeline / folder / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"teacher {pipeline}: no {folder}/config.json (a {kind} has one)")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"teacher {file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"teacher {file}: not a JSON object")
-    return config
+    return files.read_json_object(file, "teacher")
 
 
 def context_length(pipeline: str | Path, tokenizer: str | None = None) -> int | None:

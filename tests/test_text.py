@@ -42,6 +42,14 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIFTPLACE_CACHE", str(tmp_path / "cache"))
 
 
+def edited(pipe: Path, out: Path, config: str, **changes) -> Path:
+    """A copy of a pipeline at ``out`` whose JSON file ``config`` (relative) has ``changes``."""
+    shutil.copytree(pipe, out)
+    file = out / config
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    return out
+
+
 def sd_config(pipe, **overrides):
     return resolve("smoke", {"teacher.name": str(pipe), "data.spec": "mnist-captions", "student.prune_ratio": 0.0,
                              **overrides})
@@ -137,10 +145,7 @@ def test_a_stable_diffusion_pipeline_is_a_latent_text_teacher(sd_pipe):
 
 
 def test_a_pipeline_whose_parts_do_not_fit_is_refused_in_one_line(sd_pipe, tmp_path):
-    wide = tmp_path / "wide"
-    shutil.copytree(sd_pipe, wide)
-    file = wide / "text_encoder" / "config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), "hidden_size": 48}))
+    wide = edited(sd_pipe, tmp_path / "wide", "text_encoder/config.json", hidden_size=48)
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*text_encoder/config.json: the text encoder's "
                                          r"hidden_size 48 differs from the U-Net's cross_attention_dim 32"):
         sd_config(wide)
@@ -433,17 +438,11 @@ def test_an_sd3_pipeline_is_a_flow_teacher_and_a_mismatched_one_is_refused(sd3_p
     with pytest.raises(ValueError, match=r"^student.blocks: BK-SDM block removal needs a text-to-image U-Net teacher .*"
                                          r"\(its students: student.depth and student.prune_ratio\)"):
         sd3_config(sd3_pipe, **{"student.blocks": "bk-tiny"})
-    narrow = tmp_path / "narrow"
-    shutil.copytree(sd3_pipe, narrow)
-    file = narrow / "transformer" / "config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), "pooled_projection_dim": 48}))
+    narrow = edited(sd3_pipe, tmp_path / "narrow", "transformer/config.json", pooled_projection_dim=48)
     with pytest.raises(ValueError, match=r"^teacher.name: teacher .*: its CLIP text encoders project to 40 together, the "
                                          r"transformer's pooled_projection_dim is 48"):
         sd3_config(narrow)
-    dual = tmp_path / "dual"
-    shutil.copytree(sd3_pipe, dual)
-    file = dual / "transformer" / "config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), "dual_attention_layers": [0]}))
+    dual = edited(sd3_pipe, tmp_path / "dual", "transformer/config.json", dual_attention_layers=[0])
     with pytest.raises(ValueError, match=r"^teacher.name: .*dual: an SD3.5 transformer with dual-attention blocks "
                                          r"\(dual_attention_layers \[0\]\) is not supported yet$"):
         sd3_config(dual)
